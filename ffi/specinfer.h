@@ -1,0 +1,161 @@
+/* specinfer native ABI.
+ *
+ * One header for two libraries: libspecinfer_cpu.so (Zig, ffi/) and
+ * libspecinfer_cuda.so (cuda/). Both export exactly these symbols, so the
+ * TypeScript Backend is one binding table over either library.
+ *
+ * Conventions
+ * - Every op returns int32_t: 0 = ok, otherwise an SI_ERR_* code; the message
+ *   is then available from si_last_error(ctx) until the next failing call.
+ * - "Device" pointers are host memory on the CPU library and GPU memory on the
+ *   CUDA library. Index arrays (ids, positions, seq, slot, block tables,
+ *   ancestor masks) are device pointers too.
+ * - Activations are f32, row-major. Weights are row-major [out][in] (the HF
+ *   layout; GGUF's ne[0] is `in`), in any si_dtype; quantized rows are
+ *   sequences of GGML blocks along `in`.
+ * - Nothing is allocated inside an op; all scratch comes from the caller.
+ * - No global state: everything lives in the context.
+ */
+#ifndef SPECINFER_H
+#define SPECINFER_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Element types. Values are GGML's type ids so GGUF tensor types map 1:1. */
+enum si_dtype {
+  SI_F32 = 0,
+  SI_F16 = 1,
+  SI_Q4_0 = 2,  /* blocks of 32: f16 scale d, 16 bytes of nibbles; x = (q - 8) * d;
+                   byte j holds element j (low nibble) and element j + 16 (high) */
+  SI_Q8_0 = 8,  /* blocks of 32: f16 scale d, 32 x int8 q; x = q * d */
+  SI_BF16 = 30,
+};
+
+enum si_error {
+  SI_OK = 0,
+  SI_ERR_ARG = 1,      /* bad argument: shape, dtype, null pointer */
+  SI_ERR_NOMEM = 2,    /* allocation failed */
+  SI_ERR_IO = 3,       /* file could not be opened or mapped */
+  SI_ERR_DEVICE = 4,   /* CUDA runtime / driver error */
+};
+
+enum si_rope_layout {
+  SI_ROPE_HALF = 0,        /* HF rotate_half: dim i pairs with dim i + rot_dim/2 */
+  SI_ROPE_INTERLEAVED = 1, /* GGUF / Meta: dim 2i pairs with dim 2i + 1 */
+};
+
+enum si_ctx_flags {
+  SI_FLAG_REFERENCE = 1, /* use the scalar reference kernels (tests compare them to SIMD) */
+};
+
+typedef struct si_ctx si_ctx;
+
+/* ---- context -------------------------------------------------------------- */
+
+/* n_threads <= 0 means one per core. Returns NULL only when out of memory. */
+si_ctx *si_create(int32_t n_threads, int32_t flags);
+void si_destroy(si_ctx *ctx);
+/* Message of the last failure on this context ("" if none). Owned by ctx. */
+const char *si_last_error(si_ctx *ctx);
+/* Worker threads the context runs ops on (CPU) or 1 (CUDA). */
+int32_t si_threads(si_ctx *ctx);
+/* Waits for all queued work (CUDA); no-op on the CPU. */
+int32_t si_sync(si_ctx *ctx);
+
+/* ---- memory --------------------------------------------------------------- */
+
+/* 64-byte aligned, zero-filled device memory; NULL on failure (see si_last_error). */
+void *si_alloc(si_ctx *ctx, uint64_t bytes);
+int32_t si_free(si_ctx *ctx, void *ptr);
+int32_t si_upload(si_ctx *ctx, void *dst_device, const void *src_host, uint64_t bytes);
+int32_t si_download(si_ctx *ctx, void *dst_host, const void *src_device, uint64_t bytes);
+
+/* Read-only private mapping of a whole file (host memory). populate != 0 pre-faults it.
+ * Returns NULL on failure (missing file, empty file, mmap error) with the reason. */
+void *si_map_file(si_ctx *ctx, const char *path, int32_t populate, uint64_t *size_out);
+int32_t si_unmap_file(si_ctx *ctx, void *base, uint64_t size);
+
+/* ---- ops ------------------------------------------------------------------ */
+
+/* out[i, :] = row ids[i] of table[vocab, dim] (any dtype), as f32. Doubles as a row
+ * gather when table is f32 activations. Fails on ids outside [0, vocab). */
+int32_t si_embedding(si_ctx *ctx, const void *table, int32_t dtype, int32_t vocab, int32_t dim,
+                     const int32_t *ids, int32_t n, float *out);
+
+/* y[n, m] = x[n, k] . W[m, k]^T (+ bias[m] when bias != NULL).
+ * k must be a multiple of 32 for quantized dtypes. x and y must not overlap. */
+int32_t si_matmul(si_ctx *ctx, const float *x, int32_t n, int32_t k, const void *w, int32_t dtype,
+                  int32_t m, const float *bias, float *y);
+
+/* y[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight (f32). y may equal x. */
+int32_t si_rmsnorm(si_ctx *ctx, const float *x, const float *weight, int32_t n, int32_t dim, float eps,
+                   float *y);
+
+/* In-place rotary embedding of x[n, n_heads, head_dim] at positions[n]. The first
+ * rot_dim dims of each head rotate (rot_dim even, <= head_dim), pair j by angle
+ * positions[i] * inv_freq[j], j < rot_dim / 2 (scaling such as Llama 3's is folded
+ * into inv_freq by the caller). */
+int32_t si_rope(si_ctx *ctx, float *x, int32_t n, int32_t n_heads, int32_t head_dim, int32_t rot_dim,
+                const int32_t *positions, const float *inv_freq, int32_t layout);
+
+/* out[i] = silu(gate[i]) * up[i] for count elements. out may equal gate. */
+int32_t si_swiglu(si_ctx *ctx, const float *gate, const float *up, int64_t count, float *out);
+
+/* x[i] += y[i] for count elements. */
+int32_t si_add(si_ctx *ctx, float *x, const float *y, int64_t count);
+
+/* ---- paged KV cache and tree attention -------------------------------------
+ *
+ * A cache plane is f32 [n_blocks][block_size][row] with row = n_kv_heads * head_dim.
+ * A model's cache is planes laid out as [layer][K, V], plane_stride floats apart.
+ * block_tables[s * max_blocks + b] is the pool block holding logical slots
+ * [b * block_size, (b + 1) * block_size) of sequence row s.
+ *
+ * A batch token i belongs to sequence row seq[i]; committed[s] slots of row s hold
+ * committed K/V. The j-th batch token of row s is written at slot committed[s] + j,
+ * and bit j of its ancestor mask (ancestors[i * words + j / 32] >> (j % 32)) says
+ * whether token i attends to it. Every token attends to all committed slots of
+ * its row. Chains (prefill, decode) and token trees are the same case. */
+
+/* Writes k[n, row], v[n, row] at (seq[i], slot[i]) into one layer's K and V planes. */
+int32_t si_kv_write(si_ctx *ctx, const float *k, const float *v, int32_t n, int32_t row,
+                    const int32_t *seq, const int32_t *slot, const int32_t *block_tables,
+                    int32_t max_blocks, int32_t block_size, float *k_plane, float *v_plane);
+
+/* out[n, n_heads * head_dim] = softmax(q K^T * scale) V over the slots each token may
+ * see (see above). GQA: query head h reads KV head h / (n_heads / n_kv_heads). */
+int32_t si_attention(si_ctx *ctx, const float *q, int32_t n, int32_t n_heads, int32_t n_kv_heads,
+                     int32_t head_dim, const float *k_plane, const float *v_plane,
+                     const int32_t *block_tables, int32_t max_blocks, int32_t block_size,
+                     const int32_t *seq, const int32_t *committed, const uint32_t *ancestors,
+                     int32_t words, float scale, float *out);
+
+/* For every plane p < n_planes (at cache + p * plane_stride): copy the row at logical
+ * slot src[i] of the sequence with block table `table` to slot dst[i], in order
+ * i = 0..n-1 (dst[i] <= src[i], increasing: the accepted path moving forward). */
+int32_t si_kv_move(si_ctx *ctx, float *cache, int32_t n_planes, int64_t plane_stride, int32_t row,
+                   const int32_t *table, int32_t block_size, const int32_t *src, const int32_t *dst,
+                   int32_t n);
+
+/* ---- logits helpers ------------------------------------------------------- */
+
+/* out[i] = argmax of row i of x[rows, n] (lowest index on ties). */
+int32_t si_argmax(si_ctx *ctx, const float *x, int32_t rows, int32_t n, int32_t *out);
+
+/* In place: x[i, :] = softmax(x[i, :] / temperature), temperature > 0. */
+int32_t si_softmax(si_ctx *ctx, float *x, int32_t rows, int32_t n, float temperature);
+
+/* ---- diagnostics ---------------------------------------------------------- */
+
+/* Streams `bytes` of buffer `buf` `reps` times on all threads; returns GB/s read
+ * in *gbps (the DRAM bandwidth probe of the CPU benchmark). */
+int32_t si_probe_bandwidth(si_ctx *ctx, const void *buf, uint64_t bytes, int32_t reps, double *gbps);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,105 @@
+import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM, SSM, type GenerateOptions, type LoadOptions } from "../index";
+import { intFlag, numFlag, parse, progressPrinter, UsageError, type Options } from "./args";
+
+export const GENERATE_HELP = `specinfer generate [--model PATH] --prompt TEXT [options]
+
+Generates text, speculating with token trees. Without --model it runs the embedded
+default pair (llama-shakespeare-8m verified, llama-shakespeare-1.4m-draft drafting).
+
+  --model PATH            HF model directory or .gguf file (default: embedded model)
+  --prompt TEXT           the prompt (required)
+  --max-tokens N          most new tokens (default 128)
+  --temperature T         0 = greedy (default 0)
+  --top-k K  --top-p P  --min-p P  --repetition-penalty R
+  --seed S                sampling seed (default 0)
+  --stop TEXT             stop before this text (repeatable)
+  --ignore-eos            keep going past end-of-sequence tokens
+  --ssm PATH              a draft model (repeatable; default with the embedded model: its draft)
+  --tree SHAPE            static widths per depth "1,1,3,1,1" or "dynamic:N"
+  --ngram                 also draft by prompt lookup (no model)
+  --no-spec               plain incremental decoding
+  --threads N             CPU threads (default: all cores)
+  --backend cpu|cuda      (default cpu)
+  --json                  print one JSON object at the end instead of streaming text
+`;
+
+export const MODEL_FLAGS: Options = {
+  model: { type: "string" },
+  threads: { type: "string" },
+  backend: { type: "string" },
+};
+
+export const SAMPLING_FLAGS: Options = {
+  "max-tokens": { type: "string" },
+  temperature: { type: "string" },
+  "top-k": { type: "string" },
+  "top-p": { type: "string" },
+  "min-p": { type: "string" },
+  "repetition-penalty": { type: "string" },
+  seed: { type: "string" },
+  stop: { type: "string", multiple: true },
+  "ignore-eos": { type: "boolean" },
+  ssm: { type: "string", multiple: true },
+  tree: { type: "string" },
+  ngram: { type: "boolean" },
+  "no-spec": { type: "boolean" },
+};
+
+type Values = Record<string, unknown>;
+
+export function samplingOptions(v: Values): GenerateOptions {
+  return {
+    maxNewTokens: intFlag(v, "max-tokens", 0),
+    temperature: numFlag(v, "temperature", 0, 100),
+    topK: intFlag(v, "top-k", 0),
+    topP: numFlag(v, "top-p", Number.MIN_VALUE, 1),
+    minP: numFlag(v, "min-p", 0, 1),
+    repetitionPenalty: numFlag(v, "repetition-penalty", Number.MIN_VALUE, 100),
+    seed: intFlag(v, "seed", 0),
+    stop: (v.stop as string[] | undefined) ?? [],
+    ignoreEos: (v["ignore-eos"] as boolean | undefined) ?? false,
+  };
+}
+
+export function loadOptions(v: Values): LoadOptions {
+  const backend = v.backend as string | undefined;
+  if (backend !== undefined && backend !== "cpu" && backend !== "cuda") throw new UsageError(`--backend must be cpu or cuda, got "${backend}"`);
+  return { threads: intFlag(v, "threads", 1), backend, onProgress: progressPrinter("loading") };
+}
+
+/** Loads the LLM and sets up speculation as the flags say; returns what to close. */
+export async function loadForGeneration(v: Values): Promise<{ llm: LLM; ssms: SSM[] }> {
+  const modelGiven = typeof v.model === "string";
+  const llm = await LLM.load((v.model as string | undefined) ?? DEFAULT_MODEL, loadOptions(v));
+  const ssmPaths = (v.ssm as string[] | undefined) ?? (modelGiven ? [] : [DEFAULT_DRAFT]);
+  const ngram = (v.ngram as boolean | undefined) ?? false;
+  if (v["no-spec"] && (v.ssm || v.tree || ngram)) throw new UsageError("--no-spec cannot be combined with --ssm, --tree or --ngram");
+  const ssms: SSM[] = [];
+  if (!v["no-spec"]) {
+    for (const p of ssmPaths) ssms.push(await SSM.load(p, { llm }));
+    if (ssms.length > 0 || ngram) llm.compile({ ssms, tree: v.tree as string | undefined, ngram });
+    else if (v.tree) throw new UsageError("--tree needs a drafter: --ssm PATH or --ngram");
+  }
+  return { llm, ssms };
+}
+
+export async function generateCommand(argv: string[]): Promise<void> {
+  const { values } = parse(argv, { ...MODEL_FLAGS, ...SAMPLING_FLAGS, prompt: { type: "string", short: "p" }, json: { type: "boolean" } });
+  if (values.help) return void process.stdout.write(GENERATE_HELP);
+  if (typeof values.prompt !== "string") throw new UsageError("generate needs --prompt TEXT (see specinfer generate --help)");
+  const opts = samplingOptions(values);
+  const { llm, ssms } = await loadForGeneration(values);
+  try {
+    if (values.json) {
+      const result = await llm.generate(values.prompt, opts);
+      process.stdout.write(JSON.stringify(result) + "\n");
+    } else {
+      process.stdout.write(values.prompt);
+      for await (const piece of llm.stream(values.prompt, opts)) process.stdout.write(piece.text);
+      process.stdout.write("\n");
+    }
+  } finally {
+    llm.close();
+    for (const s of ssms) s.close();
+  }
+}

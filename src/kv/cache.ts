@@ -1,0 +1,148 @@
+// Paged KV cache of one model: block bookkeeping (blocks.ts) plus the native storage
+// the attention kernel reads through the block tables. Storage layout, as the ABI
+// fixes it (ffi/specinfer.h): planes [layer][K, V], each [block][slot][kvHeads*headDim] f32.
+
+import type { Backend, DeviceBuffer, Ptr } from "../backend/backend";
+import { BlockPool, BlockTables } from "./blocks";
+
+export interface KVCacheOptions {
+  numLayers: number;
+  numKvHeads: number;
+  headDim: number;
+  /** Longest sequence (prompt + generation + one speculative tree) in slots. */
+  maxSeqLen: number;
+  /** Sequences that can be open at once. */
+  maxSeqs: number;
+  blockSize?: number;
+  /** Pool size in blocks; default: enough for maxSeqs full-length sequences. */
+  numBlocks?: number;
+  /** Alternative to numBlocks: a memory budget for K and V of all layers. */
+  memoryBytes?: number;
+}
+
+export class KVCache {
+  readonly tables: BlockTables;
+  readonly blockSize: number;
+  readonly maxBlocksPerSeq: number;
+  /** Floats per cached token per plane. */
+  readonly rowFloats: number;
+  /** Floats between two planes. */
+  readonly planeStride: number;
+  private readonly storage: DeviceBuffer;
+  private readonly tablesDevice: DeviceBuffer;
+  private readonly committedDevice: DeviceBuffer;
+  private readonly moveDevice: DeviceBuffer;
+  private readonly numPlanes: number;
+
+  constructor(private readonly backend: Backend, opts: KVCacheOptions) {
+    this.blockSize = opts.blockSize ?? 16;
+    this.rowFloats = opts.numKvHeads * opts.headDim;
+    this.maxBlocksPerSeq = Math.ceil(opts.maxSeqLen / this.blockSize);
+    this.numPlanes = 2 * opts.numLayers;
+    const blockBytes = this.blockSize * this.rowFloats * 4 * this.numPlanes;
+    const numBlocks =
+      opts.numBlocks ??
+      (opts.memoryBytes !== undefined ? Math.floor(opts.memoryBytes / blockBytes) : opts.maxSeqs * this.maxBlocksPerSeq);
+    if (numBlocks < 1) throw new Error(`KV cache: a budget of ${opts.memoryBytes} bytes holds no ${blockBytes}-byte block`);
+    this.tables = new BlockTables(new BlockPool(numBlocks), this.blockSize, opts.maxSeqs, this.maxBlocksPerSeq);
+    this.planeStride = numBlocks * this.blockSize * this.rowFloats;
+    this.storage = backend.alloc(this.planeStride * this.numPlanes * 4);
+    this.tablesDevice = backend.alloc(this.tables.tables.byteLength);
+    this.committedDevice = backend.alloc(this.tables.committedLengths.byteLength);
+    this.moveDevice = backend.alloc(2 * this.tables.maxSlots * 4);
+  }
+
+  get totalBlocks(): number {
+    return this.tables.pool.totalBlocks;
+  }
+
+  get freeBlocks(): number {
+    return this.tables.pool.freeBlocks;
+  }
+
+  get bytes(): number {
+    return this.storage.bytes;
+  }
+
+  kPlane(layer: number): Ptr {
+    return this.storage.ptr + 2 * layer * this.planeStride * 4;
+  }
+
+  vPlane(layer: number): Ptr {
+    return this.storage.ptr + (2 * layer + 1) * this.planeStride * 4;
+  }
+
+  /** Device copies of the block tables and committed lengths, refreshed by syncIndex. */
+  get blockTablesPtr(): Ptr {
+    return this.tablesDevice.ptr;
+  }
+
+  get committedPtr(): Ptr {
+    return this.committedDevice.ptr;
+  }
+
+  /** Uploads the bookkeeping the kernels read; called once before each forward. */
+  syncIndex(): void {
+    this.backend.upload(this.tablesDevice.ptr, this.tables.tables);
+    this.backend.upload(this.committedDevice.ptr, this.tables.committedLengths);
+  }
+
+  openSequence(): number {
+    return this.tables.openRow();
+  }
+
+  closeSequence(row: number): void {
+    this.tables.closeRow(row);
+  }
+
+  committed(row: number): number {
+    return this.tables.committed(row);
+  }
+
+  /** Makes room for `extra` uncommitted slots after the committed prefix. */
+  reserve(row: number, extra: number): void {
+    this.tables.reserve(row, extra);
+  }
+
+  /** Keeps the uncommitted slots `keptSlots` (increasing; e.g. a verified tree path)
+   *  as the next committed positions and drops every other uncommitted slot. */
+  commit(row: number, keptSlots: ArrayLike<number>): void {
+    const base = this.tables.committed(row);
+    const src: number[] = [];
+    const dst: number[] = [];
+    for (let i = 0; i < keptSlots.length; i++) {
+      const from = keptSlots[i];
+      if (from < base + i || (i > 0 && from <= keptSlots[i - 1])) {
+        throw new Error(`KV commit: kept slots must be increasing and uncommitted, got ${Array.from(keptSlots).join(",")} after ${base}`);
+      }
+      if (from >= this.tables.capacity(row)) throw new Error(`KV commit: slot ${from} was never reserved`);
+      if (from !== base + i) {
+        src.push(from);
+        dst.push(base + i);
+      }
+    }
+    if (src.length > 0) {
+      const idx = new Int32Array(2 * src.length);
+      idx.set(src, 0);
+      idx.set(dst, src.length);
+      this.backend.upload(this.moveDevice.ptr, idx);
+      this.backend.upload(this.tablesDevice.ptr, this.tables.tables);
+      const table = this.tablesDevice.ptr + row * this.maxBlocksPerSeq * 4;
+      this.backend.kvMove(
+        this.storage.ptr, this.numPlanes, this.planeStride, this.rowFloats, table, this.blockSize,
+        this.moveDevice.ptr, this.moveDevice.ptr + src.length * 4, src.length,
+      );
+    }
+    this.tables.setCommitted(row, base + keptSlots.length);
+  }
+
+  /** Drops committed slots past `length` (e.g. tokens cut after a stop string). */
+  truncate(row: number, length: number): void {
+    if (length > this.tables.committed(row)) throw new Error(`KV truncate: ${length} is past the committed length ${this.tables.committed(row)}`);
+    this.tables.setCommitted(row, length);
+  }
+
+  close(): void {
+    for (const buf of [this.storage, this.tablesDevice, this.committedDevice, this.moveDevice]) this.backend.free(buf);
+  }
+}

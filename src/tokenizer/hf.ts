@@ -1,0 +1,190 @@
+// Tokenizer from a Hugging Face tokenizer.json (+ tokenizer_config.json), run by
+// @huggingface/tokenizers.
+
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { Tokenizer as HFTokenizer } from "@huggingface/tokenizers";
+import {
+  windowedStreamDecoder,
+  type DecodeOptions,
+  type EncodeOptions,
+  type StreamDecoderOptions,
+  type Tokenizer,
+} from "./tokenizer.ts";
+
+/** The parts of tokenizer_config.json this module reads. */
+export interface HFTokenizerConfig {
+  add_bos_token?: boolean;
+  add_eos_token?: boolean;
+  bos_token?: string | { content: string } | null;
+  eos_token?: string | { content: string } | null;
+  chat_template?: string | { name: string; template: string }[];
+  [key: string]: unknown;
+}
+
+export interface HFTokenizerExtras {
+  /** generation_config.json's eos_token_id (one id or a list), added to eosIds. */
+  eosTokenId?: number | number[];
+  /** A chat template from a separate file (chat_template.jinja); the config's wins. */
+  chatTemplate?: string;
+}
+
+/** Named chat templates from tokenizer_config.json's chat_template (string or list). */
+export function chatTemplatesFromConfig(value: unknown, where: string): Map<string, string> {
+  const templates = new Map<string, string>();
+  if (value === undefined || value === null) return templates;
+  if (typeof value === "string") {
+    templates.set("default", value);
+    return templates;
+  }
+  if (Array.isArray(value)) {
+    for (const entry of value) {
+      if (typeof entry?.name !== "string" || typeof entry?.template !== "string") {
+        throw new Error(`${where}: chat_template list entries must be {name, template} strings`);
+      }
+      templates.set(entry.name, entry.template);
+    }
+    return templates;
+  }
+  throw new Error(`${where}: chat_template must be a string or a list of {name, template}`);
+}
+
+function tokenContent(token: HFTokenizerConfig["bos_token"]): string | null {
+  if (typeof token === "string") return token;
+  if (token && typeof token === "object" && typeof token.content === "string") return token.content;
+  return null;
+}
+
+class HFBackedTokenizer implements Tokenizer {
+  readonly vocabSize: number;
+  readonly bosId: number | null;
+  readonly eosIds: number[];
+  private readonly special = new Set<number>();
+  private readonly templates: Map<string, string>;
+  /** BOS/EOS come from the config flags when it sets them, else from the
+   *  tokenizer.json post-processor (e.g. Llama-3, whose config has no flags). */
+  private readonly manualSpecial: boolean;
+  private readonly addBos: boolean;
+  /** The id add_eos_token appends, or null when nothing is appended. */
+  private readonly appendedEos: number | null;
+
+  constructor(
+    private readonly hf: HFTokenizer,
+    config: HFTokenizerConfig,
+    where: string,
+    extras: HFTokenizerExtras = {},
+  ) {
+    let maxId = -1;
+    for (const id of hf.get_vocab(true).values()) maxId = Math.max(maxId, id);
+    for (const [id, token] of hf.get_added_tokens_decoder()) {
+      maxId = Math.max(maxId, id);
+      if (token.special) this.special.add(id);
+    }
+    this.vocabSize = maxId + 1;
+
+    const idOf = (token: HFTokenizerConfig["bos_token"]): number | null => {
+      const content = tokenContent(token);
+      return content === null ? null : (hf.token_to_id(content) ?? null);
+    };
+    this.bosId = idOf(config.bos_token);
+    const eos = new Set<number>();
+    const eosId = idOf(config.eos_token);
+    if (eosId !== null) eos.add(eosId);
+    for (const id of [extras.eosTokenId ?? []].flat()) eos.add(id);
+    this.eosIds = [...eos];
+
+    this.manualSpecial = config.add_bos_token !== undefined || config.add_eos_token !== undefined;
+    this.addBos = config.add_bos_token === true && this.bosId !== null;
+    this.appendedEos = config.add_eos_token === true ? eosId : null;
+
+    this.templates = chatTemplatesFromConfig(config.chat_template, where);
+    if (!this.templates.has("default") && extras.chatTemplate !== undefined) {
+      this.templates.set("default", extras.chatTemplate);
+    }
+  }
+
+  encode(text: string, opts: EncodeOptions = {}): number[] {
+    const addSpecial = opts.addSpecial ?? true;
+    if (!this.manualSpecial) return this.hf.encode(text, { add_special_tokens: addSpecial }).ids;
+    const ids = this.hf.encode(text, { add_special_tokens: false }).ids;
+    if (addSpecial && this.addBos) ids.unshift(this.bosId!);
+    if (addSpecial && this.appendedEos !== null) ids.push(this.appendedEos);
+    return ids;
+  }
+
+  decode(ids: readonly number[], opts: DecodeOptions = {}): string {
+    // The library refuses an empty list.
+    if (ids.length === 0) return "";
+    // The library would silently print <unk>; an id outside the vocabulary is a bug upstream.
+    for (const id of ids) {
+      if (!Number.isInteger(id) || id < 0 || id >= this.vocabSize) {
+        throw new RangeError(`token id ${id} is outside the vocabulary (${this.vocabSize} tokens)`);
+      }
+    }
+    return this.hf.decode([...ids], { skip_special_tokens: opts.skipSpecial ?? true });
+  }
+
+  idToToken(id: number): string | undefined {
+    return this.hf.id_to_token(id);
+  }
+
+  isSpecial(id: number): boolean {
+    return this.special.has(id);
+  }
+
+  createStreamDecoder(opts: StreamDecoderOptions = {}) {
+    return windowedStreamDecoder((ids) => this.decode(ids, opts), opts.prefix);
+  }
+
+  chatTemplate(name = "default"): string | null {
+    return this.templates.get(name) ?? null;
+  }
+}
+
+/** A tokenizer from already-parsed tokenizer.json and tokenizer_config.json objects. */
+export function hfTokenizer(
+  tokenizerJson: object,
+  config: HFTokenizerConfig = {},
+  extras: HFTokenizerExtras = {},
+  where = "tokenizer.json",
+): Tokenizer {
+  let hf: HFTokenizer;
+  try {
+    hf = new HFTokenizer(tokenizerJson, config);
+  } catch (e) {
+    throw new Error(`${where}: unsupported or malformed tokenizer (${(e as Error).message})`);
+  }
+  return new HFBackedTokenizer(hf, config, where, extras);
+}
+
+function readJson(path: string): any {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (e) {
+    throw new Error(`cannot read ${path}: ${(e as Error).message}`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new Error(`${path} is not valid JSON: ${(e as Error).message}`);
+  }
+}
+
+/** Loads `dir`/tokenizer.json with the optional tokenizer_config.json,
+ *  generation_config.json (extra EOS ids) and chat_template.jinja beside it. */
+export function loadHFTokenizer(dir: string): Tokenizer {
+  const tokenizerPath = join(dir, "tokenizer.json");
+  if (!existsSync(tokenizerPath)) throw new Error(`no tokenizer.json in ${dir}`);
+  const configPath = join(dir, "tokenizer_config.json");
+  const config: HFTokenizerConfig = existsSync(configPath) ? readJson(configPath) : {};
+  const extras: HFTokenizerExtras = {};
+  const generationPath = join(dir, "generation_config.json");
+  if (existsSync(generationPath)) {
+    const eos = readJson(generationPath).eos_token_id;
+    if (typeof eos === "number" || Array.isArray(eos)) extras.eosTokenId = eos;
+  }
+  const templatePath = join(dir, "chat_template.jinja");
+  if (existsSync(templatePath)) extras.chatTemplate = readFileSync(templatePath, "utf8");
+  return hfTokenizer(readJson(tokenizerPath), config, extras, tokenizerPath);
+}

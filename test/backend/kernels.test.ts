@@ -1,0 +1,660 @@
+// CPU kernels: SIMD (threads: 2) against the scalar reference kernels on fresh random
+// data, a few ops against plain float64 TypeScript, and bad input -> BackendError.
+// Each run draws a new seed; a failure message carries it (SEED=<n> reproduces it).
+
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { BackendError, DType, DTYPE_NAMES, RopeLayout, type DeviceBuffer } from "../../src/backend/backend.ts";
+import { CpuBackend } from "../../src/backend/cpu.ts";
+
+const SEED = process.env.SEED ? Number(process.env.SEED) : (Date.now() ^ (Math.random() * 2 ** 31)) >>> 0;
+
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+const rand = rng(SEED);
+const uniform = (lo = -1, hi = 1) => lo + (hi - lo) * rand();
+const randInt = (n: number) => Math.floor(rand() * n);
+function randF32(count: number, scale = 1): Float32Array {
+  const a = new Float32Array(count);
+  for (let i = 0; i < count; i++) a[i] = uniform(-scale, scale);
+  return a;
+}
+
+const simd = CpuBackend.create({ threads: 2 });
+const ref = CpuBackend.create({ reference: true, threads: 1 });
+const live: DeviceBuffer[] = [];
+afterAll(() => {
+  for (const b of live) simd.free(b);
+  simd.close();
+  ref.close();
+});
+
+/** Device copy of `data` (plus `pad` leading bytes, to test unaligned pointers). */
+function dev(data: ArrayBufferView, pad = 0): number {
+  const b = simd.alloc(data.byteLength + pad + 64);
+  live.push(b);
+  new Uint8Array(b.host!, pad, data.byteLength).set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+  return b.ptr + pad;
+}
+function zeros(bytes: number): DeviceBuffer {
+  const b = simd.alloc(bytes);
+  live.push(b);
+  return b;
+}
+const f32Of = (b: DeviceBuffer, count?: number) => new Float32Array(b.host!, 0, count);
+
+/** Throws (with the seed) unless |got - want| <= atol + rtol * scale[i] (scale defaults to |want|). */
+function expectClose(
+  label: string, got: ArrayLike<number>, want: ArrayLike<number>, rtol: number, atol: number,
+  scale?: ArrayLike<number>,
+): void {
+  expect(got.length).toBe(want.length);
+  for (let i = 0; i < want.length; i++) {
+    const tol = atol + rtol * (scale ? scale[i] : Math.abs(want[i]));
+    const d = Math.abs(got[i] - want[i]);
+    if (!(d <= tol)) {
+      throw new Error(`${label}: index ${i}: got ${got[i]}, want ${want[i]} (|diff| ${d} > ${tol}); SEED=${SEED}`);
+    }
+  }
+}
+
+// ---- weight encoders (GGML layouts, as in ffi/specinfer.h) ------------------------------
+
+const h16 = new Float16Array(1);
+const h16u = new Uint16Array(h16.buffer);
+const f16Bits = (x: number) => ((h16[0] = x), h16u[0]);
+const f16Val = (bits: number) => ((h16u[0] = bits), h16[0]);
+const f32b = new Float32Array(1);
+const u32b = new Uint32Array(f32b.buffer);
+function bf16Bits(x: number): number {
+  f32b[0] = x;
+  const u = u32b[0];
+  return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+}
+const bf16Val = (bits: number) => ((u32b[0] = bits << 16), f32b[0]);
+
+interface Encoded {
+  bytes: Uint8Array;
+  /** The exact values the bytes stand for, row-major [rows][k]. */
+  values: Float64Array;
+}
+
+function encode(dtype: DType, x: Float32Array, k: number): Encoded {
+  const rows = x.length / k;
+  const values = new Float64Array(x.length);
+  switch (dtype) {
+    case DType.F32: {
+      values.set(x);
+      return { bytes: new Uint8Array(x.slice().buffer), values };
+    }
+    case DType.F16:
+    case DType.BF16: {
+      const u = new Uint16Array(x.length);
+      for (let i = 0; i < x.length; i++) {
+        u[i] = dtype === DType.F16 ? f16Bits(x[i]) : bf16Bits(x[i]);
+        values[i] = dtype === DType.F16 ? f16Val(u[i]) : bf16Val(u[i]);
+      }
+      return { bytes: new Uint8Array(u.buffer), values };
+    }
+    case DType.Q8_0: {
+      const out = new Uint8Array((x.length / 32) * 34);
+      const dv = new DataView(out.buffer);
+      for (let b = 0; b < x.length / 32; b++) {
+        let amax = 0;
+        for (let j = 0; j < 32; j++) amax = Math.max(amax, Math.abs(x[b * 32 + j]));
+        const d = amax / 127;
+        const id = d ? 1 / d : 0;
+        const dbits = f16Bits(d);
+        dv.setUint16(b * 34, dbits, true);
+        for (let j = 0; j < 32; j++) {
+          const q = Math.max(-127, Math.min(127, Math.round(x[b * 32 + j] * id)));
+          dv.setInt8(b * 34 + 2 + j, q);
+          values[b * 32 + j] = Math.fround(q * f16Val(dbits));
+        }
+      }
+      return { bytes: out, values };
+    }
+    case DType.Q4_0: {
+      const out = new Uint8Array((x.length / 32) * 18);
+      const dv = new DataView(out.buffer);
+      for (let b = 0; b < x.length / 32; b++) {
+        let max = 0;
+        for (let j = 0; j < 32; j++) if (Math.abs(x[b * 32 + j]) > Math.abs(max)) max = x[b * 32 + j];
+        const d = max / -8;
+        const id = d ? 1 / d : 0;
+        const dbits = f16Bits(d);
+        dv.setUint16(b * 18, dbits, true);
+        const q = (j: number) => Math.min(15, Math.max(0, Math.trunc(x[b * 32 + j] * id + 8.5)));
+        for (let j = 0; j < 16; j++) {
+          const lo = q(j);
+          const hi = q(j + 16);
+          out[b * 18 + 2 + j] = lo | (hi << 4);
+          values[b * 32 + j] = Math.fround((lo - 8) * f16Val(dbits));
+          values[b * 32 + j + 16] = Math.fround((hi - 8) * f16Val(dbits));
+        }
+      }
+      return { bytes: out, values };
+    }
+  }
+  throw new Error(`no encoder for ${dtype} (${rows} rows)`);
+}
+
+const DTYPES = [DType.F32, DType.F16, DType.BF16, DType.Q8_0, DType.Q4_0];
+const isQuant = (d: DType) => d === DType.Q8_0 || d === DType.Q4_0;
+
+// ---- matmul ----------------------------------------------------------------------------
+
+describe("matmul", () => {
+  for (const dtype of DTYPES) {
+    const shapes = isQuant(dtype)
+      ? [[1, 32, 1], [1, 96, 7], [3, 64, 33], [5, 256, 64], [17, 160, 130], [4, 768, 300]]
+      : [[1, 33, 1], [1, 72, 7], [3, 64, 33], [5, 129, 64], [17, 200, 130], [4, 768, 300]];
+    test(`${DTYPE_NAMES[dtype]}: SIMD == reference == float64`, () => {
+      for (const [n, k, m] of shapes) {
+        const x = randF32(n * k, 2);
+        const w = encode(dtype, randF32(m * k, 0.5), k);
+        const withBias = rand() < 0.5;
+        const bias = randF32(m);
+        // Unaligned weights (safetensors data may be 2-byte aligned).
+        const wp = dev(w.bytes, dtype === DType.F32 ? 4 * randInt(2) + 2 * randInt(2) : 2 * randInt(2));
+        const xp = dev(x);
+        const bp = withBias ? dev(bias) : 0;
+        const ys = zeros(n * m * 4);
+        const yr = zeros(n * m * 4);
+        simd.matmul(xp, n, k, wp, dtype, m, bp, ys.ptr);
+        ref.matmul(xp, n, k, wp, dtype, m, bp, yr.ptr);
+
+        const want = new Float64Array(n * m);
+        const scale = new Float64Array(n * m); // sum |w x|
+        const qerr = new Float64Array(n * m); // bound of the activation quantization error
+        for (let t = 0; t < n; t++) {
+          const amax = new Float64Array(k / 32);
+          if (isQuant(dtype)) for (let i = 0; i < k; i++) amax[i >> 5] = Math.max(amax[i >> 5], Math.abs(x[t * k + i]));
+          for (let r = 0; r < m; r++) {
+            let acc = withBias ? bias[r] : 0;
+            let sc = 0;
+            let qe = 0;
+            for (let i = 0; i < k; i++) {
+              const wv = w.values[r * k + i];
+              acc += wv * x[t * k + i];
+              sc += Math.abs(wv * x[t * k + i]);
+              if (isQuant(dtype)) qe += (Math.abs(wv) * amax[i >> 5]) / 127 / 2;
+            }
+            want[t * m + r] = acc;
+            scale[t * m + r] = sc + 1e-3;
+            qerr[t * m + r] = qe;
+          }
+        }
+        const label = `${DTYPE_NAMES[dtype]} n=${n} k=${k} m=${m}`;
+        expectClose(`${label} SIMD vs reference`, f32Of(ys), f32Of(yr), 2e-5, 0, scale);
+        const got = f32Of(ys);
+        for (let i = 0; i < want.length; i++) {
+          const tol = (isQuant(dtype) ? qerr[i] * 1.01 : 0) + 2e-5 * scale[i];
+          if (!(Math.abs(got[i] - want[i]) <= tol)) {
+            throw new Error(`${label} vs float64: index ${i}: got ${got[i]}, want ${want[i]}, tol ${tol}; SEED=${SEED}`);
+          }
+        }
+      }
+    });
+  }
+
+  test("matmul reuses its scratch across shapes and stays right", () => {
+    for (const [n, k] of [[8, 512], [2, 64], [8, 512], [1, 1024]]) {
+      const m = 48;
+      const x = randF32(n * k);
+      const w = encode(DType.Q8_0, randF32(m * k), k);
+      const xp = dev(x);
+      const wp = dev(w.bytes);
+      const ys = zeros(n * m * 4);
+      const yr = zeros(n * m * 4);
+      simd.matmul(xp, n, k, wp, DType.Q8_0, m, 0, ys.ptr);
+      ref.matmul(xp, n, k, wp, DType.Q8_0, m, 0, yr.ptr);
+      expectClose(`Q8_0 scratch n=${n} k=${k}`, f32Of(ys), f32Of(yr), 1e-5, 1e-5);
+    }
+  });
+});
+
+// ---- embedding -------------------------------------------------------------------------
+
+describe("embedding", () => {
+  for (const dtype of DTYPES) {
+    test(`${DTYPE_NAMES[dtype]}: SIMD == reference == decoded table`, () => {
+      const vocab = 50;
+      const dim = isQuant(dtype) ? 96 : 72;
+      const table = encode(dtype, randF32(vocab * dim), dim);
+      const tp = dev(table.bytes, 2);
+      const n = 9;
+      const ids = Int32Array.from({ length: n }, () => randInt(vocab));
+      ids[0] = vocab - 1;
+      const ip = dev(ids);
+      const os = zeros(n * dim * 4);
+      const or = zeros(n * dim * 4);
+      simd.embedding(tp, dtype, vocab, dim, ip, n, os.ptr);
+      ref.embedding(tp, dtype, vocab, dim, ip, n, or.ptr);
+      const want = new Float64Array(n * dim);
+      for (let i = 0; i < n; i++) for (let j = 0; j < dim; j++) want[i * dim + j] = table.values[ids[i] * dim + j];
+      expectClose("embedding SIMD vs reference", f32Of(os), f32Of(or), 0, 0);
+      expectClose("embedding vs decoded", f32Of(os), want, 0, 0);
+    });
+  }
+});
+
+// ---- rmsnorm / rope / elementwise ------------------------------------------------------
+
+test("rmsnorm: SIMD == reference == float64, in place too", () => {
+  for (const [n, dim] of [[1, 64], [3, 77], [16, 768]]) {
+    const x = randF32(n * dim, 3);
+    const w = randF32(dim);
+    const xp = dev(x);
+    const wp = dev(w);
+    const ys = zeros(n * dim * 4);
+    const yr = zeros(n * dim * 4);
+    simd.rmsnorm(xp, wp, n, dim, 1e-5, ys.ptr);
+    ref.rmsnorm(xp, wp, n, dim, 1e-5, yr.ptr);
+    const want = new Float64Array(n * dim);
+    for (let i = 0; i < n; i++) {
+      let ss = 0;
+      for (let j = 0; j < dim; j++) ss += x[i * dim + j] ** 2;
+      const s = 1 / Math.sqrt(ss / dim + 1e-5);
+      for (let j = 0; j < dim; j++) want[i * dim + j] = x[i * dim + j] * s * w[j];
+    }
+    expectClose(`rmsnorm n=${n} dim=${dim} SIMD vs ref`, f32Of(ys), f32Of(yr), 1e-5, 1e-6);
+    expectClose(`rmsnorm n=${n} dim=${dim} vs f64`, f32Of(ys), want, 1e-5, 1e-6);
+    simd.rmsnorm(xp, wp, n, dim, 1e-5, xp); // y == x
+    const inPlace = new Float32Array(n * dim);
+    simd.download(inPlace, xp);
+    expectClose("rmsnorm in place", inPlace, f32Of(ys), 0, 0);
+  }
+});
+
+describe("rope", () => {
+  for (const layout of [RopeLayout.Half, RopeLayout.Interleaved]) {
+    test(`${RopeLayout[layout]}: SIMD == reference == float64`, () => {
+      for (const [nHeads, headDim, rotDim] of [[4, 64, 64], [2, 48, 32], [3, 128, 128], [1, 40, 24]]) {
+        const n = 7;
+        const x = randF32(n * nHeads * headDim, 2);
+        const pos = Int32Array.from({ length: n }, () => randInt(4096));
+        pos[0] = 0;
+        pos[1] = 4095;
+        const invFreq = Float32Array.from({ length: rotDim / 2 }, (_, j) => 10000 ** ((-2 * j) / rotDim));
+        const xs = dev(x);
+        const xr = dev(x);
+        const pp = dev(pos);
+        const fp = dev(invFreq);
+        simd.rope(xs, n, nHeads, headDim, rotDim, pp, fp, layout);
+        ref.rope(xr, n, nHeads, headDim, rotDim, pp, fp, layout);
+        const want = Float64Array.from(x);
+        const scale = new Float64Array(x.length);
+        const half = rotDim / 2;
+        for (let i = 0; i < n; i++) {
+          for (let h = 0; h < nHeads; h++) {
+            const o = (i * nHeads + h) * headDim;
+            for (let j = 0; j < half; j++) {
+              // The angle is an f32 product, as in HF (float32 inv_freq @ positions).
+              const ang = Math.fround(pos[i] * invFreq[j]);
+              const [ia, ib] = layout === RopeLayout.Half ? [j, j + half] : [2 * j, 2 * j + 1];
+              const a = x[o + ia];
+              const b = x[o + ib];
+              want[o + ia] = a * Math.cos(ang) - b * Math.sin(ang);
+              want[o + ib] = a * Math.sin(ang) + b * Math.cos(ang);
+              scale[o + ia] = scale[o + ib] = Math.abs(a) + Math.abs(b);
+            }
+            for (let j = rotDim; j < headDim; j++) scale[o + j] = Math.abs(x[o + j]);
+          }
+        }
+        const gs = new Float32Array(x.length);
+        const gr = new Float32Array(x.length);
+        simd.download(gs, xs);
+        simd.download(gr, xr);
+        const label = `rope ${RopeLayout[layout]} heads=${nHeads} hd=${headDim} rot=${rotDim}`;
+        expectClose(`${label} SIMD vs ref`, gs, gr, 1e-6, 1e-7, scale);
+        expectClose(`${label} vs f64`, gs, want, 1e-6, 1e-7, scale);
+      }
+    });
+  }
+});
+
+test("swiglu and add: SIMD == reference == float64", () => {
+  for (const count of [1, 15, 1000, 100_003]) {
+    const g = randF32(count, 8);
+    const u = randF32(count, 2);
+    const gp = dev(g);
+    const up = dev(u);
+    const os = zeros(count * 4);
+    const or = zeros(count * 4);
+    simd.swiglu(gp, up, count, os.ptr);
+    ref.swiglu(gp, up, count, or.ptr);
+    const want = Float64Array.from(g, (gv, i) => (gv / (1 + Math.exp(-gv))) * u[i]);
+    expectClose(`swiglu ${count} SIMD vs ref`, f32Of(os), f32Of(or), 2e-6, 1e-7);
+    expectClose(`swiglu ${count} vs f64`, f32Of(os), want, 2e-6, 1e-7);
+
+    const xs = dev(g);
+    const xr = dev(g);
+    simd.add(xs, up, count);
+    ref.add(xr, up, count);
+    const as = new Float32Array(count);
+    const ar = new Float32Array(count);
+    simd.download(as, xs);
+    simd.download(ar, xr);
+    expectClose(`add ${count}`, as, ar, 0, 0);
+    expectClose(`add ${count} vs f64`, as, Float64Array.from(g, (gv, i) => Math.fround(gv + u[i])), 0, 0);
+  }
+});
+
+test("softmax and argmax: SIMD == reference", () => {
+  for (const [rows, n] of [[1, 5], [3, 100], [4, 32000]]) {
+    const x = randF32(rows * n, 10);
+    x[3 % n] = -Infinity;
+    const xs = dev(x);
+    const xr = dev(x);
+    simd.softmax(xs, rows, n, 0.7);
+    ref.softmax(xr, rows, n, 0.7);
+    const gs = new Float32Array(rows * n);
+    const gr = new Float32Array(rows * n);
+    simd.download(gs, xs);
+    simd.download(gr, xr);
+    expectClose(`softmax ${rows}x${n}`, gs, gr, 1e-5, 1e-9);
+    for (let r = 0; r < rows; r++) {
+      let s = 0;
+      for (let j = 0; j < n; j++) s += gs[r * n + j];
+      expect(Math.abs(s - 1)).toBeLessThan(1e-4);
+    }
+
+    // Ties: the lowest index wins.
+    const y = randF32(rows * n);
+    for (let r = 0; r < rows; r++) {
+      const a = randInt(n);
+      const b = randInt(n);
+      y[r * n + a] = 5;
+      y[r * n + b] = 5;
+    }
+    const yp = dev(y);
+    const os = zeros(rows * 4);
+    const or = zeros(rows * 4);
+    simd.argmax(yp, rows, n, os.ptr);
+    ref.argmax(yp, rows, n, or.ptr);
+    const want = Array.from({ length: rows }, (_, r) => {
+      let best = 0;
+      for (let j = 1; j < n; j++) if (y[r * n + j] > y[r * n + best]) best = j;
+      return best;
+    });
+    expect(Array.from(new Int32Array(os.host!, 0, rows))).toEqual(want);
+    expect(Array.from(new Int32Array(or.host!, 0, rows))).toEqual(want);
+  }
+});
+
+// ---- paged KV cache and tree attention ---------------------------------------------------
+
+describe("paged KV + tree attention", () => {
+  for (const headDim of [32, 48, 40, 128]) {
+    test(`head_dim=${headDim}: kvWrite, attention (tree, W>1, committed=0, GQA) vs float64`, () => {
+      const nHeads = 4;
+      const nKv = 2;
+      const row = nKv * headDim;
+      const blockSize = 4;
+      const maxBlocks = 32;
+      const poolBlocks = 80;
+      // Sequence rows: a 70-node tree over 13 committed slots (W = 3), a 5-token chain
+      // over nothing committed, a single decode token over 9 committed slots.
+      const seqs = [
+        { committed: 13, parents: Array.from({ length: 70 }, (_, j) => (j === 0 ? -1 : randInt(j + 1) - 1)) },
+        { committed: 0, parents: [-1, 0, 1, 2, 3] },
+        { committed: 9, parents: [-1] },
+      ];
+      const words = 3;
+      // Non-contiguous block ids: a shuffled pool.
+      const perm = Array.from({ length: poolBlocks }, (_, i) => i);
+      for (let i = perm.length - 1; i > 0; i--) {
+        const j = randInt(i + 1);
+        [perm[i], perm[j]] = [perm[j], perm[i]];
+      }
+      const tables = new Int32Array(seqs.length * maxBlocks).fill(-1);
+      let next = 0;
+      seqs.forEach((s, si) => {
+        const need = Math.ceil((s.committed + s.parents.length) / blockSize);
+        for (let b = 0; b < need; b++) tables[si * maxBlocks + b] = perm[next++];
+      });
+      const kPlane = randF32(poolBlocks * blockSize * row);
+      const vPlane = randF32(poolBlocks * blockSize * row);
+
+      // Batch: tokens of all rows interleaved.
+      const order: [number, number][] = [];
+      seqs.forEach((s, si) => s.parents.forEach((_, j) => order.push([si, j])));
+      for (let i = order.length - 1; i > 0; i--) {
+        const j = randInt(i + 1);
+        [order[i], order[j]] = [order[j], order[i]];
+      }
+      const n = order.length;
+      const seqArr = Int32Array.from(order, ([s]) => s);
+      const slotArr = Int32Array.from(order, ([s, j]) => seqs[s].committed + j);
+      const anc = new Uint32Array(n * words);
+      order.forEach(([s, j], i) => {
+        for (let a = j; a >= 0; a = seqs[s].parents[a]) anc[i * words + (a >> 5)] |= 1 << (a & 31);
+      });
+      const committed = Int32Array.from(seqs, (s) => s.committed);
+      const kNew = randF32(n * row);
+      const vNew = randF32(n * row);
+      const q = randF32(n * nHeads * headDim);
+
+      // Each backend writes the batch K/V into its own copy of the planes.
+      const planes = (be: CpuBackend) => {
+        const kp = dev(kPlane);
+        const vp = dev(vPlane);
+        be.kvWrite(dev(kNew), dev(vNew), n, row, dev(seqArr), dev(slotArr), dev(tables), maxBlocks, blockSize, kp, vp);
+        return [kp, vp];
+      };
+      const [ks, vs] = planes(simd);
+      const [kr, vr] = planes(ref);
+      const tp = dev(tables);
+      const sp = dev(seqArr);
+      const cp = dev(committed);
+      const ap = dev(anc);
+      const qp = dev(q);
+      const scale = 1 / Math.sqrt(headDim);
+      const os = zeros(n * nHeads * headDim * 4);
+      const or = zeros(n * nHeads * headDim * 4);
+      simd.attention(qp, n, nHeads, nKv, headDim, ks, vs, tp, maxBlocks, blockSize, sp, cp, ap, words, scale, os.ptr);
+      ref.attention(qp, n, nHeads, nKv, headDim, kr, vr, tp, maxBlocks, blockSize, sp, cp, ap, words, scale, or.ptr);
+
+      // float64: committed slots from the planes, batch slots from kNew/vNew directly.
+      const rowOf = (s: number, slot: number, plane: Float32Array, batch: Float32Array): Float32Array => {
+        const j = slot - seqs[s].committed;
+        if (j >= 0) {
+          const i = order.findIndex(([ss, jj]) => ss === s && jj === j);
+          return batch.subarray(i * row, (i + 1) * row);
+        }
+        const blk = tables[s * maxBlocks + Math.floor(slot / blockSize)];
+        const o = (blk * blockSize + (slot % blockSize)) * row;
+        return plane.subarray(o, o + row);
+      };
+      const want = new Float64Array(n * nHeads * headDim);
+      order.forEach(([s, j], i) => {
+        const slots: number[] = [];
+        for (let t = 0; t < seqs[s].committed; t++) slots.push(t);
+        for (let a = 0; a <= j; a++) if (anc[i * words + (a >> 5)] & (1 << (a & 31))) slots.push(seqs[s].committed + a);
+        for (let h = 0; h < nHeads; h++) {
+          const kh = Math.floor(h / (nHeads / nKv)) * headDim;
+          const qo = (i * nHeads + h) * headDim;
+          const sc = slots.map((slot) => {
+            const kr0 = rowOf(s, slot, kPlane, kNew);
+            let d = 0;
+            for (let e = 0; e < headDim; e++) d += q[qo + e] * kr0[kh + e];
+            return d * scale;
+          });
+          const mx = Math.max(...sc);
+          const p = sc.map((v) => Math.exp(v - mx));
+          const sum = p.reduce((a, b) => a + b, 0);
+          slots.forEach((slot, si) => {
+            const vr0 = rowOf(s, slot, vPlane, vNew);
+            for (let e = 0; e < headDim; e++) want[qo + e] += (p[si] / sum) * vr0[kh + e];
+          });
+        }
+      });
+      const label = `attention hd=${headDim}`;
+      expectClose(`${label} SIMD vs ref`, f32Of(os), f32Of(or), 1e-5, 1e-6);
+      expectClose(`${label} vs f64`, f32Of(os), want, 1e-5, 1e-6);
+    });
+  }
+
+  test("kvMove: SIMD == reference == float64 over all planes", () => {
+    const row = 24;
+    const blockSize = 4;
+    const poolBlocks = 12;
+    const nPlanes = 3;
+    const planeStride = poolBlocks * blockSize * row + 40; // planes need not be packed
+    const table = Int32Array.from([7, 2, 10, 0, 5, 11, 1]);
+    const cache = randF32(nPlanes * planeStride);
+    const c = 6;
+    const src = Int32Array.from([c, c + 2, c + 5, c + 6, c + 9]);
+    const dst = Int32Array.from([c, c + 1, c + 2, c + 3, c + 4]);
+    const cs = dev(cache);
+    const cr = dev(cache);
+    const tp = dev(table);
+    const spp = dev(src);
+    const dp = dev(dst);
+    simd.kvMove(cs, nPlanes, planeStride, row, tp, blockSize, spp, dp, src.length);
+    ref.kvMove(cr, nPlanes, planeStride, row, tp, blockSize, spp, dp, src.length);
+    const want = Float64Array.from(cache);
+    const off = (slot: number) => (table[Math.floor(slot / blockSize)] * blockSize + (slot % blockSize)) * row;
+    for (let p = 0; p < nPlanes; p++) {
+      for (let i = 0; i < src.length; i++) {
+        for (let e = 0; e < row; e++) want[p * planeStride + off(dst[i]) + e] = want[p * planeStride + off(src[i]) + e];
+      }
+    }
+    const gs = new Float32Array(cache.length);
+    const gr = new Float32Array(cache.length);
+    simd.download(gs, cs);
+    simd.download(gr, cr);
+    expectClose("kvMove SIMD", gs, want, 0, 0);
+    expectClose("kvMove ref", gr, want, 0, 0);
+  });
+});
+
+// ---- memory, files, bandwidth --------------------------------------------------------------
+
+test("alloc is 64-byte aligned and zeroed; upload/download round-trip", () => {
+  for (const bytes of [1, 100, 4096, 1 << 20]) {
+    const b = simd.alloc(bytes);
+    expect(b.ptr % 64).toBe(0);
+    expect(new Uint8Array(b.host!).every((v) => v === 0)).toBe(true);
+    const src = Uint8Array.from({ length: bytes }, () => randInt(256));
+    simd.upload(b.ptr, src);
+    const back = new Uint8Array(bytes);
+    simd.download(back, b.ptr);
+    expect(back).toEqual(src);
+    simd.free(b);
+  }
+  expect(() => simd.free({ ptr: 64 * 12345, bytes: 1, host: null })).toThrow(BackendError);
+});
+
+test("mapFile maps a file read-only; weights() addresses it without a copy", () => {
+  const dir = mkdtempSync(join(tmpdir(), "specinfer-"));
+  try {
+    const path = join(dir, "w.bin");
+    const data = randF32(1000);
+    writeFileSync(path, data);
+    const f = simd.mapFile(path, true);
+    expect(f.size).toBe(4000);
+    expect(new Float32Array(f.bytes.buffer, f.bytes.byteOffset, 1000)).toEqual(data);
+    // Use the mapping directly as a matmul weight (F32, 10 rows of 100).
+    const x = randF32(100);
+    const y = zeros(10 * 4);
+    simd.matmul(dev(x), 1, 100, simd.weights(f, 0, 4000), DType.F32, 10, 0, y.ptr);
+    for (let r = 0; r < 10; r++) {
+      let acc = 0;
+      for (let i = 0; i < 100; i++) acc += data[r * 100 + i] * x[i];
+      expect(Math.abs(f32Of(y)[r] - acc)).toBeLessThan(1e-4);
+    }
+    expect(simd.weights(f, 400, 4)).toBe(f.ptr + 400);
+    expect(() => simd.weights(f, 3000, 2000)).toThrow(/outside/);
+    f.close();
+    f.close(); // idempotent
+  } finally {
+    rmSync(dir, { recursive: true });
+  }
+});
+
+test("mapFile errors name the path and the reason", () => {
+  const dir = mkdtempSync(join(tmpdir(), "specinfer-"));
+  try {
+    const missing = join(dir, "nope.safetensors");
+    expect(() => simd.mapFile(missing)).toThrow(BackendError);
+    expect(() => simd.mapFile(missing)).toThrow(new RegExp(`${missing}.*no such file`));
+    const empty = join(dir, "empty.gguf");
+    writeFileSync(empty, "");
+    expect(() => simd.mapFile(empty)).toThrow(new RegExp(`${empty}.*file is empty`));
+    expect(() => simd.mapFile(dir)).toThrow(/not a regular file/);
+  } finally {
+    rmSync(dir, { recursive: true });
+  }
+});
+
+test("probeBandwidth returns a positive GB/s", () => {
+  const b = zeros(16 << 20);
+  const gbps = simd.probeBandwidth(b.ptr, b.bytes, 2);
+  expect(gbps).toBeGreaterThan(0.1);
+  expect(() => simd.probeBandwidth(b.ptr, 100, 1)).toThrow(BackendError);
+});
+
+// ---- bad input: BackendError with the library's message, process survives ------------------
+
+describe("bad input", () => {
+  const x = dev(randF32(64 * 4));
+  const w = dev(new Uint8Array(64 * 34));
+  const y = zeros(64 * 64 * 4);
+  for (const [name, be] of [["simd", simd], ["reference", ref]] as const) {
+    test(`${name}: errors carry a message and the backend keeps working`, () => {
+      const ids = dev(Int32Array.from([0, 3, 10]));
+      expect(() => be.embedding(w, DType.F32, 10, 8, ids, 3, y.ptr)).toThrow(/id 10 at index 2 is outside \[0, 10\)/);
+      expect(() => be.matmul(x, 1, 33, w, DType.Q8_0, 4, 0, y.ptr)).toThrow(
+        /si_matmul: k=33 is not a multiple of 32 for dtype Q8_0/,
+      );
+      expect(() => be.matmul(x, 1, 48, w, DType.Q4_0, 4, 0, y.ptr)).toThrow(/multiple of 32 for dtype Q4_0/);
+      expect(() => be.matmul(x, 1, 32, w, 7 as DType, 4, 0, y.ptr)).toThrow(/unknown dtype 7/);
+      expect(() => be.embedding(w, 99 as DType, 10, 8, ids, 1, y.ptr)).toThrow(/unknown dtype 99/);
+      expect(() => be.matmul(x, -1, 32, w, DType.F32, 4, 0, y.ptr)).toThrow(/n=-1 must be >= 0/);
+      expect(() => be.rmsnorm(x, x, -2, 8, 1e-5, y.ptr)).toThrow(/n=-2/);
+      expect(() => be.add(x, x, -5)).toThrow(/count=-5/);
+      expect(() => be.softmax(x, 1, 8, 0)).toThrow(/temperature/);
+      expect(() => be.rope(x, 1, 1, 8, 6 + 1, x, x, RopeLayout.Half)).toThrow(/rot_dim=7/);
+      expect(() => be.matmul(x, 1, 32, w, DType.F32, 4, 0, x)).toThrow(/overlap/);
+      try {
+        be.matmul(x, 1, 32, w, 7 as DType, 4, 0, y.ptr);
+      } catch (e) {
+        expect(e).toBeInstanceOf(BackendError);
+        expect((e as Error).message).toContain("matmul failed (code 1)");
+      }
+      // Still alive and correct after the errors.
+      be.matmul(x, 1, 32, w, DType.Q8_0, 4, 0, y.ptr);
+      expect(Array.from(f32Of(y, 4))).toEqual([0, 0, 0, 0]);
+    });
+  }
+
+  test("attention refuses slots outside the block table", () => {
+    const one = dev(Int32Array.from([0]));
+    const committed = dev(Int32Array.from([9]));
+    const table = dev(Int32Array.from([0, 1]));
+    const anc = dev(Uint32Array.from([1]));
+    const q = dev(randF32(8));
+    expect(() =>
+      simd.attention(q, 1, 1, 1, 8, y.ptr, y.ptr, table, 2, 4, one, committed, anc, 1, 1, zeros(32).ptr),
+    ).toThrow(/beyond max_blocks\*block_size=8/);
+  });
+
+  test("a closed backend throws instead of crashing", () => {
+    const be = CpuBackend.create({ threads: 2 });
+    be.close();
+    be.close();
+    expect(() => be.alloc(8)).toThrow(/closed/);
+  });
+});
