@@ -1,13 +1,15 @@
 //! Persistent thread pool: n-1 worker threads plus the calling thread.
 //!
-//! One op = one job: the caller publishes a function + argument, bumps a generation
-//! counter, runs the job itself, then waits for the workers to finish it. Work inside a
-//! job is split by an atomic chunk counter (see `parallelFor`), so a worker that is
-//! late (its core busy with another process) just finds no chunks left.
+//! One op = one job. The caller publishes a function + argument and runs the job
+//! itself; work inside a job is split by an atomic chunk counter (`parallelFor`).
+//! Workers *join* a job while it is open; when the caller has run out of chunks it
+//! closes the job and waits only for the workers that joined (and are mid-chunk). A
+//! worker whose core is busy with another process therefore never stalls an op: it
+//! wakes up late, finds the job closed and goes back to waiting. (Waiting for every
+//! worker to acknowledge every op cost up to a scheduler tick per op here.)
 //!
-//! Idle workers spin for ~100 us (cheap barrier between the ops of a forward pass),
-//! then sleep on a futex, so a busy core never stalls a pass and an idle engine uses
-//! no CPU. Nothing is allocated per job.
+//! Idle workers spin for ~100 us (cheap hand-off between the ops of a forward pass),
+//! then sleep on a futex, so an idle engine uses no CPU. Nothing is allocated per job.
 const std = @import("std");
 const Atomic = std.atomic.Atomic;
 const Futex = std.Thread.Futex;
@@ -16,15 +18,20 @@ const spin_ns: u64 = 100 * std.time.ns_per_us;
 
 pub const JobFn = *const fn (arg: *anyopaque) void;
 
+// state word: generation (high 32 bits) | closed (bit 31) | joined workers (bits 0..30)
+const closed_bit: u64 = 1 << 31;
+const active_mask: u64 = closed_bit - 1;
+
 pub const Pool = struct {
     n: u32, // threads including the caller
     threads: []std.Thread = &.{},
-    gen: Atomic(u32) = Atomic(u32).init(0), // futex word: bumped once per job
-    pending: Atomic(u32) = Atomic(u32).init(0), // workers still inside the current job
+    state: Atomic(u64) = Atomic(u64).init(closed_bit), // no open job at start
+    gen: Atomic(u32) = Atomic(u32).init(0), // futex word for sleeping workers: bumped per job
+    drain: Atomic(u32) = Atomic(u32).init(0), // futex word: bumped when the last joined worker leaves
     sleepers: Atomic(u32) = Atomic(u32).init(0), // workers asleep on `gen`
-    main_sleeping: Atomic(u32) = Atomic(u32).init(0), // caller asleep on `pending`
+    main_sleeping: Atomic(u32) = Atomic(u32).init(0), // caller asleep on `drain`
     quit: Atomic(bool) = Atomic(bool).init(false),
-    job: ?JobFn = null,
+    job: JobFn = undefined,
     arg: *anyopaque = undefined,
 
     /// The pool must not move after init (workers hold its address).
@@ -58,49 +65,68 @@ pub const Pool = struct {
         for (threads) |t| t.join();
     }
 
-    /// Runs job(arg) on every thread (the caller included) and returns when all are done.
+    /// Runs job(arg) on the caller and on every worker that joins in time; returns when
+    /// the caller's call has returned and every joined worker has left. The job must
+    /// be written so that any number of threads (>= 1) completes it.
     pub fn run(self: *Pool, job: JobFn, arg: *anyopaque) void {
         if (self.threads.len == 0) return job(arg);
         self.job = job;
         self.arg = arg;
-        self.pending.store(@intCast(self.threads.len), .SeqCst);
-        _ = self.gen.fetchAdd(1, .SeqCst); // publishes job/arg/pending
+        const g = self.gen.load(.Monotonic) +% 1;
+        self.state.store(@as(u64, g) << 32, .SeqCst); // open, nobody joined
+        self.gen.store(g, .SeqCst);
         if (self.sleepers.load(.SeqCst) != 0) Futex.wake(&self.gen, std.math.maxInt(u32));
         job(arg);
-        self.waitWorkers();
+        const st = self.state.fetchOr(closed_bit, .SeqCst);
+        if (st & active_mask != 0) self.waitDrain();
     }
 
-    fn waitWorkers(self: *Pool) void {
+    fn waitDrain(self: *Pool) void {
         var timer = Spin{};
-        while (true) {
-            const p = self.pending.load(.Acquire);
-            if (p == 0) return;
+        while (self.state.load(.SeqCst) & active_mask != 0) {
             if (timer.keepSpinning()) continue;
-            // A worker is descheduled: sleep until the last one finishes.
+            // A joined worker was preempted mid-chunk: sleep until it leaves.
             self.main_sleeping.store(1, .SeqCst);
-            const p2 = self.pending.load(.SeqCst);
-            if (p2 != 0) Futex.wait(&self.pending, p2);
+            const d = self.drain.load(.SeqCst);
+            if (self.state.load(.SeqCst) & active_mask != 0) Futex.wait(&self.drain, d);
             self.main_sleeping.store(0, .SeqCst);
         }
     }
 
+    /// Joins the open job, if any. Fails once the caller has closed it.
+    fn join(self: *Pool) bool {
+        var st = self.state.load(.SeqCst);
+        while (st & closed_bit == 0) {
+            st = self.state.tryCompareAndSwap(st, st + 1, .SeqCst, .SeqCst) orelse return true;
+        }
+        return false;
+    }
+
+    fn leave(self: *Pool) void {
+        const prev = self.state.fetchSub(1, .SeqCst);
+        if (prev & closed_bit != 0 and prev & active_mask == 1) {
+            _ = self.drain.fetchAdd(1, .SeqCst);
+            if (self.main_sleeping.load(.SeqCst) != 0) Futex.wake(&self.drain, 1);
+        }
+    }
+
     fn worker(self: *Pool) void {
-        var seen: u32 = 0; // workers start before the first job (gen == 0)
+        var seen: u32 = 0;
         while (true) {
             var timer = Spin{};
-            var g = self.gen.load(.Acquire);
-            while (g == seen) : (g = self.gen.load(.Acquire)) {
+            var g = self.gen.load(.SeqCst);
+            while (g == seen) : (g = self.gen.load(.SeqCst)) {
                 if (timer.keepSpinning()) continue;
                 _ = self.sleepers.fetchAdd(1, .SeqCst);
-                // Futex.wait returns at once if gen moved after our last load.
+                // Returns at once if gen moved after the load above.
                 if (self.gen.load(.SeqCst) == seen) Futex.wait(&self.gen, seen);
                 _ = self.sleepers.fetchSub(1, .SeqCst);
             }
             seen = g;
             if (self.quit.load(.SeqCst)) return;
-            self.job.?(self.arg);
-            if (self.pending.fetchSub(1, .SeqCst) == 1) {
-                if (self.main_sleeping.load(.SeqCst) != 0) Futex.wake(&self.pending, 1);
+            if (self.join()) {
+                self.job(self.arg);
+                self.leave();
             }
         }
     }
@@ -166,10 +192,28 @@ test "pool runs every chunk exactly once" {
             for (b..e) |i| _ = h[i].fetchAdd(1, .Monotonic);
         }
     };
-    for (0..200) |_| parallelFor(&pool, 1000, 7, &hits, Body.body);
-    for (hits) |h| try std.testing.expectEqual(@as(u32, 200), h.load(.Monotonic));
+    for (0..2000) |_| parallelFor(&pool, 1000, 7, &hits, Body.body);
+    for (hits) |h| try std.testing.expectEqual(@as(u32, 2000), h.load(.Monotonic));
     // Let the workers fall asleep, then wake them again.
     std.time.sleep(2 * std.time.ns_per_ms);
     parallelFor(&pool, 1000, 7, &hits, Body.body);
-    for (hits) |h| try std.testing.expectEqual(@as(u32, 201), h.load(.Monotonic));
+    for (hits) |h| try std.testing.expectEqual(@as(u32, 2001), h.load(.Monotonic));
+}
+
+test "slow workers are waited for, late ones skip" {
+    var pool: Pool = undefined;
+    try pool.init(2);
+    defer pool.deinit();
+    var sum = Atomic(u64).init(0);
+    const Body = struct {
+        fn body(s: *Atomic(u64), b: usize, e: usize) void {
+            // Make chunks slow enough that the worker is mid-chunk when the caller closes.
+            var x: u64 = 0;
+            for (0..20000) |i| x +%= i *% i;
+            std.mem.doNotOptimizeAway(x);
+            for (b..e) |i| _ = s.fetchAdd(i, .Monotonic);
+        }
+    };
+    for (0..300) |_| parallelFor(&pool, 64, 1, &sum, Body.body);
+    try std.testing.expectEqual(@as(u64, 300 * (63 * 64 / 2)), sum.load(.Monotonic));
 }

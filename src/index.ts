@@ -55,17 +55,26 @@ export interface StreamPiece {
   fromDraft: boolean[];
 }
 
-/** A small model that drafts token trees for an LLM (SpecInfer's SSM). */
+/** A small model that drafts token trees for an LLM (SpecInfer's SSM). Loaded with
+ *  `{ llm }` it shares the LLM's backend and is closed with it. */
 export class SSM {
-  private constructor(readonly model: LlamaModel) {}
+  private closed = false;
+
+  private constructor(readonly model: LlamaModel, private readonly ownBackend: Backend | null) {}
 
   static async load(path: string, opts: { threads?: number; backend?: BackendKind; llm?: LLM } = {}): Promise<SSM> {
-    const backend = opts.llm?.backend ?? (await createBackend({ kind: opts.backend, threads: opts.threads }));
-    return new SSM(loadLlama(path, backend, { maxBatchTokens: 512 }));
+    const shared = opts.llm?.backend;
+    const backend = shared ?? (await createBackend({ kind: opts.backend, threads: opts.threads }));
+    const ssm = new SSM(loadLlama(path, backend, { maxBatchTokens: 512 }), shared ? null : backend);
+    opts.llm?.attach(ssm);
+    return ssm;
   }
 
   close(): void {
+    if (this.closed) return;
+    this.closed = true;
     this.model.close();
+    this.ownBackend?.close();
   }
 }
 
@@ -81,7 +90,7 @@ export class LLM {
   private readonly engine: Engine;
   private pumping = false;
   private readonly inFlight = new Map<Request, { resolve: () => void; reject: (e: unknown) => void }>();
-  private readonly ownedSSMs: SSM[] = [];
+  private readonly attached: SSM[] = [];
 
   private constructor(
     readonly backend: Backend,
@@ -106,9 +115,7 @@ export class LLM {
     const llm = new LLM(backend, model, tokenizer, opts);
     if (!path) {
       opts.onProgress?.(0.9, "draft model");
-      const ssm = await SSM.load(DEFAULT_DRAFT, { llm });
-      llm.ownedSSMs.push(ssm);
-      llm.compile({ ssms: [ssm] });
+      llm.compile({ ssms: [await SSM.load(DEFAULT_DRAFT, { llm })] });
     }
     opts.onProgress?.(1, "ready");
     return llm;
@@ -117,7 +124,7 @@ export class LLM {
   /** Turns speculation on (drafters + tree shape) or off (`null`). */
   compile(opts: CompileOptions | null): this {
     this.engine.speculator = opts && ((opts.ssms?.length ?? 0) > 0 || opts.ngram)
-      ? createSpeculator(this.engine.maxSeqs, this.engine.contextLength, this.model.config.vocabSize, {
+      ? createSpeculator(this.model, this.engine.maxSeqs, {
           ssms: (opts.ssms ?? []).map((s) => s.model),
           tree: opts.tree,
           ngram: opts.ngram ?? false,
@@ -178,9 +185,14 @@ export class LLM {
     return encodeChat(this.tokenizer, messages, { addGenerationPrompt: true });
   }
 
+  /** SSMs loaded with `{ llm: this }` close with it. */
+  attach(ssm: SSM): void {
+    this.attached.push(ssm);
+  }
+
   close(): void {
     this.engine.close();
-    for (const s of this.ownedSSMs) s.close();
+    for (const s of this.attached) s.close();
     this.model.close();
     this.backend.close();
   }

@@ -1,9 +1,9 @@
 //! Weight dtypes, row dequantization (embedding) and matmul kernels.
 //!
 //! Matmul y[n, m] = x[n, k] . W[m, k]^T works on a range of weight rows at a time and,
-//! for each row, loops over all n tokens while the row sits in L1: every weight byte
-//! streams from memory once per call however many tokens the batch has (this is what
-//! makes verifying a token tree about as cheap as decoding one token).
+//! for each block of 4 rows, loops over all n tokens while the rows sit in L1: every
+//! weight byte streams from memory once per call however many tokens the batch has
+//! (this is what makes verifying a token tree about as cheap as decoding one token).
 //!
 //! Quantized weights use integer dot products: the activations are quantized once per
 //! call to 8-bit blocks of 32 with an f32 scale (`quantizeRows`), then each weight
@@ -129,11 +129,13 @@ inline fn loadW(comptime d: DType, row: [*]const u8, i: usize) V {
 // ---- activation quantization (scratch owned by the context) ------------------------
 
 /// Quantized activations of n rows of k: q (k + 64 bytes a row, padded so a 64-byte
-/// load at the last odd block stays inside), scale per block (nb + 2 a row, padding
-/// zeroed), and for Q4_0 the per-lane correction -8 * sum of 4 q's (k / 4 + 16 a row).
+/// load at the last odd block stays inside), the scale per block (reference path),
+/// the same scales repeated per dpbusd lane (SIMD path: one load per block pair), and
+/// for Q4_0 the per-lane correction -8 * sum of 4 q's. Padding is zeroed.
 pub const QAct = struct {
     q: [*]u8,
     sc: [*]f32,
+    scl: [*]f32,
     corr: [*]i32,
     k: usize,
 
@@ -143,17 +145,29 @@ pub const QAct = struct {
     pub fn scStride(k: usize) usize {
         return k / 32 + 2;
     }
+    /// Block scales repeated over the 8 dpbusd lanes of their block, one block of padding.
+    pub fn sclStride(k: usize) usize {
+        return (k / 32 + 2) * 8;
+    }
     pub fn corrStride(k: usize) usize {
         return k / 4 + 16;
     }
     /// Scratch bytes needed for n rows (each region 64-byte aligned).
     pub fn bytes(n: usize, k: usize) usize {
-        return alignUp(n * qStride(k)) + alignUp(n * scStride(k) * 4) + alignUp(n * corrStride(k) * 4);
+        return alignUp(n * qStride(k)) + alignUp(n * scStride(k) * 4) + alignUp(n * sclStride(k) * 4) +
+            alignUp(n * corrStride(k) * 4);
     }
     pub fn carve(base: [*]align(64) u8, n: usize, k: usize) QAct {
         const o1 = alignUp(n * qStride(k));
         const o2 = o1 + alignUp(n * scStride(k) * 4);
-        return .{ .q = base, .sc = @ptrCast(@alignCast(base + o1)), .corr = @ptrCast(@alignCast(base + o2)), .k = k };
+        const o3 = o2 + alignUp(n * sclStride(k) * 4);
+        return .{
+            .q = base,
+            .sc = @ptrCast(@alignCast(base + o1)),
+            .scl = @ptrCast(@alignCast(base + o2)),
+            .corr = @ptrCast(@alignCast(base + o3)),
+            .k = k,
+        };
     }
     fn alignUp(x: usize) usize {
         return (x + 63) & ~@as(usize, 63);
@@ -175,6 +189,7 @@ pub fn quantizeRows(comptime reference: bool, wd: DType, x: [*]const f32, k: usi
         const q = qa.q + r * QAct.qStride(k);
         const sc = qa.sc + r * QAct.scStride(k);
         const corr = qa.corr + r * QAct.corrStride(k);
+        const scl = qa.scl + r * QAct.sclStride(k);
         for (0..nb) |b| {
             const xb = xr + b * 32;
             if (reference) {
@@ -214,6 +229,8 @@ pub fn quantizeRows(comptime reference: bool, wd: DType, x: [*]const f32, k: usi
             }
         }
         // Padding read by the odd-block tail of the SIMD kernel: keep it finite.
+        for (0..nb) |b| @memset(scl[b * 8 .. b * 8 + 8], sc[b]);
+        @memset(scl[nb * 8 .. nb * 8 + 16], 0);
         sc[nb] = 0;
         sc[nb + 1] = 0;
         @memset(q[k .. k + 64], 0);
@@ -308,60 +325,81 @@ pub fn matmulRows(a: *const MatArgs, r0: usize, r1: usize) void {
 }
 
 fn matmulRowsT(comptime d: DType, a: *const MatArgs, r0: usize, r1: usize) void {
+    // Register tiles of 4 weight rows x 4 tokens (x 1 token for the rest): each weight
+    // vector loaded feeds 4 tokens and each activation vector 4 rows, which keeps the
+    // activations of a 16-token batch from streaming out of L2 once per weight row.
+    var r = r0;
+    while (r + 4 <= r1) : (r += 4) rowBlock(d, 4, a, r);
+    while (r < r1) : (r += 1) rowBlock(d, 1, a, r);
+}
+
+inline fn rowBlock(comptime d: DType, comptime R: usize, a: *const MatArgs, r: usize) void {
+    var t: usize = 0;
+    while (t + 4 <= a.n) : (t += 4) {
+        if (comptime isQuant(d) and R == 4) {
+            // 2 x 4 tiles: 4 x 4 int8 tiles need more than 32 vector registers.
+            tile(d, 2, 4, a, r, t);
+            tile(d, 2, 4, a, r + 2, t);
+        } else tile(d, R, 4, a, r, t);
+    }
+    while (t < a.n) : (t += 1) tile(d, R, 1, a, r, t);
+}
+
+/// R weight rows from r against T tokens from t0.
+inline fn tile(comptime d: DType, comptime R: usize, comptime T: usize, a: *const MatArgs, r: usize, t0: usize) void {
+    var out: [R][T]f32 = undefined;
     const rb = rowBytes(d, a.k);
-    for (r0..r1) |r| {
-        const wr = a.w + r * rb;
-        var t: usize = 0;
-        while (t + 4 <= a.n) : (t += 4) group(d, 4, a, wr, r, t);
-        switch (a.n - t) {
-            0 => {},
-            1 => group(d, 1, a, wr, r, t),
-            2 => group(d, 2, a, wr, r, t),
-            3 => group(d, 3, a, wr, r, t),
-            else => unreachable,
-        }
-    }
-}
-
-/// One weight row against T consecutive tokens starting at t0.
-inline fn group(comptime d: DType, comptime T: usize, a: *const MatArgs, wr: [*]const u8, r: usize, t0: usize) void {
-    var out: [T]f32 = undefined;
+    var wr: [R][*]const u8 = undefined;
+    inline for (0..R) |i| wr[i] = a.w + (r + i) * rb;
     switch (d) {
-        .f32, .f16, .bf16 => floatDot(d, T, wr, a.x + t0 * a.k, a.k, &out),
-        .q8_0, .q4_0 => quantDot(d, T, wr, a.qa, t0, a.k, &out),
+        .f32, .f16, .bf16 => {
+            var x: [T][*]const f32 = undefined;
+            inline for (0..T) |j| x[j] = a.x + (t0 + j) * a.k;
+            floatTile(d, R, T, wr, x, a.k, &out);
+        },
+        .q8_0, .q4_0 => {
+            var q: [T][*]const u8 = undefined;
+            var scl: [T][*]const f32 = undefined;
+            var corr: [T][*]const i32 = undefined;
+            inline for (0..T) |j| {
+                q[j] = a.qa.q + (t0 + j) * QAct.qStride(a.k);
+                scl[j] = a.qa.scl + (t0 + j) * QAct.sclStride(a.k);
+                corr[j] = a.qa.corr + (t0 + j) * QAct.corrStride(a.k);
+            }
+            quantTile(d, R, T, wr, q, scl, corr, a.k / 32, &out);
+        },
     }
-    inline for (0..T) |j| a.y[(t0 + j) * a.m + r] = out[j] + if (a.bias) |b| b[r] else 0;
+    inline for (0..R) |i| {
+        const b: f32 = if (a.bias) |bias| bias[r + i] else 0;
+        inline for (0..T) |j| a.y[(t0 + j) * a.m + r + i] = out[i][j] + b;
+    }
 }
 
-fn floatDot(comptime d: DType, comptime T: usize, wr: [*]const u8, x: [*]const f32, k: usize, out: *[T]f32) void {
-    // One token alone would be FMA-latency bound on a single chain: use 4 chains.
-    const U = if (T == 1) 4 else 1;
-    var acc: [T * U]V = .{s.splat(0)} ** (T * U);
+fn floatTile(comptime d: DType, comptime R: usize, comptime T: usize, wr: [R][*]const u8, x: [T][*]const f32, k: usize, out: *[R][T]f32) void {
+    var acc: [R][T]V = .{.{s.splat(0)} ** T} ** R;
     var i: usize = 0;
-    while (i + U * L <= k) : (i += U * L) {
-        inline for (0..U) |u| {
-            const w = loadW(d, wr, i + u * L);
-            inline for (0..T) |j| acc[j * U + u] = @mulAdd(V, s.load(x + j * k + i + u * L), w, acc[j * U + u]);
-        }
-    }
     while (i + L <= k) : (i += L) {
-        const w = loadW(d, wr, i);
-        inline for (0..T) |j| acc[j * U] = @mulAdd(V, s.load(x + j * k + i), w, acc[j * U]);
-    }
-    inline for (0..T) |j| {
-        var sum = acc[j * U];
-        inline for (1..U) |u| sum += acc[j * U + u];
-        var tot = @reduce(.Add, sum);
-        var ii = i;
-        while (ii < k) : (ii += 1) {
-            const wv: f32 = switch (d) {
-                .f32 => @as(*align(1) const f32, @ptrCast(wr + 4 * ii)).*,
-                .f16 => s.f16At(wr + 2 * ii),
-                else => s.bf16At(wr + 2 * ii),
-            };
-            tot += wv * x[j * k + ii];
+        var w: [R]V = undefined;
+        inline for (0..R) |ri| w[ri] = loadW(d, wr[ri], i);
+        inline for (0..T) |j| {
+            const xv = s.load(x[j] + i);
+            inline for (0..R) |ri| acc[ri][j] = @mulAdd(V, xv, w[ri], acc[ri][j]);
         }
-        out[j] = tot;
+    }
+    inline for (0..R) |ri| {
+        inline for (0..T) |j| {
+            var tot = @reduce(.Add, acc[ri][j]);
+            var ii = i;
+            while (ii < k) : (ii += 1) {
+                const wv: f32 = switch (d) {
+                    .f32 => @as(*align(1) const f32, @ptrCast(wr[ri] + 4 * ii)).*,
+                    .f16 => s.f16At(wr[ri] + 2 * ii),
+                    else => s.bf16At(wr[ri] + 2 * ii),
+                };
+                tot += wv * x[j][ii];
+            }
+            out[ri][j] = tot;
+        }
     }
 }
 
@@ -371,55 +409,60 @@ const lo8 = blk: {
     break :blk m;
 };
 
-/// f32 lanes 0-7 = a, 8-15 = b: the scale of two consecutive blocks, matching the
+/// f32 lanes 0-7 = a, 8-15 = b: the scales of two consecutive blocks, matching the
 /// lane layout of dpbusd over 64 bytes (lane l covers bytes 4l..4l+3).
 inline fn pair(a: f32, b: f32) V {
     return @select(f32, lo8, s.splat(a), s.splat(b));
 }
 
-fn quantDot(comptime d: DType, comptime T: usize, wr: [*]const u8, qa: QAct, t0: usize, k: usize, out: *[T]f32) void {
-    const nb = k / 32;
-    const bs: usize = if (d == .q8_0) 34 else 18;
-    const qs = QAct.qStride(k);
-    const ss = QAct.scStride(k);
-    const cs = QAct.corrStride(k);
-    var acc: [T]V = .{s.splat(0)} ** T;
+fn quantTile(comptime d: DType, comptime R: usize, comptime T: usize, wr: [R][*]const u8, q: [T][*]const u8, scl: [T][*]const f32, corr: [T][*]const i32, nb: usize, out: *[R][T]f32) void {
+    var acc: [R][T]V = .{.{s.splat(0)} ** T} ** R;
     var b: usize = 0;
-    while (b < nb) : (b += 2) {
-        const two = b + 1 < nb;
-        const p0 = wr + b * bs;
+    while (b + 2 <= nb) : (b += 2) quantStep(d, R, T, false, wr, q, scl, corr, b, &acc);
+    if (b < nb) quantStep(d, R, T, true, wr, q, scl, corr, b, &acc);
+    inline for (0..R) |ri| {
+        inline for (0..T) |j| out[ri][j] = @reduce(.Add, acc[ri][j]);
+    }
+}
+
+/// Blocks b and b+1 (only b when `last`; the other half of the lanes then sees
+/// zero weights and zero scales) of R rows against T tokens.
+inline fn quantStep(comptime d: DType, comptime R: usize, comptime T: usize, comptime last: bool, wr: [R][*]const u8, q: [T][*]const u8, scl: [T][*]const f32, corr: [T][*]const i32, b: usize, acc: *[R][T]V) void {
+    const bs: usize = if (d == .q8_0) 34 else 18;
+    var sw: [R]V = undefined;
+    var w8: [R]@Vector(64, i8) = undefined; // Q8_0 weights (signed operand)
+    var base: [R]VI = undefined; // Q8_0: -128 * sum(q_w) per lane
+    var w4: [R]@Vector(64, u8) = undefined; // Q4_0 nibbles (unsigned operand)
+    inline for (0..R) |ri| {
+        const p0 = wr[ri] + b * bs;
         const p1 = p0 + bs;
-        const sw = pair(s.f16At(p0), if (two) s.f16At(p1) else 0);
-        switch (d) {
-            .q8_0 => {
-                const w0: @Vector(32, i8) = @as(*align(1) const [32]i8, @ptrCast(p0 + 2)).*;
-                const w1: @Vector(32, i8) = if (two) @as(*align(1) const [32]i8, @ptrCast(p1 + 2)).* else @splat(0);
-                const w = concat(i8, 32, w0, w1);
-                // x was stored as q + 128: remove 128 * sum(q_w) per lane, once per row block.
-                const base = -s.dpbusd(@splat(0), @splat(0x80), w);
-                inline for (0..T) |j| {
-                    const xq: @Vector(64, u8) = @as(*align(1) const [64]u8, @ptrCast(qa.q + (t0 + j) * qs + b * 32)).*;
-                    const dot = s.dpbusd(base, xq, w);
-                    const sc = qa.sc + (t0 + j) * ss + b;
-                    acc[j] = @mulAdd(V, s.i2f(dot), sw * pair(sc[0], sc[1]), acc[j]);
-                }
-            },
-            .q4_0 => {
-                const w0 = nibbles(p0 + 2);
-                const w1 = if (two) nibbles(p1 + 2) else @as(@Vector(32, u8), @splat(0));
-                const w = concat(u8, 32, w0, w1);
-                inline for (0..T) |j| {
-                    const xq: @Vector(64, i8) = @as(*align(1) const [64]i8, @ptrCast(qa.q + (t0 + j) * qs + b * 32)).*;
-                    const corr: VI = @as(*align(1) const [16]i32, @ptrCast(qa.corr + (t0 + j) * cs + b * 8)).*;
-                    const dot = s.dpbusd(corr, w, xq);
-                    const sc = qa.sc + (t0 + j) * ss + b;
-                    acc[j] = @mulAdd(V, s.i2f(dot), sw * pair(sc[0], sc[1]), acc[j]);
-                }
-            },
-            else => unreachable,
+        sw[ri] = pair(s.f16At(p0), if (last) 0 else s.f16At(p1));
+        if (d == .q8_0) {
+            const w0: @Vector(32, i8) = @as(*align(1) const [32]i8, @ptrCast(p0 + 2)).*;
+            const w1: @Vector(32, i8) = if (last) @splat(0) else @as(*align(1) const [32]i8, @ptrCast(p1 + 2)).*;
+            w8[ri] = concat(i8, 32, w0, w1);
+            base[ri] = -s.dpbusd(@splat(0), @splat(0x80), w8[ri]);
+        } else {
+            w4[ri] = concat(u8, 32, nibbles(p0 + 2), if (last) @as(@Vector(32, u8), @splat(0)) else nibbles(p1 + 2));
         }
     }
-    inline for (0..T) |j| out[j] = @reduce(.Add, acc[j]);
+    inline for (0..T) |j| {
+        const sa = s.load(scl[j] + b * 8);
+        if (d == .q8_0) {
+            const xq: @Vector(64, u8) = @as(*align(1) const [64]u8, @ptrCast(q[j] + b * 32)).*;
+            inline for (0..R) |ri| {
+                const dot = s.dpbusd(base[ri], xq, w8[ri]);
+                acc[ri][j] = @mulAdd(V, s.i2f(dot) * sw[ri], sa, acc[ri][j]);
+            }
+        } else {
+            const xq: @Vector(64, i8) = @as(*align(1) const [64]i8, @ptrCast(q[j] + b * 32)).*;
+            const c: VI = @as(*align(1) const [16]i32, @ptrCast(corr[j] + b * 8)).*;
+            inline for (0..R) |ri| {
+                const dot = s.dpbusd(c, w4[ri], xq);
+                acc[ri][j] = @mulAdd(V, s.i2f(dot) * sw[ri], sa, acc[ri][j]);
+            }
+        }
+    }
 }
 
 /// The 32 unsigned 4-bit values of a Q4_0 block in element order (low nibbles are

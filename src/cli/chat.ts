@@ -15,7 +15,7 @@ export async function chatCommand(argv: string[]): Promise<void> {
   const { values } = parse(argv, { ...MODEL_FLAGS, ...SAMPLING_FLAGS, system: { type: "string" } });
   if (values.help) return void process.stdout.write(CHAT_HELP);
   const opts = samplingOptions(values);
-  const { llm, ssms } = await loadForGeneration(values);
+  const llm = await loadForGeneration(values);
   const messages: ChatMessage[] = values.system ? [{ role: "system", content: values.system }] : [];
   const rl = createInterface({ input: process.stdin, terminal: false });
   const prompt = () => process.stdin.isTTY && process.stdout.write("> ");
@@ -36,6 +36,5 @@ export async function chatCommand(argv: string[]): Promise<void> {
   } finally {
     rl.close();
     llm.close();
-    for (const s of ssms) s.close();
   }
 }

@@ -1,4 +1,5 @@
 import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM, SSM, type GenerateOptions, type LoadOptions } from "../index";
+import { parseTreeShape } from "../spec/tree";
 import { intFlag, numFlag, parse, progressPrinter, UsageError, type Options } from "./args";
 
 export const GENERATE_HELP = `specinfer generate [--model PATH] --prompt TEXT [options]
@@ -67,20 +68,32 @@ export function loadOptions(v: Values): LoadOptions {
   return { threads: intFlag(v, "threads", 1), backend, onProgress: progressPrinter("loading") };
 }
 
-/** Loads the LLM and sets up speculation as the flags say; returns what to close. */
-export async function loadForGeneration(v: Values): Promise<{ llm: LLM; ssms: SSM[] }> {
+/** Loads the LLM and sets up speculation as the flags say (SSMs close with the LLM). */
+export async function loadForGeneration(v: Values): Promise<LLM> {
   const modelGiven = typeof v.model === "string";
-  const llm = await LLM.load((v.model as string | undefined) ?? DEFAULT_MODEL, loadOptions(v));
   const ssmPaths = (v.ssm as string[] | undefined) ?? (modelGiven ? [] : [DEFAULT_DRAFT]);
   const ngram = (v.ngram as boolean | undefined) ?? false;
   if (v["no-spec"] && (v.ssm || v.tree || ngram)) throw new UsageError("--no-spec cannot be combined with --ssm, --tree or --ngram");
-  const ssms: SSM[] = [];
-  if (!v["no-spec"]) {
-    for (const p of ssmPaths) ssms.push(await SSM.load(p, { llm }));
-    if (ssms.length > 0 || ngram) llm.compile({ ssms, tree: v.tree as string | undefined, ngram });
-    else if (v.tree) throw new UsageError("--tree needs a drafter: --ssm PATH or --ngram");
+  if (v.tree && ssmPaths.length === 0 && !ngram) throw new UsageError("--tree needs a drafter: --ssm PATH or --ngram");
+  if (typeof v.tree === "string") {
+    try {
+      parseTreeShape(v.tree);
+    } catch (e) {
+      throw new UsageError(`--tree: ${(e as Error).message}`);
+    }
   }
-  return { llm, ssms };
+  const llm = await LLM.load((v.model as string | undefined) ?? DEFAULT_MODEL, loadOptions(v));
+  try {
+    const ssms: SSM[] = [];
+    if (!v["no-spec"]) {
+      for (const p of ssmPaths) ssms.push(await SSM.load(p, { llm }));
+      if (ssms.length > 0 || ngram) llm.compile({ ssms, tree: v.tree as string | undefined, ngram });
+    }
+    return llm;
+  } catch (e) {
+    llm.close();
+    throw e;
+  }
 }
 
 export async function generateCommand(argv: string[]): Promise<void> {
@@ -88,7 +101,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
   if (values.help) return void process.stdout.write(GENERATE_HELP);
   if (typeof values.prompt !== "string") throw new UsageError("generate needs --prompt TEXT (see specinfer generate --help)");
   const opts = samplingOptions(values);
-  const { llm, ssms } = await loadForGeneration(values);
+  const llm = await loadForGeneration(values);
   try {
     if (values.json) {
       const result = await llm.generate(values.prompt, opts);
@@ -100,6 +113,5 @@ export async function generateCommand(argv: string[]): Promise<void> {
     }
   } finally {
     llm.close();
-    for (const s of ssms) s.close();
   }
 }

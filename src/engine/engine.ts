@@ -170,10 +170,16 @@ export class Engine {
     this.admit();
     if (this.running.length === 0) return;
 
-    // Sequences whose prompt is in the cache decode (with a tree when speculating);
-    // the others prefill a chunk from the remaining token budget.
-    const decoding = this.running.filter((r) => this.kv.committed(r.row) === r.tokens.length - 1);
-    const prefilling = this.running.filter((r) => !decoding.includes(r));
+    // Sequences whose prompt is in the cache decode (with a tree when speculating),
+    // as many as fit a forward at their largest tree; the others prefill a chunk from
+    // the remaining token budget.
+    const treeRows = 1 + (this.speculator?.maxNodes ?? 0);
+    const decoding: Request[] = [];
+    const prefilling: Request[] = [];
+    for (const r of this.running) {
+      if (this.kv.committed(r.row) < r.tokens.length - 1) prefilling.push(r);
+      else if ((decoding.length + 1) * treeRows <= Math.min(this.maxBatchTokens, this.llm.maxLogitRows)) decoding.push(r);
+    }
     const t0 = performance.now();
     const drafts: (StepDraft | null)[] = this.speculator && decoding.length > 0
       ? this.speculator.draft(decoding.map((r) => ({ request: r.id, tokens: r.tokens, params: r.params, rng: r.rng })))
@@ -188,7 +194,6 @@ export class Engine {
       const req = decoding[i];
       const draft = drafts[i];
       const size = 1 + (draft?.size ?? 0);
-      if (size > budget) break;
       budget -= size;
       const committed = this.kv.committed(req.row);
       this.kv.reserve(req.row, size);

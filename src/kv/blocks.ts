@@ -110,6 +110,15 @@ export class BlockTables {
     this.shrinkTo(row, Math.ceil(length / this.blockSize));
   }
 
+  /** Commits the next `count` uncommitted slots and keeps every reserved block, so
+   *  slots past them (e.g. a tree's root written in the same pass) stay valid. */
+  advance(row: number, count: number): void {
+    const s = this.state(row);
+    if (count < 0 || s.committed + count > this.capacity(row)) throw new Error(`KV cache: cannot commit ${count} more slots, row ${row} has ${this.capacity(row) - s.committed} reserved`);
+    s.committed += count;
+    this.committedLengths[row] = s.committed;
+  }
+
   closeRow(row: number): void {
     this.shrinkTo(row, 0);
     this.rows[row] = null;

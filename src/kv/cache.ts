@@ -136,6 +136,11 @@ export class KVCache {
     this.tables.setCommitted(row, base + keptSlots.length);
   }
 
+  /** Commits the next `count` uncommitted slots in place, keeping later reserved slots. */
+  commitPrefix(row: number, count: number): void {
+    this.tables.advance(row, count);
+  }
+
   /** Drops committed slots past `length` (e.g. tokens cut after a stop string). */
   truncate(row: number, length: number): void {
     if (length > this.tables.committed(row)) throw new Error(`KV truncate: ${length} is past the committed length ${this.tables.committed(row)}`);

@@ -82,7 +82,8 @@ export class LlamaModel {
     const c = files.config;
     this.config = c;
     this.maxBatchTokens = opts.maxBatchTokens ?? 512;
-    this.maxLogitRows = opts.maxLogitRows ?? Math.min(this.maxBatchTokens, 256);
+    // Every row may want logits unless that would take more than 64 MB.
+    this.maxLogitRows = opts.maxLogitRows ?? Math.max(1, Math.min(this.maxBatchTokens, Math.floor((64 << 20) / (4 * c.vocabSize))));
     this.maxWords = Math.ceil(this.maxBatchTokens / 32);
     this.ropeLayout = files.ropeLayout;
 

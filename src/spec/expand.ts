@@ -1,10 +1,10 @@
 // Growing a drafter's token tree from its next-token distributions, without knowing
 // the model behind them: the caller computes the distributions of a whole depth of
-// nodes in one batched forward per call.
+// nodes (of one or many sequences) in one batched forward.
 
 import type { Rng } from "./rng.ts";
 import { GREEDY, isGreedy, topIndices, type SamplingParams } from "./sampling.ts";
-import type { DraftTree, TreeShape } from "./tree.ts";
+import { shapeCapacity, type DraftTree, type TreeShape } from "./tree.ts";
 
 /** The tree grown so far: node ids are indices into these arrays (parents first). */
 export interface DraftView {
@@ -16,6 +16,18 @@ export interface DraftView {
  *  in the same order. Every node passed is already in `draft`. */
 export type NextDistributions = (nodes: number[], draft: DraftView) => Float32Array[];
 
+/** What a growing tree asks for: the distributions at `nodes` (ids into `view`). */
+export interface GrowthRequest {
+  nodes: number[];
+  view: DraftView;
+}
+
+/** A tree growing one depth per step: each yield asks for the distributions at some
+ *  nodes, `next(distributions)` answers in the same order, and the return value is the
+ *  finished tree. Several sequences' growths can be stepped in lockstep, one batched
+ *  forward per depth for all of them. */
+export type TreeGrowth = Generator<GrowthRequest, ExpandedTree, Float32Array[]>;
+
 export interface ExpandOptions {
   /** true: children drawn from q without replacement (needs `rng`); false: the most
    *  likely children, deterministically. */
@@ -23,8 +35,8 @@ export interface ExpandOptions {
   rng?: Rng;
 }
 
-/** Expanded trees carry, beside the DraftTree, the id each node had when it was passed
- *  to `nextDistributions` (dynamic trees are pruned and renumbered at the end). */
+/** Beside the DraftTree: each node's id during growth, i.e. in the views and node lists
+ *  the drafter was asked about (dynamic trees are pruned and renumbered at the end). */
 export interface ExpandedTree extends DraftTree {
   expandIds: Int32Array;
 }
@@ -40,22 +52,28 @@ export function draftParams(llm: SamplingParams): SamplingParams {
  *  and the rest renormalized: the order verification replays. */
 export function drawWithoutReplacement(q: Float32Array, count: number, rng: Rng): number[] {
   const drawn: number[] = [];
+  const skipped: number[] = []; // drawn tokens, ascending: skipped in the scan below
   let remaining = 0;
   for (let i = 0; i < q.length; i++) remaining += q[i];
-  const taken = new Set<number>();
   while (drawn.length < count && remaining > 0) {
     const target = rng.next() * remaining;
     let cumulative = 0;
     let pick = -1;
+    let nextSkipped = 0;
     for (let i = 0; i < q.length; i++) {
-      if (q[i] <= 0 || taken.has(i)) continue;
+      if (i === skipped[nextSkipped]) {
+        nextSkipped++;
+        continue;
+      }
+      if (q[i] <= 0) continue;
       pick = i;
       cumulative += q[i];
       if (target < cumulative) break;
     }
     if (pick < 0) break; // only rounding residue was left
     drawn.push(pick);
-    taken.add(pick);
+    const at = skipped.findIndex((t) => t > pick);
+    skipped.splice(at < 0 ? skipped.length : at, 0, pick);
     remaining -= q[pick];
   }
   return drawn;
@@ -65,12 +83,6 @@ function mostLikely(q: Float32Array, count: number): number[] {
   return Array.from(topIndices(q, count)).filter((token) => q[token] > 0);
 }
 
-function checkDistributions(nodes: number[], got: Float32Array[]): void {
-  if (got.length !== nodes.length) {
-    throw new Error(`expand: nextDistributions returned ${got.length} rows for ${nodes.length} nodes`);
-  }
-}
-
 /** The rng to draw children with; undefined when children are chosen by rank. */
 function samplingRng(options: ExpandOptions): Rng | undefined {
   if (!options.sample) return undefined;
@@ -78,24 +90,44 @@ function samplingRng(options: ExpandOptions): Rng | undefined {
   return options.rng;
 }
 
+/** Starts growing one drafter's tree (see TreeGrowth). */
+export function growTree(shape: TreeShape, options: ExpandOptions): TreeGrowth {
+  const rng = samplingRng(options);
+  return shape.kind === "static" ? growStatic(shape.widths, rng) : growDynamic(shape.budget, shape.maxDepth, shape.width, rng);
+}
+
 /** Grows one drafter's tree; `nextDistributions` is called once per depth. */
 export function expandTree(shape: TreeShape, nextDistributions: NextDistributions, options: ExpandOptions): ExpandedTree {
-  const rng = samplingRng(options);
-  return shape.kind === "static"
-    ? expandStatic(shape.widths, nextDistributions, rng)
-    : expandDynamic(shape.budget, shape.maxDepth, shape.width, nextDistributions, rng);
+  const growth = growTree(shape, options);
+  let step = growth.next();
+  while (!step.done) step = growth.next(nextDistributions(step.value.nodes, step.value.view));
+  return step.value;
+}
+
+/** Most nodes a growth can create before pruning (the ids a drafter may see): a
+ *  dynamic tree expands at most budget - 1 nodes per depth below the root. */
+export function growthCapacity(shape: TreeShape): number {
+  return shape.kind === "static" ? shapeCapacity(shape) : shape.width * (1 + (shape.maxDepth - 1) * (shape.budget - 1));
+}
+
+/** Asks for the distributions at `nodes` and checks the answer. */
+function* ask(nodes: number[], view: DraftView): Generator<GrowthRequest, Float32Array[], Float32Array[]> {
+  const dists = yield { nodes, view };
+  if (!dists || dists.length !== nodes.length) {
+    throw new Error(`expand: ${dists?.length ?? 0} distributions given for ${nodes.length} nodes`);
+  }
+  return dists;
 }
 
 /** Every node at depth d gets widths[d] children (fewer where q has less support). */
-function expandStatic(widths: number[], nextDistributions: NextDistributions, rng: Rng | undefined): ExpandedTree {
+function* growStatic(widths: number[], rng: Rng | undefined): TreeGrowth {
   const tokens: number[] = [];
   const parents: number[] = [];
   const q: Float32Array[] = [];
   let level = [-1];
   for (const width of widths) {
     if (level.length === 0) break;
-    const dists = nextDistributions(level, { tokens, parents });
-    checkDistributions(level, dists);
+    const dists = yield* ask(level, { tokens, parents });
     const next: number[] = [];
     level.forEach((node, k) => {
       const dist = dists[k];
@@ -113,7 +145,7 @@ function expandStatic(widths: number[], nextDistributions: NextDistributions, rn
   return { tokens: Int32Array.from(tokens), parents: Int32Array.from(parents), q, sampled: rng !== undefined, expandIds: ids };
 }
 
-/** Best-first growth to `budget` nodes, one depth per call.
+/** Best-first growth to `budget` nodes, one depth per request.
  *
  *  Each node has a score that never exceeds its parent's, and the tree returned is the
  *  top-`budget` nodes by (score desc, creation order asc) of the full width-ary tree
@@ -126,13 +158,7 @@ function expandStatic(widths: number[], nextDistributions: NextDistributions, rn
  *  probability * j-th largest q), known before the draw; siblings are then kept as a
  *  prefix of their draw order, and whether a child is kept depends only on nodes
  *  outside its own subtree. */
-function expandDynamic(
-  budget: number,
-  maxDepth: number,
-  width: number,
-  nextDistributions: NextDistributions,
-  rng: Rng | undefined,
-): ExpandedTree {
+function* growDynamic(budget: number, maxDepth: number, width: number, rng: Rng | undefined): TreeGrowth {
   const tokens: number[] = [];
   const parents: number[] = [];
   const q: Float32Array[] = [];
@@ -141,8 +167,7 @@ function expandDynamic(
   const ranksAhead = (a: number, b: number) => score[b] - score[a] || a - b;
   let level = [-1];
   for (let depth = 0; depth < maxDepth && level.length > 0; depth++) {
-    const dists = nextDistributions(level, { tokens, parents });
-    checkDistributions(level, dists);
+    const dists = yield* ask(level, { tokens, parents });
     const created: number[] = [];
     level.forEach((node, k) => {
       const dist = dists[k];

@@ -3,8 +3,10 @@
 // LLM's logits verify it. Drafters: SSMs (models with their own KV caches) and
 // prompt lookup (n-gram, no model).
 
+import type { KVCache } from "../kv/cache";
 import type { BatchBuilder } from "../model/batch";
 import type { LlamaModel } from "../model/llama";
+import { growthCapacity } from "./expand";
 import { NgramDrafter } from "./ngram";
 import type { Rng } from "./rng";
 import type { SamplingParams } from "./sampling";
@@ -68,14 +70,29 @@ export class Speculator {
   private readonly ssms: SSMDrafter[];
   private readonly ngrams = new Map<number, NgramDrafter>();
 
-  constructor(maxSeqs: number, maxSeqLen: number, private readonly vocab: number, private readonly opts: SpeculationOptions) {
+  constructor(
+    maxSeqs: number,
+    maxSeqLen: number,
+    private readonly vocab: number,
+    /** Rows one LLM forward can verify (its token and logits limits). */
+    maxTreeRows: number,
+    private readonly opts: SpeculationOptions,
+  ) {
     this.shape = parseTreeShape(Array.isArray(opts.tree) ? opts.tree.join(",") : (opts.tree ?? DEFAULT_TREE));
-    const growth = this.shape.kind === "static" ? shapeCapacity(this.shape) : growthLimit(this.shape.budget, this.shape.width, this.shape.maxDepth);
+    const growth = growthCapacity(this.shape);
     for (const m of opts.ssms) {
       if (m.config.vocabSize !== vocab) throw new Error(`draft model vocabulary (${m.config.vocabSize}) differs from the LLM's (${vocab})`);
     }
     this.ssms = opts.ssms.map((m) => new SSMDrafter(m, maxSeqs, maxSeqLen, growth));
     this.maxNodes = opts.ssms.length * shapeCapacity(this.shape) + (opts.ngram ? NGRAM.length * NGRAM.branches : 0);
+    if (this.maxNodes + 1 > maxTreeRows) {
+      throw new Error(`a merged tree may have ${this.maxNodes} nodes; one forward verifies at most ${maxTreeRows - 1} (use a smaller tree or fewer drafters)`);
+    }
+  }
+
+  /** The SSMs' KV caches (tests check they drain). */
+  get caches(): KVCache[] {
+    return this.ssms.map((s) => s.kv);
   }
 
   open(request: number): void {
@@ -114,11 +131,8 @@ export class Speculator {
   }
 }
 
-/** Nodes a dynamic tree may grow before pruning to its budget. */
-function growthLimit(budget: number, width: number, maxDepth: number): number {
-  return Math.min(512, width + (maxDepth - 1) * budget * width);
-}
-
-export function createSpeculator(maxSeqs: number, maxSeqLen: number, vocab: number, opts: SpeculationOptions): Speculator {
-  return new Speculator(maxSeqs, maxSeqLen, vocab, opts);
+/** A speculator shaped for `llm`: trees small enough for one of its forwards. */
+export function createSpeculator(llm: LlamaModel, maxSeqs: number, opts: SpeculationOptions): Speculator {
+  const c = llm.config;
+  return new Speculator(maxSeqs, c.maxPositionEmbeddings, c.vocabSize, Math.min(llm.maxBatchTokens, llm.maxLogitRows), opts);
 }

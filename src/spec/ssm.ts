@@ -1,12 +1,15 @@
 // An SSM drafter: any loaded model drafts token trees for the LLM with its own paged
 // KV cache. All sequences grow their trees together, one SSM forward per depth:
 //
-//   catch up:  feed each sequence's tokens not yet in the SSM cache (the root last)
-//              and commit them; the root's logits give the depth-1 distribution;
+//   catch up:  feed each sequence's tokens not yet in the SSM cache, the root (last
+//              token) included, and commit all but the root; the root stays at
+//              uncommitted index 0 and its logits give the depth-1 distribution;
 //   depth d:   feed the nodes whose children are wanted; node j of the growing tree
-//              sits at uncommitted slot j and attends to its ancestors' slots;
-//   accept:    after verification, keep the slots of the accepted tokens that this
-//              SSM had fed and drop the rest; unfed tokens are caught up next step.
+//              sits at uncommitted index 1 + j and attends to the root and its
+//              ancestors;
+//   accept:    after verification, commit the root and the accepted tokens this SSM
+//              had fed, drop the rest; unfed tokens are caught up next step. A draft
+//              that is never verified is dropped with accept(request, []).
 
 import type { KVCache } from "../kv/cache";
 import { BatchBuilder } from "../model/batch";
@@ -43,7 +46,10 @@ export class SSMDrafter {
     /** Most nodes one tree may grow (its uncommitted slots). */
     readonly maxGrowth: number,
   ) {
-    this.kv = model.createKVCache({ maxSeqs, maxSeqLen: maxSeqLen + maxGrowth });
+    if (maxGrowth + 1 > model.maxWords * 32) {
+      throw new Error(`a draft tree may grow ${maxGrowth} nodes; the draft model's masks hold at most ${model.maxWords * 32 - 1}`);
+    }
+    this.kv = model.createKVCache({ maxSeqs, maxSeqLen: maxSeqLen + 1 + maxGrowth });
   }
 
   open(request: number): void {
@@ -87,15 +93,16 @@ export class SSMDrafter {
     return results;
   }
 
-  /** Tokens appended to a request after verification: keep what this SSM fed. */
+  /** Tokens appended to a request after verification: keep the root and what this
+   *  SSM fed along them. */
   accept(request: number, newTokens: readonly number[]): void {
     const s = this.state(request);
     const committed = this.kv.committed(s.row);
     const kept: number[] = [];
-    if (s.view) {
+    if (s.view && newTokens.length > 0) {
+      kept.push(committed);
+      // The last new token is the next root: it is fed again as such.
       let node = -1;
-      // The last new token is the next root: it is always fed again (catchUp needs
-      // its logits), even if this SSM happened to draft it.
       for (const t of newTokens.slice(0, -1)) {
         const { tokens, parents } = s.view;
         let child = -1;
@@ -106,7 +113,7 @@ export class SSMDrafter {
           }
         }
         if (child < 0) break;
-        kept.push(committed + child);
+        kept.push(committed + 1 + child);
         node = child;
       }
     }
@@ -142,8 +149,8 @@ export class SSMDrafter {
       let logitRow = 0;
       for (const f of fed) {
         const row = this.state(requests[f.i].request).row;
-        const committed = this.kv.committed(row);
-        this.kv.commit(row, Array.from({ length: f.count }, (_, k) => committed + k));
+        // The root stays uncommitted (its K/V kept): it heads the tree.
+        this.kv.commitPrefix(row, f.last ? f.count - 1 : f.count);
         if (f.last) roots[f.i] = logits.slice(logitRow * vocab, ++logitRow * vocab);
       }
       todo = todo.filter((i) => roots[i] === undefined);
@@ -152,37 +159,48 @@ export class SSMDrafter {
   }
 
   /** Next-token distributions at the asked nodes: the root's from the catch-up pass,
-   *  the others from one forward that feeds those nodes. */
+   *  the others from forwards that feed those nodes (one, unless they overflow it). */
   private distributions(
     asking: { i: number; nodes: number[] }[],
     requests: DraftRequest[],
     states: SequenceState[],
     rootLogits: Float32Array[],
   ): Float32Array[][] {
-    const builder = new BatchBuilder(Math.max(1, Math.ceil(this.maxGrowth / 32)));
-    for (const a of asking) {
+    const vocab = this.model.config.vocabSize;
+    const limit = Math.min(this.model.maxBatchTokens, this.model.maxLogitRows);
+    const words = Math.max(1, Math.ceil((this.maxGrowth + 1) / 32));
+    const out = asking.map((a) => new Array<Float32Array>(a.nodes.length));
+    let builder = new BatchBuilder(words);
+    let waiting: { k: number; n: number }[] = [];
+    const flush = () => {
+      const logits = this.model.forward(builder.build(), this.kv);
+      waiting.forEach((w, row) => (out[w.k][w.n] = this.process(logits.subarray(row * vocab, (row + 1) * vocab), requests[asking[w.k].i])));
+      builder = new BatchBuilder(words);
+      waiting = [];
+    };
+    asking.forEach((a, k) => {
       const s = states[a.i];
       const committed = this.kv.committed(s.row);
-      for (const node of a.nodes) {
-        if (node < 0) continue;
+      a.nodes.forEach((node, n) => {
+        if (node < 0) {
+          out[k][n] = this.process(rootLogits[a.i], requests[a.i]);
+          return;
+        }
+        // Uncommitted index 0 is the root (position committed); node j is at 1 + j.
         const path = pathTo(s.view!.parents, node);
-        this.kv.reserve(s.row, node + 1);
-        // The root sits at position committed - 1; a node at depth d at committed - 1 + d.
-        builder.addNode(s.row, committed, s.view!.tokens[node], committed - 1 + path.length, node, path, true);
+        this.kv.reserve(s.row, node + 2);
+        builder.addNode(s.row, committed, s.view!.tokens[node], committed + path.length, node + 1, [0, ...path.map((j) => j + 1)], true);
         s.fed.add(node);
-      }
-    }
-    const vocab = this.model.config.vocabSize;
-    const logits = builder.size > 0 ? this.model.forward(builder.build(), this.kv) : new Float32Array(0);
-    let logitRow = 0;
-    return asking.map((a) => {
-      const r = requests[a.i];
-      const params = draftParams(r.params);
-      return a.nodes.map((node) => {
-        const row = node < 0 ? rootLogits[a.i] : logits.subarray(logitRow * vocab, ++logitRow * vocab);
-        return processLogits(row, params, r.tokens);
+        waiting.push({ k, n });
+        if (builder.size === limit) flush();
       });
     });
+    if (builder.size > 0) flush();
+    return out;
+  }
+
+  private process(logits: Float32Array, r: DraftRequest): Float32Array {
+    return processLogits(logits, draftParams(r.params), r.tokens);
   }
 
   private state(request: number): SequenceState {

@@ -170,8 +170,8 @@ export type TreeShape =
   | { kind: "static"; /** widths[d]: children of each node at depth d (root = 0) */ widths: number[] }
   | { kind: "dynamic"; budget: number; maxDepth: number; /** children per expanded node */ width: number };
 
-export const DYNAMIC_DEFAULT_DEPTH = 8;
-export const DYNAMIC_DEFAULT_WIDTH = 4;
+const DYNAMIC_DEFAULT_DEPTH = 8;
+const DYNAMIC_DEFAULT_WIDTH = 4;
 
 /** Parses "1,1,3,1,1" (static widths) or "dynamic:BUDGET[:MAXDEPTH[:WIDTH]]". */
 export function parseTreeShape(text: string): TreeShape {

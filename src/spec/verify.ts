@@ -129,9 +129,3 @@ function subtractAndRenormalize(p: Float32Array, r: Float32Array): void {
   if (!(total > 1e-12)) return;
   for (let i = 0; i < p.length; i++) p[i] = Math.max(0, p[i] - r[i]) / total;
 }
-
-/** Cache slots to commit for the tree's row after verification: the root's, then the
- *  accepted nodes' (linearize places node i at committed + 1 + i). Increasing. */
-export function acceptedSlots(committed: number, accepted: number[]): number[] {
-  return [committed, ...accepted.map((node) => committed + 1 + node)];
-}

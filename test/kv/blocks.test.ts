@@ -87,3 +87,13 @@ describe("BlockTables", () => {
     expect(() => t.setCommitted(b, 1)).toThrow(/cannot commit 1 slots/);
   });
 });
+
+test("advance commits a prefix and keeps the reserved blocks past it", () => {
+  const t = tables();
+  const a = t.openRow();
+  t.reserve(a, 9); // 3 blocks
+  t.advance(a, 8);
+  expect(t.committed(a)).toBe(8);
+  expect(t.blocksOf(a)).toEqual([0, 1, 2]);
+  expect(() => t.advance(a, 5)).toThrow(/cannot commit 5 more/);
+});

@@ -1,7 +1,7 @@
 // Tree expansion from a drafter's distributions, and the n-gram drafter.
 
 import { describe, expect, test } from "bun:test";
-import { drawWithoutReplacement, expandTree, type DraftView } from "../../src/spec/expand.ts";
+import { drawWithoutReplacement, expandTree, growTree, growthCapacity, type DraftView } from "../../src/spec/expand.ts";
 import { NgramDrafter, promptLookup } from "../../src/spec/ngram.ts";
 import { Rng } from "../../src/spec/rng.ts";
 import { processLogits, samplingParams } from "../../src/spec/sampling.ts";
@@ -51,7 +51,7 @@ describe("static expansion", () => {
   });
 
   test("a wrong number of distributions is refused", () => {
-    expect(() => expandTree(parseTreeShape("1"), () => [], { sample: false })).toThrow("returned 0 rows for 1 nodes");
+    expect(() => expandTree(parseTreeShape("1"), () => [], { sample: false })).toThrow("0 distributions given for 1 nodes");
   });
 });
 
@@ -110,6 +110,28 @@ describe("dynamic expansion", () => {
     const tree = expandTree(parseTreeShape("dynamic:1"), drafter(calls), { sample: false });
     expect(tree.tokens.length).toBe(1);
     expect(calls).toEqual([[-1]]);
+  });
+});
+
+describe("growTree", () => {
+  test("several sequences' trees grow in lockstep, as expandTree grows each alone", () => {
+    for (const text of ["2,1,3", "dynamic:9:4:3", "dynamic:30:6:4"]) {
+      const shape = parseTreeShape(text);
+      const answer = drafter([]);
+      const growths = [0, 1, 2].map((seed) => growTree(shape, { sample: true, rng: new Rng(seed) }));
+      let steps = growths.map((growth) => growth.next());
+      const views: DraftView[] = [];
+      while (steps.some((step) => !step.done)) {
+        steps = steps.map((step, k) => {
+          if (step.done) return step;
+          views[k] = step.value.view;
+          return growths[k].next(answer(step.value.nodes, step.value.view));
+        });
+      }
+      // The views are live: they end up holding every node grown, pruned ones included.
+      for (const view of views) expect(view.tokens.length).toBeLessThanOrEqual(growthCapacity(shape));
+      steps.forEach((step, seed) => expect(step.value).toEqual(expandTree(shape, answer, { sample: true, rng: new Rng(seed) })));
+    }
   });
 });
 
