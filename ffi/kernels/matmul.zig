@@ -355,7 +355,7 @@ inline fn tile(comptime d: DType, comptime R: usize, comptime T: usize, a: *cons
         .f32, .f16, .bf16 => {
             var x: [T][*]const f32 = undefined;
             inline for (0..T) |j| x[j] = a.x + (t0 + j) * a.k;
-            floatTile(d, R, T, wr, x, a.k, &out);
+            floatTile(d, R, T, wr, x, a.k, R * rb, &out);
         },
         .q8_0, .q4_0 => {
             var q: [T][*]const u8 = undefined;
@@ -366,7 +366,7 @@ inline fn tile(comptime d: DType, comptime R: usize, comptime T: usize, a: *cons
                 scl[j] = a.qa.scl + (t0 + j) * QAct.sclStride(a.k);
                 corr[j] = a.qa.corr + (t0 + j) * QAct.corrStride(a.k);
             }
-            quantTile(d, R, T, wr, q, scl, corr, a.k / 32, &out);
+            quantTile(d, R, T, wr, q, scl, corr, a.k / 32, R * rb, &out);
         },
     }
     inline for (0..R) |i| {
@@ -375,12 +375,15 @@ inline fn tile(comptime d: DType, comptime R: usize, comptime T: usize, a: *cons
     }
 }
 
-fn floatTile(comptime d: DType, comptime R: usize, comptime T: usize, wr: [R][*]const u8, x: [T][*]const f32, k: usize, out: *[R][T]f32) void {
+fn floatTile(comptime d: DType, comptime R: usize, comptime T: usize, wr: [R][*]const u8, x: [T][*]const f32, k: usize, ahead: usize, out: *[R][T]f32) void {
     var acc: [R][T]V = .{.{s.splat(0)} ** T} ** R;
     var i: usize = 0;
     while (i + L <= k) : (i += L) {
         var w: [R]V = undefined;
-        inline for (0..R) |ri| w[ri] = loadW(d, wr[ri], i);
+        inline for (0..R) |ri| {
+            w[ri] = loadW(d, wr[ri], i);
+            prefetch(wr[ri] + rowBytes(d, i) + ahead);
+        }
         inline for (0..T) |j| {
             const xv = s.load(x[j] + i);
             inline for (0..R) |ri| acc[ri][j] = @mulAdd(V, xv, w[ri], acc[ri][j]);
@@ -403,6 +406,12 @@ fn floatTile(comptime d: DType, comptime R: usize, comptime T: usize, wr: [R][*]
     }
 }
 
+/// A row block holds 4 short row streams that the hardware prefetcher picks up late;
+/// fetch the same spot of the next row block (`ahead` bytes on) while this one runs.
+inline fn prefetch(p: [*]const u8) void {
+    @prefetch(p, .{ .rw = .read, .locality = 2, .cache = .data });
+}
+
 const lo8 = blk: {
     var m: @Vector(16, bool) = undefined;
     for (0..16) |i| m[i] = i < 8;
@@ -415,11 +424,11 @@ inline fn pair(a: f32, b: f32) V {
     return @select(f32, lo8, s.splat(a), s.splat(b));
 }
 
-fn quantTile(comptime d: DType, comptime R: usize, comptime T: usize, wr: [R][*]const u8, q: [T][*]const u8, scl: [T][*]const f32, corr: [T][*]const i32, nb: usize, out: *[R][T]f32) void {
+fn quantTile(comptime d: DType, comptime R: usize, comptime T: usize, wr: [R][*]const u8, q: [T][*]const u8, scl: [T][*]const f32, corr: [T][*]const i32, nb: usize, ahead: usize, out: *[R][T]f32) void {
     var acc: [R][T]V = .{.{s.splat(0)} ** T} ** R;
     var b: usize = 0;
-    while (b + 2 <= nb) : (b += 2) quantStep(d, R, T, false, wr, q, scl, corr, b, &acc);
-    if (b < nb) quantStep(d, R, T, true, wr, q, scl, corr, b, &acc);
+    while (b + 2 <= nb) : (b += 2) quantStep(d, R, T, false, wr, q, scl, corr, b, ahead, &acc);
+    if (b < nb) quantStep(d, R, T, true, wr, q, scl, corr, b, ahead, &acc);
     inline for (0..R) |ri| {
         inline for (0..T) |j| out[ri][j] = @reduce(.Add, acc[ri][j]);
     }
@@ -427,7 +436,7 @@ fn quantTile(comptime d: DType, comptime R: usize, comptime T: usize, wr: [R][*]
 
 /// Blocks b and b+1 (only b when `last`; the other half of the lanes then sees
 /// zero weights and zero scales) of R rows against T tokens.
-inline fn quantStep(comptime d: DType, comptime R: usize, comptime T: usize, comptime last: bool, wr: [R][*]const u8, q: [T][*]const u8, scl: [T][*]const f32, corr: [T][*]const i32, b: usize, acc: *[R][T]V) void {
+inline fn quantStep(comptime d: DType, comptime R: usize, comptime T: usize, comptime last: bool, wr: [R][*]const u8, q: [T][*]const u8, scl: [T][*]const f32, corr: [T][*]const i32, b: usize, ahead: usize, acc: *[R][T]V) void {
     const bs: usize = if (d == .q8_0) 34 else 18;
     var sw: [R]V = undefined;
     var w8: [R]@Vector(64, i8) = undefined; // Q8_0 weights (signed operand)
@@ -436,6 +445,8 @@ inline fn quantStep(comptime d: DType, comptime R: usize, comptime T: usize, com
     inline for (0..R) |ri| {
         const p0 = wr[ri] + b * bs;
         const p1 = p0 + bs;
+        prefetch(p0 + ahead);
+        prefetch(p0 + ahead + 64);
         sw[ri] = pair(s.f16At(p0), if (last) 0 else s.f16At(p1));
         if (d == .q8_0) {
             const w0: @Vector(32, i8) = @as(*align(1) const [32]i8, @ptrCast(p0 + 2)).*;

@@ -84,7 +84,9 @@ export class LlamaModel {
     this.maxBatchTokens = opts.maxBatchTokens ?? 512;
     // Every row may want logits unless that would take more than 64 MB.
     this.maxLogitRows = opts.maxLogitRows ?? Math.max(1, Math.min(this.maxBatchTokens, Math.floor((64 << 20) / (4 * c.vocabSize))));
-    this.maxWords = Math.ceil(this.maxBatchTokens / 32);
+    // Masks are compacted per batch (BatchBuilder.build), so a generous limit is free:
+    // drafters index up to a whole grown tree (2048 nodes) across several forwards.
+    this.maxWords = Math.max(64, Math.ceil(this.maxBatchTokens / 32));
     this.ropeLayout = files.ropeLayout;
 
     this.embed = this.matrix("model.embed_tokens.weight");
