@@ -7,11 +7,11 @@
 //
 // Requests submitted while others run share their forward passes (continuous batching).
 
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import type { Backend } from "./backend/backend";
 import { createBackend, type BackendKind } from "./backend/index";
-import type { GenerationConfig } from "./engine/config";
+import { definedOnly, generationDefaults, type GenerationConfig } from "./engine/config";
 import { Engine, type FinishReason, type Request, type TokenEvent } from "./engine/engine";
 import type { StatsSummary } from "./engine/stats";
 import { TextStream } from "./engine/text";
@@ -92,12 +92,16 @@ export class LLM {
   private readonly inFlight = new Map<Request, { resolve: () => void; reject: (e: unknown) => void }>();
   private readonly attached: SSM[] = [];
 
+  /** The model's own sampling defaults (generation_config.json), under every call's options. */
+  readonly defaults: GenerateOptions;
+
   private constructor(
     readonly backend: Backend,
     readonly model: LlamaModel,
     readonly tokenizer: Tokenizer,
     opts: LoadOptions,
   ) {
+    this.defaults = readGenerationDefaults(model.files.path);
     this.engine = new Engine(model, { maxSeqs: opts.maxSeqs, maxBatchTokens: opts.maxBatchTokens, eosTokenIds: tokenizer.eosIds });
   }
 
@@ -202,7 +206,7 @@ export class LLM {
     const text = new TextStream(this.tokenizer, ids, opts.stop ?? []);
     let settle!: { resolve: () => void; reject: (e: unknown) => void };
     const finished = new Promise<void>((resolve, reject) => (settle = { resolve, reject }));
-    const request: Request = this.engine.submit(ids, opts, {
+    const request: Request = this.engine.submit(ids, { ...this.defaults, ...definedOnly(opts) }, {
       onTokens: (events: TokenEvent[]) => {
         const update = text.push(events.map((e) => e.token));
         const kept = events.slice(0, update.keepTokens ?? events.length);
@@ -252,5 +256,15 @@ export class LLM {
     } finally {
       this.pumping = false;
     }
+  }
+}
+
+function readGenerationDefaults(modelPath: string): GenerateOptions {
+  const file = statSync(modelPath).isDirectory() ? join(modelPath, "generation_config.json") : "";
+  if (!file || !existsSync(file)) return {};
+  try {
+    return generationDefaults(JSON.parse(readFileSync(file, "utf8")));
+  } catch {
+    return {}; // a broken optional file must not stop the model from loading
   }
 }

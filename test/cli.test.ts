@@ -17,7 +17,7 @@ async function cli(args: string[], stdin?: string) {
 
 describe("generate", () => {
   test("--json reports text, tokens, finishReason and speculation stats on the default pair", async () => {
-    const r = await cli(["generate", "--prompt", "ROMEO:", "--max-tokens", "24", "--json"]);
+    const r = await cli(["generate", "--prompt", "ROMEO:", "--max-tokens", "24", "--temperature", "0", "--json"]);
     expect(r.code).toBe(0);
     const out = JSON.parse(r.stdout);
     expect(out.tokens.length).toBe(24);
@@ -26,7 +26,7 @@ describe("generate", () => {
       expect(out.stats).toHaveProperty(key);
     }
     expect(out.stats.draftTokens).toBeGreaterThan(0);
-    const plain = JSON.parse((await cli(["generate", "--prompt", "ROMEO:", "--max-tokens", "24", "--json", "--no-spec"])).stdout);
+    const plain = JSON.parse((await cli(["generate", "--prompt", "ROMEO:", "--max-tokens", "24", "--temperature", "0", "--json", "--no-spec"])).stdout);
     expect(plain.tokens).toEqual(out.tokens);
     expect(plain.stats.draftTokens).toBe(0);
   });

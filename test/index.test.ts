@@ -10,9 +10,9 @@ afterAll(() => llm.close());
 describe("LLM on the embedded pair", () => {
   test("speculates by default and gives the same greedy text as plain decoding", async () => {
     expect(llm.speculating).toBe(true);
-    const spec = await llm.generate("ROMEO:\n", { maxNewTokens: 40 });
+    const spec = await llm.generate("ROMEO:\n", { maxNewTokens: 40, temperature: 0 });
     const plain = await LLM.load(DEFAULT_MODEL);
-    const ref = await plain.generate("ROMEO:\n", { maxNewTokens: 40 });
+    const ref = await plain.generate("ROMEO:\n", { maxNewTokens: 40, temperature: 0 });
     plain.close();
     expect(plain.speculating).toBe(false);
     expect(spec.tokens).toEqual(ref.tokens);
@@ -41,9 +41,9 @@ describe("LLM on the embedded pair", () => {
   });
 
   test("stop strings end the text before the match, and the tokens with it", async () => {
-    const full = await llm.generate("ROMEO:\n", { maxNewTokens: 40 });
+    const full = await llm.generate("ROMEO:\n", { maxNewTokens: 40, temperature: 0 });
     const stop = full.text.slice(12, 16);
-    const cut = await llm.generate("ROMEO:\n", { maxNewTokens: 40, stop: [stop] });
+    const cut = await llm.generate("ROMEO:\n", { maxNewTokens: 40, temperature: 0, stop: [stop] });
     expect(cut.finishReason).toBe("stop");
     expect(cut.text).toBe(full.text.slice(0, full.text.indexOf(stop)));
     expect(full.tokens.slice(0, cut.tokens.length)).toEqual(cut.tokens);
@@ -64,12 +64,19 @@ describe("LLM on the embedded pair", () => {
   });
 
   test("compile switches drafters and tree shapes; output stays the LLM's", async () => {
-    const base = await llm.generate("PROSPERO:\n", { maxNewTokens: 24 });
+    const base = await llm.generate("PROSPERO:\n", { maxNewTokens: 24, temperature: 0 });
     const ssm = await SSM.load(join(DEFAULT_DRAFT, "model.gguf"), { llm });
     for (const setup of [{ ssms: [ssm], tree: "dynamic:24" }, { ssms: [ssm], tree: [2, 2, 1], ngram: true }, { ngram: true }, null]) {
       llm.compile(setup);
-      expect((await llm.generate("PROSPERO:\n", { maxNewTokens: 24 })).tokens).toEqual(base.tokens);
+      expect((await llm.generate("PROSPERO:\n", { maxNewTokens: 24, temperature: 0 })).tokens).toEqual(base.tokens);
     }
+  });
+
+  test("the model's generation_config.json sets the sampling defaults; a call's options win", async () => {
+    expect(llm.defaults).toEqual({ temperature: 0.8, topK: 40 });
+    const a = await llm.generate("ROMEO:\n", { maxNewTokens: 16, seed: 4 });
+    const b = await llm.generate("ROMEO:\n", { maxNewTokens: 16, seed: 4, temperature: 0.8, topK: 40 });
+    expect(a.tokens).toEqual(b.tokens);
   });
 
   test("bad options are refused with the field named, and the LLM keeps working", async () => {

@@ -10,7 +10,8 @@ default pair (llama-shakespeare-8m verified, llama-shakespeare-1.4m-draft drafti
   --model PATH            HF model directory or .gguf file (default: embedded model)
   --prompt TEXT           the prompt (required)
   --max-tokens N          most new tokens (default 128)
-  --temperature T         0 = greedy (default 0)
+  --temperature T         0 = greedy (default: the model's generation_config.json,
+                          else 0; the embedded model samples at 0.8, top-k 40)
   --top-k K  --top-p P  --min-p P  --repetition-penalty R
   --seed S                sampling seed (default 0)
   --stop TEXT             stop before this text (repeatable)

@@ -42,7 +42,7 @@ export class ConfigError extends Error {
 
 /** Fills defaults and rejects values that make no sense, naming the field. */
 export function resolveGenerationConfig(partial: Partial<GenerationConfig> = {}): GenerationConfig {
-  const c: GenerationConfig = { ...DEFAULT_GENERATION, ...stripUndefined(partial) };
+  const c: GenerationConfig = { ...DEFAULT_GENERATION, ...definedOnly(partial) };
   const check = (ok: boolean, field: keyof GenerationConfig, want: string) => {
     if (!ok) throw new ConfigError(`${field} must be ${want}, got ${JSON.stringify(c[field])}`);
   };
@@ -59,6 +59,27 @@ export function resolveGenerationConfig(partial: Partial<GenerationConfig> = {})
   return c;
 }
 
-function stripUndefined<T extends object>(o: T): Partial<T> {
+/** `o` without its undefined fields, so spreading it keeps earlier defaults. */
+export function definedOnly<T extends object>(o: T): Partial<T> {
   return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
+/** The sampling defaults a Hugging Face model ships in generation_config.json (what
+ *  HF's own generate() would use); {} when there is none. Bad values are ignored here
+ *  and caught by resolveGenerationConfig if a caller passes them on. */
+export function generationDefaults(json: unknown): Partial<GenerationConfig> {
+  if (typeof json !== "object" || json === null) return {};
+  const g = json as Record<string, unknown>;
+  const num = (v: unknown) => (typeof v === "number" && Number.isFinite(v) ? v : undefined);
+  const out: Partial<GenerationConfig> = {};
+  if (g.do_sample === false) out.temperature = 0;
+  else if (g.do_sample === true) {
+    out.temperature = num(g.temperature) ?? 1;
+    if (num(g.top_k) !== undefined) out.topK = num(g.top_k);
+    if (num(g.top_p) !== undefined) out.topP = num(g.top_p);
+    if (num(g.min_p) !== undefined) out.minP = num(g.min_p);
+  }
+  if (num(g.repetition_penalty) !== undefined) out.repetitionPenalty = num(g.repetition_penalty);
+  if (num(g.max_new_tokens) !== undefined) out.maxNewTokens = num(g.max_new_tokens);
+  return out;
 }
