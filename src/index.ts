@@ -137,6 +137,11 @@ export class LLM {
     return this;
   }
 
+  /** Statistics aggregated over every request this LLM has finished. */
+  stats(): StatsSummary {
+    return this.engine.stats();
+  }
+
   get speculating(): boolean {
     return this.engine.speculator !== null;
   }

@@ -79,6 +79,16 @@ describe("LLM on the embedded pair", () => {
     expect(a.tokens).toEqual(b.tokens);
   });
 
+  test("aggregate stats add up the finished requests", async () => {
+    const before = llm.stats();
+    const a = await llm.generate("ROMEO:\n", { maxNewTokens: 12 });
+    const b = await llm.generate("JULIET:\n", { maxNewTokens: 9 });
+    const after = llm.stats();
+    expect(after.generatedTokens - before.generatedTokens).toBe(21);
+    expect(after.decodeSteps - before.decodeSteps).toBe(a.stats.decodeSteps + b.stats.decodeSteps);
+    expect(after.draftTokens - before.draftTokens).toBe(a.stats.draftTokens + b.stats.draftTokens);
+  });
+
   test("bad options are refused with the field named, and the LLM keeps working", async () => {
     await expect(llm.generate("x", { temperature: -2 })).rejects.toThrow(/temperature/);
     await expect(llm.generate("x", { topP: 0 })).rejects.toThrow(/topP/);

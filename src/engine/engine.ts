@@ -80,6 +80,9 @@ export class Engine {
   private readonly running: Request[] = [];
   private readonly eos: Set<number>;
   private nextId = 1;
+  /** Counts over every finished request, and their generated tokens. */
+  readonly totals = new RequestStats();
+  private totalGenerated = 0;
   /** Blocks promised to running requests (prompt + max tokens + one tree each). */
   private promisedBlocks = 0;
   private readonly promised = new Map<Request, number>();
@@ -310,8 +313,15 @@ export class Engine {
     }
   }
 
+  /** Aggregate statistics over every request finished so far. */
+  stats() {
+    return this.totals.summary(this.totalGenerated);
+  }
+
   private finish(req: Request, reason: FinishReason): void {
     req.finishReason = reason;
+    this.totals.merge(req.stats);
+    this.totalGenerated += req.generated.length;
     if (req.row >= 0) {
       this.kv.closeSequence(req.row);
       req.row = -1;

@@ -46,6 +46,22 @@ export class RequestStats {
     for (const n of outcome.acceptedNodes) bump(this.accepted, tree.depthOf(n) - 1, tree.rankOf(n));
   }
 
+  /** Adds another request's counts (the engine's aggregate over finished requests). */
+  merge(other: RequestStats): void {
+    this.promptTokens += other.promptTokens;
+    this.prefillMs += other.prefillMs;
+    this.decodeMs += other.decodeMs;
+    this.draftMs += other.draftMs;
+    this.forwardPasses += other.forwardPasses;
+    this.decodeSteps += other.decodeSteps;
+    this.treeNodes += other.treeNodes;
+    this.acceptedTokens += other.acceptedTokens;
+    for (const key of ["depth", "rank"] as const) {
+      other.tried[key].forEach((v, i) => (this.tried[key][i] = (this.tried[key][i] ?? 0) + v));
+      other.accepted[key].forEach((v, i) => (this.accepted[key][i] = (this.accepted[key][i] ?? 0) + v));
+    }
+  }
+
   /** The JSON shape `generate --json` and the scripting API report. */
   summary(generatedTokens: number) {
     const decodeSec = this.decodeMs / 1000;
