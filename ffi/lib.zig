@@ -232,6 +232,9 @@ fn grainOf(c: *Ctx, total: usize, work_per_item: usize) usize {
 
 // ---- ops ----------------------------------------------------------------------------
 
+/// Multiply-adds below which a matmul runs on the caller alone (a fan-out costs more).
+const small_matmul = 64 * 1024;
+
 export fn si_embedding(ctx: ?*Ctx, table: ?*const anyopaque, dtype: i32, vocab: i32, dim: i32, ids: ?[*]const i32, n: i32, out: ?[*]f32) callconv(.C) i32 {
     const c = ctx orelse return SI_ERR_ARG;
     const op = "si_embedding";
@@ -297,11 +300,15 @@ export fn si_matmul(ctx: ?*Ctx, x: ?[*]const f32, n: i32, k: i32, w: ?*const any
     if (xa < ya + nu * mu * 4 and ya < xa + nu * ku * 4)
         return c.fail(SI_ERR_ARG, op ++ ": x and y overlap", .{});
 
-    var args = mm.MatArgs{ .x = x.?, .n = nu, .k = ku, .w = @ptrCast(w.?), .dtype = d, .m = mu, .bias = bias, .y = y.?, .qa = undefined };
+    var args = mm.MatArgs{ .x = x.?, .n = nu, .k = ku, .w = @ptrCast(w.?), .dtype = d, .m = mu, .bias = bias, .y = y.?, .qa = undefined, .pack = undefined };
+    const work = nu * ku * mu;
     if (mm.isQuant(d)) {
-        const base = c.scratchFor(mm.QAct.bytes(nu, ku)) orelse
+        const qbytes = mm.alignUp(mm.QAct.bytes(nu, ku));
+        const pbytes = if (c.reference) 0 else c.pool.n * mm.packBytes(ku);
+        const base = c.scratchFor(qbytes + pbytes) orelse
             return c.fail(SI_ERR_NOMEM, op ++ ": out of memory for the {d}x{d} activation scratch", .{ nu, ku });
         args.qa = mm.QAct.carve(base, nu, ku);
+        args.pack = @alignCast(base + qbytes);
         const Q = struct {
             fn ref(a: *const mm.MatArgs, b: usize, e: usize) void {
                 mm.quantizeRows(true, a.dtype, a.x, a.k, a.qa, b, e);
@@ -309,14 +316,29 @@ export fn si_matmul(ctx: ?*Ctx, x: ?[*]const f32, n: i32, k: i32, w: ?*const any
             fn vec(a: *const mm.MatArgs, b: usize, e: usize) void {
                 mm.quantizeRows(false, a.dtype, a.x, a.k, a.qa, b, e);
             }
+            fn blocks(a: *const mm.MatArgs, slot: usize, b: usize, e: usize) void {
+                mm.matmulRows(a, slot, b * mm.pack_rows, @min(e * mm.pack_rows, a.m));
+            }
         };
         const g = grainOf(c, nu, ku);
         if (c.reference) parallelFor(&c.pool, nu, g, &args, Q.ref) else parallelFor(&c.pool, nu, g, &args, Q.vec);
+        if (!c.reference) {
+            // Row blocks of 32; ~4 chunks per thread, so a thread whose core is busy
+            // elsewhere leaves its share to the others.
+            const nblk = (mu + mm.pack_rows - 1) / mm.pack_rows;
+            const gb = if (work < small_matmul) nblk else pool_mod.grainFor(&c.pool, nblk, 4, 1);
+            pool_mod.parallelForSlot(&c.pool, nblk, gb, &args, Q.blocks);
+            return SI_OK;
+        }
     }
-    // Rows in chunks (multiple of 4) so each thread gets ~8 of them for balance.
-    const work = nu * ku;
-    const g = if (mu * work < 64 * 1024) mu else pool_mod.grainFor(&c.pool, mu, 8, 4);
-    if (c.reference) parallelFor(&c.pool, mu, g, &args, mm.matmulRowsRef) else parallelFor(&c.pool, mu, g, &args, mm.matmulRows);
+    const F = struct {
+        fn rows(a: *const mm.MatArgs, b: usize, e: usize) void {
+            mm.matmulRows(a, 0, b, e);
+        }
+    };
+    // Rows in chunks (multiple of 8, the row tile of 1-2 tokens), ~8 per thread.
+    const g = if (work < small_matmul) mu else pool_mod.grainFor(&c.pool, mu, 8, 8);
+    if (c.reference) parallelFor(&c.pool, mu, g, &args, mm.matmulRowsRef) else parallelFor(&c.pool, mu, g, &args, F.rows);
     return SI_OK;
 }
 

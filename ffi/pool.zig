@@ -152,22 +152,35 @@ const Spin = struct {
 
 /// Calls body(args, begin, end) over [0, total) in chunks of `grain`, on all threads.
 /// Small ranges run inline on the caller (no fan-out cost).
-pub fn parallelFor(pool: *Pool, total: usize, grain_in: usize, args: anytype, comptime body: fn (@TypeOf(args), usize, usize) void) void {
+pub fn parallelFor(pool: *Pool, total: usize, grain: usize, args: anytype, comptime body: fn (@TypeOf(args), usize, usize) void) void {
+    const W = struct {
+        fn f(a: @TypeOf(args), _: usize, b: usize, e: usize) void {
+            body(a, b, e);
+        }
+    };
+    parallelForSlot(pool, total, grain, args, W.f);
+}
+
+/// As parallelFor; body also gets `slot`, distinct per thread running the job and
+/// < pool.n, to index per-thread scratch.
+pub fn parallelForSlot(pool: *Pool, total: usize, grain_in: usize, args: anytype, comptime body: fn (@TypeOf(args), usize, usize, usize) void) void {
     if (total == 0) return;
     const grain = @max(grain_in, 1);
-    if (pool.threads.len == 0 or total <= grain) return body(args, 0, total);
+    if (pool.threads.len == 0 or total <= grain) return body(args, 0, 0, total);
     const Job = struct {
         next: Atomic(usize) = Atomic(usize).init(0),
+        slots: Atomic(usize) = Atomic(usize).init(0),
         total: usize,
         grain: usize,
         args: @TypeOf(args),
 
         fn run(p: *anyopaque) void {
             const self: *@This() = @ptrCast(@alignCast(p));
+            const slot = self.slots.fetchAdd(1, .Monotonic); // each thread runs a job at most once
             while (true) {
                 const s = self.next.fetchAdd(self.grain, .Monotonic);
                 if (s >= self.total) return;
-                body(self.args, s, @min(s + self.grain, self.total));
+                body(self.args, slot, s, @min(s + self.grain, self.total));
             }
         }
     };
