@@ -13,7 +13,9 @@ export class UsageError extends Error {
 
 export type Options = NonNullable<ParseArgsConfig["options"]>;
 
-export function parse(argv: string[], options: Options, positionals = false) {
+export type FlagValues = Record<string, string | boolean | (string | boolean)[] | undefined>;
+
+export function parse(argv: string[], options: Options, positionals = false): { values: FlagValues; positionals: string[] } {
   try {
     return parseArgs({ args: argv, options: { help: { type: "boolean", short: "h" }, ...options }, allowPositionals: positionals, strict: true });
   } catch (e) {

@@ -16,7 +16,7 @@ export async function chatCommand(argv: string[]): Promise<void> {
   if (values.help) return void process.stdout.write(CHAT_HELP);
   const opts = samplingOptions(values);
   const llm = await loadForGeneration(values);
-  const messages: ChatMessage[] = values.system ? [{ role: "system", content: values.system }] : [];
+  const messages: ChatMessage[] = typeof values.system === "string" ? [{ role: "system", content: values.system }] : [];
   const rl = createInterface({ input: process.stdin, terminal: false });
   const prompt = () => process.stdin.isTTY && process.stdout.write("> ");
   try {

@@ -89,7 +89,7 @@ export function referenceForward(cfg: ReferenceConfig, w: Weights, tokens: reado
   const KVH = cfg.numKvHeads;
   const freq = invFreq(cfg);
   const emb = get(w, "model.embed_tokens.weight");
-  let xs = tokens.map((t) => Float64Array.from({ length: D }, (_, i) => emb[t * D + i]));
+  let xs: Float64Array[] = tokens.map((t) => Float64Array.from({ length: D }, (_, i) => emb[t * D + i]));
   for (let l = 0; l < cfg.numLayers; l++) {
     const p = `model.layers.${l}`;
     const bias = (n: string) => (cfg.attentionBias ? get(w, `${p}.self_attn.${n}_proj.bias`) : undefined);
