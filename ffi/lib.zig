@@ -300,44 +300,38 @@ export fn si_matmul(ctx: ?*Ctx, x: ?[*]const f32, n: i32, k: i32, w: ?*const any
     if (xa < ya + nu * mu * 4 and ya < xa + nu * ku * 4)
         return c.fail(SI_ERR_ARG, op ++ ": x and y overlap", .{});
 
-    var args = mm.MatArgs{ .x = x.?, .n = nu, .k = ku, .w = @ptrCast(w.?), .dtype = d, .m = mu, .bias = bias, .y = y.?, .qa = undefined, .pack = undefined };
+    var args = mm.MatArgs{ .x = x.?, .n = nu, .k = ku, .w = @ptrCast(w.?), .dtype = d, .m = mu, .bias = bias, .y = y.?, .qa = undefined };
     const work = nu * ku * mu;
+    // Rows in chunks of `unit` rows (the row tile), ~4-8 chunks per thread, so a thread
+    // whose core is busy elsewhere leaves its share to the others.
+    var unit: usize = 8;
+    var per_thread: usize = 8;
     if (mm.isQuant(d)) {
-        const qbytes = mm.alignUp(mm.QAct.bytes(nu, ku));
-        const pbytes = if (c.reference) 0 else c.pool.n * mm.packBytes(ku);
-        const base = c.scratchFor(qbytes + pbytes) orelse
+        const tiled = !c.reference and mm.wantsTiles(nu);
+        const rows = mm.QAct.rowsFor(nu, tiled);
+        const base = c.scratchFor(mm.QAct.bytes(nu, ku, tiled)) orelse
             return c.fail(SI_ERR_NOMEM, op ++ ": out of memory for the {d}x{d} activation scratch", .{ nu, ku });
-        args.qa = mm.QAct.carve(base, nu, ku);
-        args.pack = @alignCast(base + qbytes);
+        args.qa = mm.QAct.carve(base, nu, ku, tiled);
         const Q = struct {
             fn ref(a: *const mm.MatArgs, b: usize, e: usize) void {
-                mm.quantizeRows(true, a.dtype, a.x, a.k, a.qa, b, e);
+                mm.quantizeRows(true, a.dtype, a.x, a.n, a.k, a.qa, b, e);
             }
             fn vec(a: *const mm.MatArgs, b: usize, e: usize) void {
-                mm.quantizeRows(false, a.dtype, a.x, a.k, a.qa, b, e);
-            }
-            fn blocks(a: *const mm.MatArgs, slot: usize, b: usize, e: usize) void {
-                mm.matmulRows(a, slot, b * mm.pack_rows, @min(e * mm.pack_rows, a.m));
+                mm.quantizeRows(false, a.dtype, a.x, a.n, a.k, a.qa, b, e);
             }
         };
-        const g = grainOf(c, nu, ku);
-        if (c.reference) parallelFor(&c.pool, nu, g, &args, Q.ref) else parallelFor(&c.pool, nu, g, &args, Q.vec);
-        if (!c.reference) {
-            // Row blocks of 32; ~4 chunks per thread, so a thread whose core is busy
-            // elsewhere leaves its share to the others.
-            const nblk = (mu + mm.pack_rows - 1) / mm.pack_rows;
-            const gb = if (work < small_matmul) nblk else pool_mod.grainFor(&c.pool, nblk, 4, 1);
-            pool_mod.parallelForSlot(&c.pool, nblk, gb, &args, Q.blocks);
-            return SI_OK;
-        }
+        // A cheap pass: on the caller alone unless it is large.
+        const g = if (rows * ku < 256 * 1024) rows else grainOf(c, rows, ku);
+        if (c.reference) parallelFor(&c.pool, rows, g, &args, Q.ref) else parallelFor(&c.pool, rows, g, &args, Q.vec);
+        if (!tiled) unit = 16; // quantLinear's row group
+        per_thread = 4;
     }
     const F = struct {
         fn rows(a: *const mm.MatArgs, b: usize, e: usize) void {
-            mm.matmulRows(a, 0, b, e);
+            mm.matmulRows(a, b, e);
         }
     };
-    // Rows in chunks (multiple of 8, the row tile of 1-2 tokens), ~8 per thread.
-    const g = if (work < small_matmul) mu else pool_mod.grainFor(&c.pool, mu, 8, 8);
+    const g = if (work < small_matmul) mu else pool_mod.grainFor(&c.pool, mu, per_thread, unit);
     if (c.reference) parallelFor(&c.pool, mu, g, &args, mm.matmulRowsRef) else parallelFor(&c.pool, mu, g, &args, F.rows);
     return SI_OK;
 }

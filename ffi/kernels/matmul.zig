@@ -7,12 +7,14 @@
 //!
 //! Quantized weights use integer dot products: the activations are quantized once per
 //! call to int8 blocks of 32 with an f32 scale (`quantizeRows`), then each weight
-//! block contributes d_w * d_x * sum(q_w * q_x). The SIMD path repacks 32 weight rows
-//! at a time (see `packRows`) and feeds vpdpbusd (u8 x i8 -> i32, AVX-512 VNNI) with
-//! the weights as unsigned bytes (q_w + 128 for Q8_0, the raw nibble for Q4_0); the
-//! offset is removed by a per-(token, block) correction computed at quantization time.
-//! The reference path does the same integer math with scalar loops (same quantization,
-//! exact integer dots), so SIMD and reference agree to float rounding.
+//! block contributes d_w * d_x * sum(q_w * q_x). vpdpbusd (u8 x i8 -> i32, AVX-512
+//! VNNI) takes the weights as unsigned bytes (q_w + 128 for Q8_0, the raw nibble for
+//! Q4_0); the offset is removed by a per-(token, block) correction computed at
+//! quantization time. Few tokens (decode) stream rows in place with rows in the lanes
+//! (`quantLinear`); more use 16-token tiles with tokens in the lanes (`quantTokens`).
+//! Both compute the exact integer block dots, then the same float epilogue, so a
+//! token's result does not depend on which path ran. The reference path does the
+//! same integer math with scalar loops, so SIMD and reference agree to float rounding.
 const std = @import("std");
 const s = @import("simd.zig");
 const V = s.V;
@@ -126,25 +128,42 @@ inline fn loadW(comptime d: DType, row: [*]const u8, i: usize) V {
 
 // ---- activation quantization (scratch owned by the context) ------------------------
 
-/// Quantized activations of n rows of k: q (int8, k a row), the f32 scale of each block
-/// of 32, and each block's offset correction -off * sum(q): the kernels read weights
-/// as unsigned bytes, u = q_w + off (off = 128 for Q8_0, 8 for Q4_0 nibbles), so
+/// Quantized activations of n rows of k: q (int8), the f32 scale of each block of 32,
+/// and each block's offset correction -off * sum(q): the kernels read weights as
+/// unsigned bytes, u = q_w + off (off = 128 for Q8_0, 8 for Q4_0 nibbles), so
 /// sum(u * q) + corr = sum(q_w * q).
+///
+/// Two layouts. Rows (`tiled` false): q[t][k], sc/corr[t][block], for the reference and
+/// the few-token path. Tiled: tokens in groups of 16, one per 32-bit lane, for the
+/// token-tile path: q[tile][block][g][lane] = bytes 4g..4g+3 of the block, and
+/// sc/corr[tile][block][lane]; lanes past n hold zeros.
 pub const QAct = struct {
     q: [*]i8,
     sc: [*]f32,
     corr: [*]i32,
+    tiled: bool,
 
-    /// Scratch bytes needed for n rows (each region 64-byte aligned).
-    pub fn bytes(n: usize, k: usize) usize {
-        return alignUp(n * k) + 2 * alignUp(n * (k / 32) * 4);
+    /// Activation rows stored: n, or n rounded up to whole tiles.
+    pub fn rowsFor(n: usize, tiled: bool) usize {
+        return if (tiled) (n + tile_tokens - 1) / tile_tokens * tile_tokens else n;
     }
-    pub fn carve(base: [*]align(64) u8, n: usize, k: usize) QAct {
-        const o1 = alignUp(n * k);
-        const o2 = o1 + alignUp(n * (k / 32) * 4);
-        return .{ .q = @ptrCast(base), .sc = @ptrCast(@alignCast(base + o1)), .corr = @ptrCast(@alignCast(base + o2)) };
+    /// Scratch bytes needed for n rows (each region 64-byte aligned).
+    pub fn bytes(n: usize, k: usize, tiled: bool) usize {
+        const rows = rowsFor(n, tiled);
+        return alignUp(rows * k) + 2 * alignUp(rows * (k / 32) * 4);
+    }
+    pub fn carve(base: [*]align(64) u8, n: usize, k: usize, tiled: bool) QAct {
+        const rows = rowsFor(n, tiled);
+        const o1 = alignUp(rows * k);
+        const o2 = o1 + alignUp(rows * (k / 32) * 4);
+        return .{ .q = @ptrCast(base), .sc = @ptrCast(@alignCast(base + o1)), .corr = @ptrCast(@alignCast(base + o2)), .tiled = tiled };
     }
 };
+
+/// Whether the SIMD matmul of n tokens wants the tiled activation layout.
+pub fn wantsTiles(n: usize) bool {
+    return n > linear_max_n;
+}
 
 pub fn alignUp(x: usize) usize {
     return (x + 63) & ~@as(usize, 63);
@@ -156,25 +175,27 @@ inline fn blockScale(amax: f32) [2]f32 {
     return .{ d, if (d != 0) 1.0 / d else 0.0 };
 }
 
-/// Quantizes activation rows [r0, r1) of x[., k] for weights of dtype `wd`.
-pub fn quantizeRows(comptime reference: bool, wd: DType, x: [*]const f32, k: usize, qa: QAct, r0: usize, r1: usize) void {
+/// Quantizes activation rows [r0, r1) of x[n, k] for weights of dtype `wd`; rows
+/// n.. (tile padding) become zeros.
+pub fn quantizeRows(comptime reference: bool, wd: DType, x: [*]const f32, n: usize, k: usize, qa: QAct, r0: usize, r1: usize) void {
     const nb = k / 32;
     const off: i32 = if (wd == .q8_0) 128 else 8;
     for (r0..r1) |r| {
         const xr = x + r * k;
-        const q = qa.q + r * k;
         for (0..nb) |b| {
             const xb = xr + b * 32;
             var sum: i32 = 0;
-            if (reference) {
+            var scale: f32 = 0;
+            var qv: @Vector(32, i8) = @splat(0);
+            if (r >= n) {} else if (reference) {
                 var amax: f32 = 0;
                 for (0..32) |j| amax = @max(amax, @fabs(xb[j]));
                 const ds = blockScale(amax);
-                qa.sc[r * nb + b] = ds[0];
+                scale = ds[0];
                 for (0..32) |j| {
                     const v: i32 = @intFromFloat(@round(xb[j] * ds[1]));
                     const qi: i8 = @intCast(std.math.clamp(v, -127, 127));
-                    q[b * 32 + j] = qi;
+                    qv[j] = qi;
                     sum += qi;
                 }
             } else {
@@ -182,16 +203,27 @@ pub fn quantizeRows(comptime reference: bool, wd: DType, x: [*]const f32, k: usi
                 const v1 = s.load(xb + 16);
                 const amax = @reduce(.Max, @max(@fabs(v0), @fabs(v1)));
                 const ds = blockScale(amax);
-                qa.sc[r * nb + b] = ds[0];
+                scale = ds[0];
                 const id = s.splat(ds[1]);
                 const lim: VI = @splat(127);
                 const q0 = @min(@max(s.f2i(@round(v0 * id)), -lim), lim);
                 const q1 = @min(@max(s.f2i(@round(v1 * id)), -lim), lim);
-                const qv: @Vector(32, i8) = @truncate(concat(i32, 16, q0, q1));
-                @as(*align(1) [32]i8, @ptrCast(q + b * 32)).* = qv;
+                qv = @truncate(concat(i32, 16, q0, q1));
                 sum = @reduce(.Add, q0 + q1);
             }
-            qa.corr[r * nb + b] = -off * sum;
+            if (qa.tiled) {
+                const lane = r % tile_tokens;
+                const tb = (r / tile_tokens * nb + b) * tile_tokens;
+                const dw: @Vector(8, u32) = @bitCast(qv);
+                const q32: [*]u32 = @ptrCast(@alignCast(qa.q));
+                inline for (0..8) |g| q32[tb * 8 + g * tile_tokens + lane] = dw[g];
+                qa.sc[tb + lane] = scale;
+                qa.corr[tb + lane] = -off * sum;
+            } else {
+                @as(*align(1) [32]i8, @ptrCast(qa.q + r * k + b * 32)).* = qv;
+                qa.sc[r * nb + b] = scale;
+                qa.corr[r * nb + b] = -off * sum;
+            }
         }
     }
 }
@@ -221,7 +253,6 @@ pub const MatArgs = struct {
     bias: ?[*]const f32,
     y: [*]f32,
     qa: QAct, // quantized x (quantized dtypes only)
-    pack: [*]align(64) u8, // packBytes(k) of packed weights per thread (quantized dtypes only)
 };
 
 /// Scalar reference: f64 accumulation for float weights, exact integer block dots for
@@ -267,26 +298,16 @@ pub fn matmulRowsRef(a: *const MatArgs, r0: usize, r1: usize) void {
     }
 }
 
-/// SIMD matmul of weight rows [r0, r1); `slot` picks this thread's packing scratch.
+/// SIMD matmul of weight rows [r0, r1) (quantized: r0 and r1 multiples of 8 or r1 = m).
 /// Batch invariance: the float operations that produce y[t, r] are the same sequence
 /// whatever n, the tile that holds (t, r), the row range or the thread: tiles only
 /// choose which registers hold which (row, token) accumulators.
-pub fn matmulRows(a: *const MatArgs, slot: usize, r0: usize, r1: usize) void {
+pub fn matmulRows(a: *const MatArgs, r0: usize, r1: usize) void {
     switch (a.dtype) {
         inline .f32, .f16, .bf16 => |d| floatRows(d, a, r0, r1),
-        inline .q8_0, .q4_0 => |d| {
-            const pk: [*]align(64) u8 = @alignCast(a.pack + slot * packBytes(a.k));
-            var r = r0;
-            while (r < r1) : (r += pack_rows) {
-                const rows = @min(pack_rows, a.m - r);
-                packRows(d, a.w + r * rowBytes(d, a.k), rowBytes(d, a.k), a.k / 32, rows, pk);
-                var t: usize = 0;
-                while (t + 4 <= a.n) : (t += 4) quantTile(4, a, pk, r, rows, t);
-                switch (a.n - t) {
-                    inline 1...3 => |T| quantTile(T, a, pk, r, rows, t),
-                    else => {},
-                }
-            }
+        inline .q8_0, .q4_0 => |d| if (a.qa.tiled) quantTokens(d, a, r0, r1) else switch (a.n) {
+            inline 1...linear_max_n => |T| quantLinear(d, T, a, r0, r1),
+            else => unreachable,
         },
     }
 }
@@ -338,7 +359,7 @@ inline fn floatTile(comptime d: DType, comptime R: usize, comptime T: usize, a: 
     inline for (0..R) |ri| {
         const bias: f32 = if (a.bias) |b| b[r + ri] else 0;
         inline for (0..T) |j| {
-            var tot = @reduce(.Add, acc[ri][j]);
+            var tot = s.sumTree(acc[ri][j]);
             var ii = i;
             while (ii < k) : (ii += 1) {
                 const wv: f32 = switch (d) {
@@ -359,162 +380,268 @@ inline fn prefetch(p: [*]const u8) void {
     @prefetch(p, .{ .rw = .read, .locality = 2, .cache = .data });
 }
 
-// ---- quantized weights: packed row blocks, VNNI ------------------------------------
+// ---- quantized weights, many tokens: token tiles, VNNI -----------------------------
 //
-// A block of 32 weight rows is first repacked (per thread, into L2-resident scratch)
-// so that one 64-byte vector holds the same 4 elements of 16 rows: for block b and
-// element group g (elements 4g..4g+3) vector v holds dword l = the 4 weights of row
-// 16v + l as unsigned bytes. Then vpdpbusd(acc, weights, broadcast of a token's 4
-// int8 activations) adds to 16 rows at once, 8 of them finish a block, and the block
-// scales apply once per 16 rows (d_w as a vector, d_x as a broadcast) instead of once
-// per 2 blocks of each row: the float epilogue is 3 ops per 8 dot products. The packing
-// cost is paid once per row block and shared by all n tokens.
+// Tokens go in the lanes: the activations of 16 tokens are laid out once per call (see
+// QAct) so that one vector holds the same 4 int8 activations of 16 tokens, and
+// vpdpbusd(acc, broadcast of 4 weights of one row, that vector) adds to 16 tokens at
+// once. The weights are read where they lie (no repack): R rows at a time, a 4-byte
+// broadcast each, so R rows x 16 tokens accumulate in 2R registers and the block
+// epilogue is 3 ops per row per 16 tokens. The per-(token, row) float operations are
+// those of quantLinear, only the lanes differ.
 
-pub const pack_rows = 32;
-const pack_block = 8 * pack_rows * 4 + pack_rows * 4; // u8 weights, then f32 scales
+pub const tile_tokens = 16;
+const tile_rows = 8;
 
-pub fn packBytes(k: usize) usize {
-    return k / 32 * pack_block;
+fn quantTokens(comptime d: DType, a: *const MatArgs, r0: usize, r1: usize) void {
+    const rb = rowBytes(d, a.k);
+    const tiles = (a.n + tile_tokens - 1) / tile_tokens;
+    var r = r0;
+    while (r < r1) : (r += tile_rows) {
+        const rows = @min(tile_rows, r1 - r);
+        const w = a.w + r * rb;
+        // The next row group streams into L2 during the first token tile.
+        const next: ?[*]const u8 = if (r + tile_rows < r1) w + tile_rows * rb else null;
+        for (0..tiles) |tile| tokenTile(d, a, w, rows, r, tile, if (tile == 0) next else null);
+    }
 }
 
-/// Packs `rows` (<= 32) rows of `nb` blocks; missing rows get zero weights and scales.
-fn packRows(comptime d: DType, w: [*]const u8, rb: usize, nb: usize, rows: usize, dst: [*]align(64) u8) void {
-    const bs: usize = if (d == .q8_0) 34 else 18;
-    var src: [pack_rows][*]const u8 = undefined;
-    for (0..pack_rows) |l| src[l] = w + @min(l, rows - 1) * rb; // missing rows: repeat the last, zero the scale
+inline fn tokenTile(comptime d: DType, a: *const MatArgs, w: [*]const u8, rows: usize, r: usize, tile: usize, next: ?[*]const u8) void {
+    const R = tile_rows;
+    const rb = rowBytes(d, a.k);
+    const bs = blockSize(d);
+    const nb = a.k / 32;
+    var wr: [R][*]const u8 = undefined;
+    inline for (0..R) |i| wr[i] = w + @min(i, rows - 1) * rb + 2; // missing rows repeat the last
+    const q32: [*]const u32 = @ptrCast(@alignCast(a.qa.q));
+    var facc: [R]V = .{s.splat(0)} ** R;
     for (0..nb) |b| {
-        const pb = dst + b * pack_block;
-        inline for (0..2) |v| {
-            var p: [8]VU = undefined;
-            inline for (0..8) |i| {
-                const b0 = src[16 * v + 2 * i] + b * bs;
-                const b1 = src[16 * v + 2 * i + 1] + b * bs;
-                prefetch(b0 + 8 * 64);
-                prefetch(b1 + 8 * 64);
-                p[i] = @bitCast(concat(u8, 32, blockBytes(d, b0), blockBytes(d, b1)));
-            }
-            const o = transpose16x8(p);
-            inline for (0..8) |g| @as(*[16]u32, @ptrCast(@alignCast(pb + g * 128 + v * 64))).* = o[g];
+        if (next) |nx| prefetchSpan(nx + b * R * bs, R * bs);
+        const tb = (tile * nb + b) * tile_tokens;
+        var xs: [8]@Vector(64, i8) = undefined;
+        inline for (0..8) |g| xs[g] = @bitCast(@as(*const [16]u32, @ptrCast(q32 + tb * 8 + g * tile_tokens)).*);
+        var iacc: [R]VI = .{@as(*const [16]i32, @ptrCast(a.qa.corr + tb)).*} ** R;
+        // Group-major, so consecutive vpdpbusd go to different rows' chains.
+        if (d == .q8_0) {
+            inline for (0..8) |g| inline for (0..R) |i| {
+                const u = s.bcast32(wr[i] + b * bs + 4 * g) ^ @as(VU, @splat(0x80808080));
+                iacc[i] = s.dpbusd(iacc[i], @bitCast(u), xs[g]);
+            };
+        } else {
+            // Bytes 4g..4g+3 hold elements 4g.. (low nibbles) and 16 + 4g.. (high).
+            const m: VU = @splat(0x0f0f0f0f);
+            inline for (0..4) |g| inline for (0..R) |i| {
+                const u = s.bcast32(wr[i] + b * bs + 4 * g);
+                iacc[i] = s.dpbusd(iacc[i], @bitCast(u & m), xs[g]);
+                iacc[i] = s.dpbusd(iacc[i], @bitCast((u >> @splat(4)) & m), xs[g + 4]);
+            };
         }
-        var h: [pack_rows]u16 = undefined;
-        inline for (0..pack_rows) |l| h[l] = @as(*align(1) const u16, @ptrCast(src[l] + b * bs)).*;
-        const scales: [*]f32 = @ptrCast(@alignCast(pb + 8 * pack_rows * 4));
-        inline for (0..2) |v| {
-            const sv = s.loadF16(@ptrCast(&h[16 * v]));
-            s.store(scales + 16 * v, @select(f32, lane16 + @as(@Vector(16, u32), @splat(16 * v)) < @as(@Vector(16, u32), @splat(@intCast(rows))), sv, s.splat(0)));
+        const sa = s.load(a.qa.sc + tb);
+        inline for (0..R) |i| {
+            const sw = s.bcastF16(wr[i] - 2 + b * bs);
+            facc[i] = @mulAdd(V, s.i2f(iacc[i]) * sw, sa, facc[i]);
+        }
+    }
+    const t0 = tile * tile_tokens;
+    const nt = @min(tile_tokens, a.n - t0);
+    inline for (0..R) |i| {
+        if (i < rows) {
+            const bias: f32 = if (a.bias) |bb| bb[r + i] else 0;
+            for (0..nt) |j| a.y[(t0 + j) * a.m + r + i] = facc[i][j] + bias;
         }
     }
 }
 
 const VU = @Vector(16, u32);
-const lane16: VU = .{ 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 };
 
-/// The 32 weights of a block as unsigned bytes q_w + off, in element order.
-inline fn blockBytes(comptime d: DType, blk: [*]const u8) @Vector(32, u8) {
-    if (d == .q8_0) return @as(*align(1) const [32]u8, @ptrCast(blk + 2)).* ^ @as(@Vector(32, u8), @splat(0x80));
-    return nibbles(blk + 2);
+fn blockSize(comptime d: DType) usize {
+    return if (d == .q8_0) 34 else 18;
 }
 
-/// In: p[i] = dwords 0..7 of row 2i, then of row 2i+1. Out: o[g] = dword g of rows 0..15.
-/// Three stages of two-source shuffles (vpermt2d); each stage halves the dword range
-/// a vector holds and doubles its rows.
-inline fn transpose16x8(p: [8]VU) [8]VU {
-    @setEvalBranchQuota(100000);
-    // Stage 1: rows 4j..4j+3 x dwords 4h..4h+3 (lane = 4 * row + dword, relative).
-    var a: [8]VU = undefined;
-    inline for (0..4) |j| inline for (0..2) |h| {
-        a[2 * j + h] = pick(p[2 * j], p[2 * j + 1], labelsIn(2 * j), labelsIn(2 * j + 1), labelsBox(4 * j, 4, 4 * h, 4));
-    };
-    // Stage 2: rows 8j..8j+7 x dwords 2h..2h+1.
-    var c: [8]VU = undefined;
-    inline for (0..2) |j| inline for (0..4) |h| {
-        c[4 * j + h] = pick(a[4 * j + h / 2], a[4 * j + 2 + h / 2], labelsBox(8 * j, 4, 4 * (h / 2), 4), labelsBox(8 * j + 4, 4, 4 * (h / 2), 4), labelsBox(8 * j, 8, 2 * h, 2));
-    };
-    // Stage 3: rows 0..15 x dword g.
-    var o: [8]VU = undefined;
-    inline for (0..8) |g| {
-        o[g] = pick(c[g / 2], c[4 + g / 2], labelsBox(0, 8, 2 * (g / 2), 2), labelsBox(8, 8, 2 * (g / 2), 2), labelsBox(0, 16, g, 1));
-    }
-    return o;
+/// The f16 block scales at `p` of 16 rows `rb` apart (rows past `last` repeat it) as f32.
+inline fn rowScales(p: [*]const u8, rb: usize, last: usize) V {
+    var h: [16]u16 = undefined;
+    inline for (0..16) |l| h[l] = @as(*align(1) const u16, @ptrCast(p + @min(l, last) * rb)).*;
+    return s.loadF16(@ptrCast(&h));
 }
 
-/// A lane's content as row * 8 + dword.
-fn labelsIn(comptime i: usize) [16]u8 {
-    var l: [16]u8 = undefined;
-    for (0..16) |j| l[j] = @intCast((2 * i + j / 8) * 8 + j % 8);
-    return l;
+/// Prefetches [p, p + len) into L2, one request per cache line.
+inline fn prefetchSpan(p: [*]const u8, len: usize) void {
+    var o: usize = 0;
+    while (o < len) : (o += 64) @prefetch(p + o, .{ .rw = .read, .locality = 2, .cache = .data });
 }
 
-fn labelsBox(comptime r0: usize, comptime nr: usize, comptime d0: usize, comptime nd: usize) [16]u8 {
-    var l: [16]u8 = undefined;
-    for (0..nr) |r| for (0..nd) |dd| {
-        l[r * nd + dd] = @intCast((r0 + r) * 8 + d0 + dd);
-    };
-    return l;
+/// The 32 weights of a Q8_0 block as unsigned bytes q_w + 128.
+inline fn q8Bytes(blk: [*]const u8) @Vector(32, u8) {
+    return @as(*align(1) const [32]u8, @ptrCast(blk + 2)).* ^ @as(@Vector(32, u8), @splat(0x80));
 }
 
-inline fn pick(a: VU, b: VU, comptime la: [16]u8, comptime lb: [16]u8, comptime want: [16]u8) VU {
-    const mask = comptime blk: {
-        @setEvalBranchQuota(100000);
-        var m: [16]i32 = undefined;
-        for (want, 0..) |x, lane| {
-            m[lane] = for (la, 0..) |y, i| {
-                if (y == x) break @intCast(i);
-            } else for (lb, 0..) |y, i| {
-                if (y == x) break ~@as(i32, @intCast(i));
-            } else @compileError("label not in either source");
-        }
-        break :blk m;
-    };
-    return @shuffle(u32, a, b, mask);
-}
+// ---- quantized weights, few tokens: rows streamed in place -------------------------
+//
+// Decode (n = 1) reads every weight byte once and does little math per byte, so the
+// repack above would cost more than it saves. Here 16 rows are read where they lie:
+// per row, one vector holds two consecutive blocks, one vpdpbusd against the token's
+// two activation blocks leaves 8 partial dots per block, and a shuffle-add tree over
+// the 16 rows turns those into one vector of 16 exact block dots per block (integer
+// sums: exact in any order). From there the float epilogue is quantTile's, op for op,
+// with the rows in lanes, so y[t, r] is bit-identical to the packed path's.
 
-/// Packed rows [r, r + rows) against tokens [t0, t0 + T).
-inline fn quantTile(comptime T: usize, a: *const MatArgs, pk: [*]align(64) const u8, r: usize, rows: usize, t0: usize) void {
-    @setEvalBranchQuota(20000);
+/// Up to this many tokens, re-reading 16 rows from L1 per token beats a 16-token tile
+/// (measured on 2048x5632 Q8_0 and Q4_0: crossover near n = 7).
+pub const linear_max_n = 6;
+const lin_rows = 16;
+
+fn quantLinear(comptime d: DType, comptime T: usize, a: *const MatArgs, r0: usize, r1: usize) void {
+    @setEvalBranchQuota(10000);
+    const rb = rowBytes(d, a.k);
+    const bs = blockSize(d);
     const nb = a.k / 32;
-    var facc: [2][T]V = .{.{s.splat(0)} ** T} ** 2;
-    for (0..nb) |b| {
-        const pb = pk + b * pack_block;
-        var iacc: [2][T]VI = undefined;
-        inline for (0..T) |j| {
-            const c: VI = @splat(a.qa.corr[(t0 + j) * nb + b]);
-            iacc[0][j] = c;
-            iacc[1][j] = c;
-        }
-        inline for (0..8) |g| {
-            const w0: @Vector(64, u8) = @as(*const [64]u8, @ptrCast(@alignCast(pb + g * 128))).*;
-            const w1: @Vector(64, u8) = @as(*const [64]u8, @ptrCast(@alignCast(pb + g * 128 + 64))).*;
+    var r = r0;
+    while (r < r1) : (r += lin_rows) {
+        const rows = @min(lin_rows, r1 - r);
+        const last = rows - 1;
+        const w = a.w + r * rb;
+        const next: ?[*]const u8 = if (r + lin_rows < r1) w + lin_rows * rb else null;
+        var facc: [T]V = .{s.splat(0)} ** T;
+        var b: usize = 0;
+        while (b < nb) : (b += 2) {
+            const two = b + 1 < nb;
+            if (next) |nx| prefetchSpan(nx + b * lin_rows * bs, 2 * lin_rows * bs);
+            const wb = w + b * bs;
+            const bs2 = if (two) bs else 0; // an odd last block pairs with itself, against zero activations
+            const sw0 = rowScales(wb, rb, last);
+            const sw1 = if (two) rowScales(wb + bs, rb, last) else sw0;
             inline for (0..T) |j| {
-                const xw: VI = @splat(@as(*align(1) const i32, @ptrCast(a.qa.q + (t0 + j) * a.k + b * 32 + 4 * g)).*);
-                const xs: @Vector(64, i8) = @bitCast(xw);
-                iacc[0][j] = s.dpbusd(iacc[0][j], w0, xs);
-                iacc[1][j] = s.dpbusd(iacc[1][j], w1, xs);
+                const t = j; // T == n
+                const xs = pairActs(d, a.qa.q + t * a.k + b * 32, two);
+                var part: [lin_rows]VI = undefined;
+                inline for (0..lin_rows) |l| {
+                    const p = wb + @min(l, last) * rb;
+                    part[l] = s.dpbusd(@splat(0), pairBytes(d, p, p + bs2), xs);
+                }
+                const dots = reduceRows(d, part);
+                const c = a.qa.corr + t * nb + b;
+                const sc = a.qa.sc + t * nb + b;
+                facc[j] = @mulAdd(V, s.i2f(dots[0] + @as(VI, @splat(c[0]))) * sw0, s.splat(sc[0]), facc[j]);
+                if (two) facc[j] = @mulAdd(V, s.i2f(dots[1] + @as(VI, @splat(c[1]))) * sw1, s.splat(sc[1]), facc[j]);
             }
         }
-        const scales: [*]const f32 = @ptrCast(@alignCast(pb + 8 * pack_rows * 4));
-        const sw0 = s.load(scales);
-        const sw1 = s.load(scales + 16);
         inline for (0..T) |j| {
-            const sa = s.splat(a.qa.sc[(t0 + j) * nb + b]);
-            facc[0][j] = @mulAdd(V, s.i2f(iacc[0][j]) * sw0, sa, facc[0][j]);
-            facc[1][j] = @mulAdd(V, s.i2f(iacc[1][j]) * sw1, sa, facc[1][j]);
-        }
-    }
-    inline for (0..T) |j| {
-        const y = a.y + (t0 + j) * a.m + r;
-        inline for (0..2) |v| {
-            for (0..@min(16, rows -| 16 * v)) |l| {
-                const bias: f32 = if (a.bias) |bb| bb[r + 16 * v + l] else 0;
-                y[16 * v + l] = facc[v][j][l] + bias;
-            }
+            const y = a.y + j * a.m + r;
+            for (0..rows) |l| y[l] = facc[j][l] + if (a.bias) |bb| bb[r + l] else 0;
         }
     }
 }
 
-/// The 32 unsigned 4-bit values of a Q4_0 block in element order (low nibbles are
-/// elements 0..15, high nibbles 16..31).
-inline fn nibbles(p: [*]const u8) @Vector(32, u8) {
-    const v: @Vector(16, u8) = @as(*align(1) const [16]u8, @ptrCast(p)).*;
-    return concat(u8, 16, v & @as(@Vector(16, u8), @splat(15)), v >> @splat(4));
+/// Two weight blocks of one row (at p0, p1) as the u8 operand of vpdpbusd: Q8_0 as
+/// q + 128, blocks whole in each half; Q4_0 nibbles as [lo0, lo1, hi0, hi1] x 16.
+inline fn pairBytes(comptime d: DType, p0: [*]const u8, p1: [*]const u8) @Vector(64, u8) {
+    if (d == .q8_0) return concat(u8, 32, q8Bytes(p0), q8Bytes(p1));
+    const lo: @Vector(16, u8) = @as(*align(1) const [16]u8, @ptrCast(p0 + 2)).*;
+    const hi: @Vector(16, u8) = @as(*align(1) const [16]u8, @ptrCast(p1 + 2)).*;
+    const v = concat(u8, 16, lo, hi);
+    const m: @Vector(32, u8) = @splat(15);
+    return concat(u8, 32, v & m, v >> @splat(4));
+}
+
+/// A token's activation blocks b and b+1 (zeros when !two) in pairBytes' element order.
+inline fn pairActs(comptime d: DType, q: [*]const i8, two: bool) @Vector(64, i8) {
+    const x0: @Vector(32, i8) = @as(*align(1) const [32]i8, @ptrCast(q)).*;
+    const x1: @Vector(32, i8) = if (two) @as(*align(1) const [32]i8, @ptrCast(q + 32)).* else @splat(0);
+    if (d == .q8_0) return concat(i8, 32, x0, x1);
+    const m = comptime blk: {
+        var mm: [64]i32 = undefined;
+        for (0..64) |i| {
+            const half = i / 16; // lo0, lo1, hi0, hi1
+            const src = (half & 1) * 32 + (half >> 1) * 16 + i % 16;
+            mm[i] = if (src < 32) src else ~@as(i32, src - 32);
+        }
+        break :blk mm;
+    };
+    return @shuffle(i8, x0, x1, m);
+}
+
+/// Which of the two blocks each 32-bit lane of a pairBytes . pairActs dot belongs to.
+fn pairBlock(comptime d: DType, lane: usize) u8 {
+    return if (d == .q8_0) lane / 8 else (lane / 4) & 1;
+}
+
+/// part[l] = 16 partial dots of row l (lanes by pairBlock). Returns, per block of the
+/// pair, the 16 rows' full dots in row order: three rounds of pairwise shuffle+add
+/// (each halves the partials per (row, block)), then one reorder per block.
+inline fn reduceRows(comptime d: DType, part: [lin_rows]VI) [2]VI {
+    const plan = comptime reducePlan(d);
+    var v = part;
+    inline for (plan.stages, 0..) |st, stage| {
+        const n = lin_rows >> (stage + 1);
+        inline for (0..n) |i| v[i] = @shuffle(i32, v[2 * i], v[2 * i + 1], st[0]) + @shuffle(i32, v[2 * i], v[2 * i + 1], st[1]);
+    }
+    return .{ @shuffle(i32, v[0], v[1], plan.out[0]), @shuffle(i32, v[0], v[1], plan.out[1]) };
+}
+
+const ReducePlan = struct { stages: [3][2]@Vector(16, i32), out: [2]@Vector(16, i32) };
+
+/// Shuffle masks of reduceRows, found by tracking the (row, block) label of every lane;
+/// every pair of a round has the same layout relative to its rows, so one mask pair per round.
+fn reducePlan(comptime d: DType) ReducePlan {
+    @setEvalBranchQuota(100000);
+    const Lab = struct { row: u8, blk: u8 };
+    var labs: [lin_rows][16]Lab = undefined;
+    for (0..lin_rows) |l| for (0..16) |i| {
+        labs[l][i] = .{ .row = l, .blk = pairBlock(d, i) };
+    };
+    var plan: ReducePlan = undefined;
+    var n: usize = lin_rows;
+    for (0..3) |stage| {
+        n /= 2;
+        var masks: [2][16]i32 = undefined;
+        for (0..n) |i| {
+            // Lanes of the pair's (row, block) groups in order of appearance; each group's
+            // first half goes to the lo operand, its second half to the hi operand.
+            var both: [32]Lab = labs[2 * i] ++ labs[2 * i + 1];
+            var used = [_]bool{false} ** 32;
+            var out: [16]Lab = undefined;
+            var lo: [16]i32 = undefined;
+            var hi: [16]i32 = undefined;
+            var o: usize = 0;
+            for (0..32) |first| {
+                if (used[first]) continue;
+                var members: [32]usize = undefined;
+                var cnt: usize = 0;
+                for (first..32) |j| {
+                    if (!used[j] and both[j].row == both[first].row and both[j].blk == both[first].blk) {
+                        members[cnt] = j;
+                        cnt += 1;
+                        used[j] = true;
+                    }
+                }
+                for (0..cnt / 2) |h| {
+                    lo[o] = operand(members[h]);
+                    hi[o] = operand(members[cnt / 2 + h]);
+                    out[o] = both[first];
+                    o += 1;
+                }
+            }
+            if (i == 0) masks = .{ lo, hi } else if (!std.mem.eql(i32, &masks[0], &lo) or !std.mem.eql(i32, &masks[1], &hi)) @compileError("reduceRows: pairs differ");
+            labs[i] = out;
+        }
+        plan.stages[stage] = .{ masks[0], masks[1] };
+    }
+    // Two vectors of 16 distinct (row, block) lanes: gather each block's rows in order.
+    for (0..2) |blk| {
+        var m: [16]i32 = undefined;
+        for (0..16) |row| {
+            m[row] = for (0..32) |j| {
+                const lab = if (j < 16) labs[0][j] else labs[1][j - 16];
+                if (lab.row == row and lab.blk == blk) break operand(j);
+            } else @compileError("reduceRows: lane missing");
+        }
+        plan.out[blk] = m;
+    }
+    return plan;
+}
+
+/// A @shuffle mask entry for lane j of the 32 lanes (a ++ b).
+fn operand(j: usize) i32 {
+    return if (j < 16) @intCast(j) else ~@as(i32, @intCast(j - 16));
 }

@@ -59,6 +59,30 @@ pub inline fn bf16At(p: [*]const u8) f32 {
     return @bitCast(h << 16);
 }
 
+/// A broadcast of the 32 (16) bits at p that LLVM cannot see through (an empty asm), so
+/// lane-wise math on it stays in vector registers: the combiner would otherwise do it
+/// on the scalar and broadcast from a general register, 2 extra uops each.
+pub inline fn bcast32(p: [*]const u8) @Vector(16, u32) {
+    const v: @Vector(16, u32) = @splat(@as(*align(1) const u32, @ptrCast(p)).*);
+    return asm ("" : [r] "=v" (-> @Vector(16, u32)) : [v] "0" (v));
+}
+
+/// The f16 at p, broadcast to 16 f32 lanes (vpbroadcastw + vcvtph2ps).
+pub inline fn bcastF16(p: [*]const u8) V {
+    const h: @Vector(16, u16) = @splat(@as(*align(1) const u16, @ptrCast(p)).*);
+    const hv = asm ("" : [r] "=v" (-> @Vector(16, u16)) : [v] "0" (h));
+    return loadF16(@ptrCast(&hv));
+}
+
+/// Sum of the 16 lanes by a fixed tree (halves added lane-wise: 8, 4, 2, 1), the same
+/// float operations wherever it is used; 4 shuffle+adds instead of 15 serial scalar adds.
+pub inline fn sumTree(v: V) f32 {
+    const h8 = @shuffle(f32, v, undefined, [8]i32{ 0, 1, 2, 3, 4, 5, 6, 7 }) + @shuffle(f32, v, undefined, [8]i32{ 8, 9, 10, 11, 12, 13, 14, 15 });
+    const h4 = @shuffle(f32, h8, undefined, [4]i32{ 0, 1, 2, 3 }) + @shuffle(f32, h8, undefined, [4]i32{ 4, 5, 6, 7 });
+    const h2 = @shuffle(f32, h4, undefined, [2]i32{ 0, 1 }) + @shuffle(f32, h4, undefined, [2]i32{ 2, 3 });
+    return h2[0] + h2[1];
+}
+
 /// Per 32-bit lane i: acc[i] + sum_{j<4} u[4i+j] * s[4i+j] (the vpdpbusd contract).
 pub inline fn dpbusd(acc: VI, u: @Vector(64, u8), s: @Vector(64, i8)) VI {
     if (comptime has_vnni512) {

@@ -208,6 +208,49 @@ describe("matmul", () => {
     });
   }
 
+  // The engine's invariant: a token's row of y does not depend on the batch around it
+  // (n, the other tokens) nor on the thread count, bit for bit.
+  const single = CpuBackend.create({ threads: 1 });
+  afterAll(() => single.close());
+  for (const dtype of DTYPES) {
+    test(`${DTYPE_NAMES[dtype]}: a token's result is bit-identical for n=1..64, threads 1 and 2`, () => {
+      const shapes = isQuant(dtype) ? [[96, 37], [288, 130], [512, 300]] : [[33, 37], [288, 130], [200, 300]];
+      for (const [k, m] of shapes) {
+        const nMax = 64;
+        const x = randF32(nMax * k, 2);
+        const w = encode(dtype, randF32(m * k, 0.5), k);
+        const wp = dev(w.bytes, 2 * randInt(2));
+        const bp = rand() < 0.5 ? dev(randF32(m)) : 0;
+        const xp = dev(x);
+        const alone = new Float32Array(nMax * m);
+        const y = zeros(nMax * m * 4);
+        for (let t = 0; t < nMax; t++) {
+          single.matmul(xp + t * k * 4, 1, k, wp, dtype, m, bp, y.ptr);
+          alone.set(f32Of(y, m), t * m);
+        }
+        for (const be of [single, simd]) {
+          for (const n of [1, 2, 3, 5, 16, 33, 64]) {
+            // Batches at different offsets, so each token sits at several tile positions.
+            for (const t0 of n === nMax ? [0] : [0, nMax - n]) {
+              be.matmul(xp + t0 * k * 4, n, k, wp, dtype, m, bp, y.ptr);
+              const got = f32Of(y, n * m);
+              for (let i = 0; i < n * m; i++) {
+                const want = alone[t0 * m + i];
+                if (!Object.is(got[i], want)) {
+                  const [t, r] = [t0 + Math.floor(i / m), i % m];
+                  throw new Error(
+                    `${DTYPE_NAMES[dtype]} k=${k} m=${m} threads=${be.threads} n=${n}: token ${t} row ${r}: ` +
+                      `${got[i]} in the batch, ${want} alone; SEED=${SEED}`,
+                  );
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+
   test("matmul reuses its scratch across shapes and stays right", () => {
     for (const [n, k] of [[8, 512], [2, 64], [8, 512], [1, 1024]]) {
       const m = 48;
