@@ -113,7 +113,7 @@ export class LLM {
     opts.onProgress?.(0, "backend");
     const backend = await createBackend({ kind: opts.backend, threads: opts.threads });
     opts.onProgress?.(0.1, "weights");
-    const model = loadLlama(target, backend, { maxBatchTokens: opts.maxBatchTokens });
+    const model = loadLlama(target, backend, { maxBatchTokens: opts.maxBatchTokens, onProgress: (f) => opts.onProgress?.(0.1 + 0.7 * f, "weights") });
     opts.onProgress?.(0.8, "tokenizer");
     const tokenizer = loadTokenizer({ path: target, ggufMetadata: model.files.gguf?.metadata });
     const llm = new LLM(backend, model, tokenizer, opts);

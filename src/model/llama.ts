@@ -45,6 +45,8 @@ export interface ForwardOptions {
   maxBatchTokens?: number;
   /** Most rows of logits one forward may return. */
   maxLogitRows?: number;
+  /** Called after each layer's weights are in place (0..1): uploads to a GPU take a while. */
+  onProgress?(fraction: number): void;
 }
 
 export class LlamaModel {
@@ -109,6 +111,7 @@ export class LlamaModel {
         wUp: this.matrix(`${p}.mlp.up_proj.weight`),
         wDown: this.matrix(`${p}.mlp.down_proj.weight`),
       });
+      opts.onProgress?.((l + 1) / c.numLayers);
     }
     const inv = ropeInvFreq(c);
     this.invFreq = this.own(inv.byteLength).ptr;
