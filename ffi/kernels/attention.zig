@@ -49,6 +49,33 @@ inline fn forEachSlot(a: *const AttnArgs, i: usize, ctx: anytype, comptime f: an
     }
 }
 
+/// As forEachSlot, but calls f(ctx, offset of the slot's row in a plane): committed
+/// slots are walked block by block (no division per slot).
+inline fn forEachRow(a: *const AttnArgs, i: usize, ctx: anytype, comptime f: anytype) void {
+    const sq: usize = @intCast(a.seq[i]);
+    const c: usize = @intCast(a.committed[sq]);
+    const bt = a.block_tables + sq * a.max_blocks;
+    const row = a.n_kv_heads * a.head_dim;
+    const bs = a.block_size;
+    var slot: usize = 0;
+    var b: usize = 0;
+    while (slot < c) : (b += 1) {
+        const end = @min(slot + bs, c);
+        var off = @as(usize, @intCast(bt[b])) * bs * row;
+        while (slot < end) : (slot += 1) {
+            f(ctx, off);
+            off += row;
+        }
+    }
+    const mask = a.ancestors + i * a.words;
+    for (0..a.words) |wi| {
+        var bits = mask[wi];
+        while (bits != 0) : (bits &= bits - 1) {
+            f(ctx, rowOffset(bt, bs, row, c + wi * 32 + @ctz(bits)));
+        }
+    }
+}
+
 /// Reference: two passes (max, then exp-sum and weighted V) in f64.
 pub fn attentionRef(a: *const AttnArgs, it0: usize, it1: usize) void {
     for (it0..it1) |it| {
@@ -94,8 +121,10 @@ pub fn attentionRef(a: *const AttnArgs, it0: usize, it1: usize) void {
 
 const tile = 32;
 
-/// Online softmax over tiles of 32 slots: scores of a tile, one rescale of the
-/// accumulator per tile, then the tile's V rows.
+/// Online softmax over tiles of 32 visible slots (in slot order): the tile's scores,
+/// one rescale of the accumulator per tile, then the tile's V rows. The score of a
+/// slot is one FMA chain over head_dim in steps of 16, lane sums by s.sumLanes'
+/// fixed tree, then the scalar tail; the exponentials are vector ones.
 pub fn attention(a: *const AttnArgs, it0: usize, it1: usize) void {
     for (it0..it1) |it| {
         const i = it / a.n_heads;
@@ -104,7 +133,6 @@ pub fn attention(a: *const AttnArgs, it0: usize, it1: usize) void {
         const Ctx = struct {
             a: *const AttnArgs,
             q: [*]const f32,
-            bt: [*]const i32,
             koff: usize,
             mx: f32 = -std.math.inf(f32),
             sum: f32 = 0,
@@ -112,59 +140,59 @@ pub fn attention(a: *const AttnArgs, it0: usize, it1: usize) void {
             rows: [tile]usize = undefined,
             acc: [max_head_dim]f32 align(64) = undefined,
 
-            fn push(c: *@This(), slot: usize) void {
-                c.rows[c.count] = rowOffset(c.bt, c.a.block_size, c.a.n_kv_heads * c.a.head_dim, slot) + c.koff;
+            fn push(c: *@This(), off: usize) void {
+                c.rows[c.count] = off + c.koff;
                 c.count += 1;
                 if (c.count == tile) c.flush();
             }
 
             fn flush(c: *@This()) void {
                 const hd = c.a.head_dim;
-                var sc: [tile]f32 = undefined;
-                var tmax: f32 = -std.math.inf(f32);
-                for (0..c.count) |j| {
-                    sc[j] = dot(c.q, c.a.k_plane + c.rows[j], hd) * c.a.scale;
-                    tmax = @max(tmax, sc[j]);
+                const full = hd / L * L;
+                // A short tile repeats its last row; those lanes are masked below.
+                for (c.count..tile) |j| c.rows[j] = c.rows[c.count - 1];
+                var part: [tile]V = undefined;
+                inline for (0..tile) |j| {
+                    const kr = c.a.k_plane + c.rows[j];
+                    var p = s.splat(0);
+                    var e: usize = 0;
+                    while (e < full) : (e += L) p = @mulAdd(V, s.load(c.q + e), s.load(kr + e), p);
+                    part[j] = p;
                 }
-                const m_new = @max(c.mx, tmax);
+                var sc = s.sumLanes(tile, part);
+                if (full < hd) {
+                    for (0..c.count) |j| {
+                        for (full..hd) |e| sc[j] += c.q[e] * c.a.k_plane[c.rows[j] + e];
+                    }
+                }
+                const ninf = s.splat(-std.math.inf(f32));
+                var lane: @Vector(L, u32) = undefined;
+                inline for (0..L) |l| lane[l] = l;
+                const cnt: @Vector(L, u32) = @splat(@as(u32, @intCast(c.count)));
+                const sv = s.splat(c.a.scale);
+                const s0 = @select(f32, lane < cnt, @as(V, sc[0..L].*) * sv, ninf);
+                const s1 = @select(f32, lane + @as(@Vector(L, u32), @splat(L)) < cnt, @as(V, sc[L..tile].*) * sv, ninf);
+                const m_new = @max(c.mx, @reduce(.Max, @max(s0, s1)));
                 const corr = @exp(c.mx - m_new); // 0 on the first tile (mx = -inf)
-                c.sum *= corr;
                 if (corr != 1) scaleRow(&c.acc, hd, corr);
-                for (0..c.count) |j| {
-                    const p = @exp(sc[j] - m_new);
-                    c.sum += p;
-                    axpy(&c.acc, c.a.v_plane + c.rows[j], hd, p);
-                }
+                const mv = s.splat(m_new);
+                const p0 = s.exp(s0 - mv);
+                const p1 = s.exp(s1 - mv);
+                c.sum = c.sum * corr + s.sumLanes(1, .{p0 + p1})[0];
+                const ps: [tile]f32 = @as([L]f32, p0) ++ @as([L]f32, p1);
+                for (0..c.count) |j| axpy(&c.acc, c.a.v_plane + c.rows[j], hd, ps[j]);
                 c.mx = m_new;
                 c.count = 0;
             }
         };
-        const sq: usize = @intCast(a.seq[i]);
-        var c = Ctx{ .a = a, .q = a.q + (i * a.n_heads + h) * a.head_dim, .bt = a.block_tables + sq * a.max_blocks, .koff = kvh * a.head_dim };
+        var c = Ctx{ .a = a, .q = a.q + (i * a.n_heads + h) * a.head_dim, .koff = kvh * a.head_dim };
         @memset(c.acc[0..a.head_dim], 0);
-        forEachSlot(a, i, &c, Ctx.push);
+        forEachRow(a, i, &c, Ctx.push);
         if (c.count > 0) c.flush();
         const o = a.out + (i * a.n_heads + h) * a.head_dim;
         const inv: f32 = if (c.sum > 0) 1 / c.sum else 0;
         for (0..a.head_dim) |e| o[e] = c.acc[e] * inv;
     }
-}
-
-inline fn dot(x: [*]const f32, y: [*]const f32, n: usize) f32 {
-    var a0 = s.splat(0);
-    var a1 = s.splat(0);
-    var e: usize = 0;
-    while (e + 2 * L <= n) : (e += 2 * L) {
-        a0 = @mulAdd(V, s.load(x + e), s.load(y + e), a0);
-        a1 = @mulAdd(V, s.load(x + e + L), s.load(y + e + L), a1);
-    }
-    if (e + L <= n) {
-        a0 = @mulAdd(V, s.load(x + e), s.load(y + e), a0);
-        e += L;
-    }
-    var t = @reduce(.Add, a0 + a1);
-    while (e < n) : (e += 1) t += x[e] * y[e];
-    return t;
 }
 
 inline fn scaleRow(acc: [*]f32, n: usize, f: f32) void {

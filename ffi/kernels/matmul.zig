@@ -313,53 +313,75 @@ pub fn matmulRows(a: *const MatArgs, r0: usize, r1: usize) void {
 }
 
 // ---- float weights: register tiles of R rows x T tokens ----------------------------
+//
+// Each weight vector is converted once (vcvtph2ps / bf16 shift) and feeds all T tokens
+// of the tile from registers, so a tile of up to 8 tokens costs little more weight
+// traffic and conversion than one token. R shrinks as T grows so that R x T
+// accumulators, R weight vectors and one activation vector fit in 32 registers.
+// Every (token, row) is one FMA chain over k in steps of 16, then the fixed lane tree
+// of s.sumLanes, then the scalar tail, then the bias: the same float operations
+// whatever the tile, n, row range or thread.
 
-fn floatRows(comptime d: DType, a: *const MatArgs, r0: usize, r1: usize) void {
-    // One or two tokens: 8 rows, so 8-16 independent FMA chains hide the FMA latency.
-    // More: 4 rows x 4 tokens, each weight vector feeds 4 tokens.
-    var r = r0;
-    if (a.n <= 2) {
-        while (r + 8 <= r1) : (r += 8) floatRowBlock(d, 8, a, r);
-    } else {
-        while (r + 4 <= r1) : (r += 4) floatRowBlock(d, 4, a, r);
-    }
-    while (r < r1) : (r += 1) floatRowBlock(d, 1, a, r);
+const max_tile_tokens = 8;
+
+fn tileRows(comptime T: usize) usize {
+    return switch (T) {
+        1, 2 => 8,
+        3 => 6,
+        4, 5, 6 => 4,
+        else => 3,
+    };
 }
 
-inline fn floatRowBlock(comptime d: DType, comptime R: usize, a: *const MatArgs, r: usize) void {
+fn floatRows(comptime d: DType, a: *const MatArgs, r0: usize, r1: usize) void {
     var t: usize = 0;
-    if (R <= 4) {
-        while (t + 4 <= a.n) : (t += 4) floatTile(d, R, 4, a, r, t);
+    while (t < a.n) {
+        const nt = @min(a.n - t, max_tile_tokens);
+        switch (nt) {
+            inline 1...max_tile_tokens => |T| floatTokens(d, T, a, r0, r1, t),
+            else => unreachable,
+        }
+        t += nt;
     }
-    while (t + 2 <= a.n) : (t += 2) floatTile(d, R, 2, a, r, t);
-    if (t < a.n) floatTile(d, R, 1, a, r, t);
+}
+
+/// Tokens [t0, t0 + T) against rows [r0, r1): R-row tiles, then single rows.
+fn floatTokens(comptime d: DType, comptime T: usize, a: *const MatArgs, r0: usize, r1: usize, t0: usize) void {
+    const R = comptime tileRows(T);
+    // Only the first token tile prefetches: the others find the rows in L1/L2.
+    const pf = t0 == 0;
+    var r = r0;
+    while (r + R <= r1) : (r += R) floatTile(d, R, T, a, r, t0, pf);
+    while (r < r1) : (r += 1) floatTile(d, 1, T, a, r, t0, pf);
 }
 
 /// R weight rows from r against T tokens from t0.
-inline fn floatTile(comptime d: DType, comptime R: usize, comptime T: usize, a: *const MatArgs, r: usize, t0: usize) void {
+inline fn floatTile(comptime d: DType, comptime R: usize, comptime T: usize, a: *const MatArgs, r: usize, t0: usize, pf: bool) void {
     const rb = rowBytes(d, a.k);
     const k = a.k;
     var wr: [R][*]const u8 = undefined;
     inline for (0..R) |i| wr[i] = a.w + (r + i) * rb;
     var x: [T][*]const f32 = undefined;
     inline for (0..T) |j| x[j] = a.x + (t0 + j) * k;
-    var acc: [R][T]V = .{.{s.splat(0)} ** T} ** R;
+    var acc: [T * R]V = .{s.splat(0)} ** (T * R);
+    // One prefetch per 64-byte line of the next row tile (f16/bf16: every other step).
+    const pf_mask: usize = if (d == .f32) 0 else L;
     var i: usize = 0;
     while (i + L <= k) : (i += L) {
         var w: [R]V = undefined;
-        inline for (0..R) |ri| {
-            w[ri] = loadW(d, wr[ri], i);
-            prefetch(wr[ri] + rowBytes(d, i) + R * rb);
+        inline for (0..R) |ri| w[ri] = loadW(d, wr[ri], i);
+        if (pf and i & pf_mask == 0) {
+            inline for (0..R) |ri| prefetch(wr[ri] + rowBytes(d, i) + R * rb);
         }
         inline for (0..T) |j| {
             const xv = s.load(x[j] + i);
-            inline for (0..R) |ri| acc[ri][j] = @mulAdd(V, xv, w[ri], acc[ri][j]);
+            inline for (0..R) |ri| acc[j * R + ri] = @mulAdd(V, xv, w[ri], acc[j * R + ri]);
         }
     }
-    inline for (0..R) |ri| {
-        const bias: f32 = if (a.bias) |b| b[r + ri] else 0;
-        inline for (0..T) |j| {
-            var tot = s.sumTree(acc[ri][j]);
+    const sums = s.sumLanes(T * R, acc);
+    inline for (0..T) |j| {
+        inline for (0..R) |ri| {
+            var tot = sums[j * R + ri];
             var ii = i;
             while (ii < k) : (ii += 1) {
                 const wv: f32 = switch (d) {
@@ -369,6 +391,7 @@ inline fn floatTile(comptime d: DType, comptime R: usize, comptime T: usize, a: 
                 };
                 tot += wv * x[j][ii];
             }
+            const bias: f32 = if (a.bias) |b| b[r + ri] else 0;
             a.y[(t0 + j) * a.m + r + ri] = tot + bias;
         }
     }

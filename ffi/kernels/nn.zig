@@ -36,14 +36,15 @@ pub fn rmsnorm(x: [*]const f32, w: [*]const f32, dim: usize, eps: f32, y: [*]f32
 
 // ---- rope ---------------------------------------------------------------------------
 
-/// cos/sin of angle pos * inv_freq[j] (the angle in f32, as HF computes it; the
-/// trigonometry in f64 so large angles stay accurate).
+/// cos/sin of angle pos * inv_freq[j] (the angle in f32, as HF computes it). libm's
+/// f32 sin/cos reduce the argument exactly, so they are within an ulp of the f64 values
+/// at about half their cost.
 pub fn ropeAngles(pos: i32, inv_freq: [*]const f32, half: usize, cs: [*]f32, sn: [*]f32) void {
     const p: f32 = @floatFromInt(pos);
     for (0..half) |j| {
-        const ang: f64 = p * inv_freq[j];
-        cs[j] = @floatCast(@cos(ang));
-        sn[j] = @floatCast(@sin(ang));
+        const ang: f32 = p * inv_freq[j];
+        cs[j] = @cos(ang);
+        sn[j] = @sin(ang);
     }
 }
 

@@ -74,13 +74,45 @@ pub inline fn bcastF16(p: [*]const u8) V {
     return loadF16(@ptrCast(&hv));
 }
 
-/// Sum of the 16 lanes by a fixed tree (halves added lane-wise: 8, 4, 2, 1), the same
-/// float operations wherever it is used; 4 shuffle+adds instead of 15 serial scalar adds.
-pub inline fn sumTree(v: V) f32 {
-    const h8 = @shuffle(f32, v, undefined, [8]i32{ 0, 1, 2, 3, 4, 5, 6, 7 }) + @shuffle(f32, v, undefined, [8]i32{ 8, 9, 10, 11, 12, 13, 14, 15 });
-    const h4 = @shuffle(f32, h8, undefined, [4]i32{ 0, 1, 2, 3 }) + @shuffle(f32, h8, undefined, [4]i32{ 4, 5, 6, 7 });
-    const h2 = @shuffle(f32, h4, undefined, [2]i32{ 0, 1 }) + @shuffle(f32, h4, undefined, [2]i32{ 2, 3 });
-    return h2[0] + h2[1];
+/// The lane sums of N vectors, each by the same fixed tree (halves added lane-wise: 8,
+/// 4, 2, 1 lanes), so a sum does not depend on N or on its neighbours. The vectors are
+/// reduced together: each round packs the halves of two vectors into one shuffle pair
+/// and one add, 3 ops per pair of vectors instead of a tree per vector.
+pub inline fn sumLanes(comptime N: usize, v: [N]V) [N]f32 {
+    var cur = v;
+    comptime var c = N;
+    inline for (.{ 8, 4, 2, 1 }) |w| {
+        const m = comptime halvingMasks(w);
+        const nc = (c + 1) / 2;
+        inline for (0..nc) |p| {
+            const b = if (2 * p + 1 < c) cur[2 * p + 1] else cur[2 * p];
+            cur[p] = @shuffle(f32, cur[2 * p], b, m[0]) + @shuffle(f32, cur[2 * p], b, m[1]);
+        }
+        c = nc;
+    }
+    // Lane l of cur[q] now holds the sum of vector 16q + l.
+    var out: [N]f32 = undefined;
+    inline for (0..N) |u| out[u] = cur[u / 16][u % 16];
+    return out;
+}
+
+/// The round of sumLanes that leaves w lanes per vector: operands a, b each hold
+/// 16 / (2w) vectors' partial sums of 2w lanes; the result holds a's then b's, each as
+/// lane e = lane e + lane e + w of its 2w.
+fn halvingMasks(comptime w: usize) [2]@Vector(16, i32) {
+    const per = 16 / (2 * w);
+    var lo: [16]i32 = undefined;
+    var hi: [16]i32 = undefined;
+    for (0..16) |l| {
+        const u = l / w;
+        const e = l % w;
+        const j = u % per;
+        const a: i32 = @intCast(2 * w * j + e);
+        const b: i32 = @intCast(2 * w * j + w + e);
+        lo[l] = if (u < per) a else ~a;
+        hi[l] = if (u < per) b else ~b;
+    }
+    return .{ lo, hi };
 }
 
 /// Per 32-bit lane i: acc[i] + sum_{j<4} u[4i+j] * s[4i+j] (the vpdpbusd contract).
@@ -152,6 +184,22 @@ test "vector exp matches std.math.exp" {
     try std.testing.expectEqual(@as(f32, 0), special[1]);
     try std.testing.expectEqual(@as(f32, 1), special[2]);
     try std.testing.expect(std.math.isInf(special[4]));
+}
+
+test "sumLanes adds each vector by the fixed halving tree" {
+    var vs: [21]V = undefined;
+    for (0..21) |q| {
+        for (0..L) |l| vs[q][l] = @as(f32, @floatFromInt((q * 7 + l * 13) % 29)) * 0.37 + 1e-3 * @as(f32, @floatFromInt(l));
+    }
+    const got = sumLanes(21, vs);
+    for (0..21) |q| {
+        var h: [16]f32 = vs[q];
+        var w: usize = 8;
+        while (w >= 1) : (w /= 2) {
+            for (0..w) |e| h[e] = h[e] + h[e + w];
+        }
+        try std.testing.expectEqual(h[0], got[q]);
+    }
 }
 
 test "dpbusd generic matches scalar" {

@@ -229,7 +229,7 @@ describe("matmul", () => {
           alone.set(f32Of(y, m), t * m);
         }
         for (const be of [single, simd]) {
-          for (const n of [1, 2, 3, 5, 16, 33, 64]) {
+          for (const n of [1, 2, 3, 4, 5, 6, 7, 8, 16, 33, 64]) {
             // Batches at different offsets, so each token sits at several tile positions.
             for (const t0 of n === nMax ? [0] : [0, nMax - n]) {
               be.matmul(xp + t0 * k * 4, n, k, wp, dtype, m, bp, y.ptr);
