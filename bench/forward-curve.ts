@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { CpuBackend } from "../src/backend/cpu";
 import { BatchBuilder } from "../src/model/batch";
 import { loadLlama } from "../src/model/llama";
+import { createKVCache } from "../src/kv/cache";
 
 const THREADS = Number(process.env.THREADS ?? 2);
 const REPEATS = 5;
@@ -12,7 +13,7 @@ const be = CpuBackend.create({ threads: THREADS });
 const results: Record<string, Record<number, number>> = {};
 for (const name of ["llama-shakespeare-8m", "llama-shakespeare-1.4m-draft"]) {
   const m = loadLlama(join(import.meta.dir, "..", "models", name), be, { maxBatchTokens: 128 });
-  const kv = m.createKVCache({ maxSeqs: 1, maxSeqLen: 256 });
+  const kv = createKVCache(m, { maxSeqs: 1, maxSeqLen: 256 });
   const row = kv.openSequence();
   kv.reserve(row, 64);
   const pre = new BatchBuilder(m.maxWords);

@@ -8,6 +8,7 @@ import { CpuBackend } from "../src/backend/cpu";
 import { BatchBuilder } from "../src/model/batch";
 import { loadLlama, type LlamaModel } from "../src/model/llama";
 import { writeTinyModel, type TinyDType } from "../test/helpers/tiny-model";
+import { createKVCache } from "../src/kv/cache";
 
 const THREADS = Number(process.env.THREADS ?? 2);
 const PREFILL = 128;
@@ -44,7 +45,7 @@ function measure(model: LlamaModel) {
   let prefillMs = Infinity;
   let decodeMs = Infinity;
   for (let rep = 0; rep < REPEATS; rep++) {
-    const kv = model.createKVCache({ maxSeqs: 1, maxSeqLen: PREFILL + DECODE + 1 });
+    const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: PREFILL + DECODE + 1 });
     const row = kv.openSequence();
     kv.reserve(row, PREFILL);
     const pre = new BatchBuilder(model.maxWords);

@@ -2,7 +2,7 @@
 // LlamaModel.forward directly (one sequence, paged KV cache, greedy argmax in JS, as
 // bench:forward does).
 
-import type { KVCache } from "../../src/kv/cache";
+import { createKVCache, type KVCache } from "../../src/kv/cache";
 import { BatchBuilder } from "../../src/model/batch";
 import type { LlamaModel } from "../../src/model/llama";
 
@@ -11,7 +11,7 @@ export class OurSession {
   private row: number;
 
   constructor(readonly model: LlamaModel, readonly maxSeqLen: number) {
-    this.kv = model.createKVCache({ maxSeqs: 1, maxSeqLen });
+    this.kv = createKVCache(model, { maxSeqs: 1, maxSeqLen });
     this.row = this.kv.openSequence();
   }
 

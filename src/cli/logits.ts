@@ -4,6 +4,7 @@ import { BatchBuilder } from "../model/batch";
 import { loadLlama } from "../model/llama";
 import { idList, intFlag, parse, UsageError } from "./args";
 import { loadOptions, MODEL_FLAGS } from "./generate";
+import { createKVCache } from "../kv/cache";
 
 export const LOGITS_HELP = `specinfer logits --model PATH --tokens 1,2,3 [--top 20] [--greedy N] [--json]
 
@@ -27,7 +28,7 @@ export async function logitsCommand(argv: string[]): Promise<void> {
     const vocab = model.config.vocabSize;
     const bad = tokens.find((t) => t >= vocab);
     if (bad !== undefined) throw new UsageError(`--tokens: id ${bad} is outside the vocabulary (0..${vocab - 1})`);
-    const kv = model.createKVCache({ maxSeqs: 1, maxSeqLen: tokens.length });
+    const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: tokens.length });
     const row = kv.openSequence();
     kv.reserve(row, tokens.length);
     const builder = new BatchBuilder(model.maxWords);

@@ -3,7 +3,7 @@
 // that mixes prefill chunks, plain decode tokens and speculative token trees,
 // runs the LLM once, verifies, commits the accepted paths and hands out tokens.
 
-import type { KVCache } from "../kv/cache";
+import { createKVCache, type KVCache } from "../kv/cache";
 import { BatchBuilder } from "../model/batch";
 import type { LlamaModel } from "../model/llama";
 import { Rng } from "../spec/rng";
@@ -117,7 +117,7 @@ export class Engine {
   }
 
   private createKV(s: Speculator | null): KVCache {
-    return this.llm.createKVCache({ maxSeqs: this.maxSeqs, maxSeqLen: this.contextLength + 1 + (s?.maxNodes ?? 0) });
+    return createKVCache(this.llm, { maxSeqs: this.maxSeqs, maxSeqLen: this.contextLength + 1 + (s?.maxNodes ?? 0) });
   }
 
   /** Longest prompt + generation a request may have. */

@@ -3,6 +3,8 @@
 // fixes it (ffi/specinfer.h): planes [layer][K, V], each [block][slot][kvHeads*headDim] f32.
 
 import type { Backend, DeviceBuffer, Ptr } from "../backend/backend";
+import type { PagedKV } from "../model/batch";
+import type { ModelConfig } from "../model/config";
 import { BlockPool, BlockTables } from "./blocks";
 
 export interface KVCacheOptions {
@@ -20,7 +22,7 @@ export interface KVCacheOptions {
   memoryBytes?: number;
 }
 
-export class KVCache {
+export class KVCache implements PagedKV {
   readonly tables: BlockTables;
   readonly blockSize: number;
   readonly maxBlocksPerSeq: number;
@@ -99,6 +101,10 @@ export class KVCache {
     return this.tables.committed(row);
   }
 
+  capacity(row: number): number {
+    return this.tables.capacity(row);
+  }
+
   /** Makes room for `extra` uncommitted slots after the committed prefix. */
   reserve(row: number, extra: number): void {
     this.tables.reserve(row, extra);
@@ -150,4 +156,23 @@ export class KVCache {
   close(): void {
     for (const buf of [this.storage, this.tablesDevice, this.committedDevice, this.moveDevice]) this.backend.free(buf);
   }
+}
+
+/** A KV cache shaped for a model: its layers, KV heads and head size, its context
+ *  length unless `maxSeqLen` says otherwise. */
+export function createKVCache(
+  model: { readonly backend: Backend; readonly config: ModelConfig },
+  opts: { maxSeqs: number; maxSeqLen?: number; blockSize?: number; memoryBytes?: number; numBlocks?: number },
+): KVCache {
+  const c = model.config;
+  return new KVCache(model.backend, {
+    numLayers: c.numLayers,
+    numKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    maxSeqLen: opts.maxSeqLen ?? c.maxPositionEmbeddings,
+    maxSeqs: opts.maxSeqs,
+    blockSize: opts.blockSize,
+    memoryBytes: opts.memoryBytes,
+    numBlocks: opts.numBlocks,
+  });
 }

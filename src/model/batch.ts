@@ -21,6 +21,21 @@ export interface TokenBatch {
   logitRows: Int32Array;
 }
 
+/** What a forward needs of a paged KV cache (src/kv/cache.ts implements it): device
+ *  addresses of the planes and the block tables, and which slots are reserved. */
+export interface PagedKV {
+  readonly maxBlocksPerSeq: number;
+  readonly blockSize: number;
+  readonly blockTablesPtr: number;
+  readonly committedPtr: number;
+  kPlane(layer: number): number;
+  vPlane(layer: number): number;
+  /** Slots of `row` backed by blocks. */
+  capacity(row: number): number;
+  /** Uploads the block tables and committed lengths before a forward. */
+  syncIndex(): void;
+}
+
 /** Builder for batches of chains and trees over several sequences. */
 export class BatchBuilder {
   private tokens: number[] = [];

@@ -12,9 +12,7 @@
 // allocated per forward.
 
 import { DType, type Backend, type DeviceBuffer, type Ptr, RopeLayout } from "../backend/backend";
-import type { KVCache } from "../kv/cache";
-import { KVCache as PagedKVCache } from "../kv/cache";
-import type { TokenBatch } from "./batch";
+import type { PagedKV, TokenBatch } from "./batch";
 import { ropeInvFreq, type ModelConfig } from "./config";
 import { loadModelFiles, type LoadedModel, type TensorRef } from "./load";
 
@@ -140,25 +138,10 @@ export class LlamaModel {
       : new Float32Array(this.maxLogitRows * c.vocabSize);
   }
 
-  /** A KV cache shaped for this model. */
-  createKVCache(opts: { maxSeqs: number; maxSeqLen?: number; blockSize?: number; memoryBytes?: number; numBlocks?: number }): KVCache {
-    const c = this.config;
-    return new PagedKVCache(this.backend, {
-      numLayers: c.numLayers,
-      numKvHeads: c.numKvHeads,
-      headDim: c.headDim,
-      maxSeqLen: opts.maxSeqLen ?? c.maxPositionEmbeddings,
-      maxSeqs: opts.maxSeqs,
-      blockSize: opts.blockSize,
-      memoryBytes: opts.memoryBytes,
-      numBlocks: opts.numBlocks,
-    });
-  }
-
   /** Runs the batch; returns logits [batch.logitRows.length, vocab]. The view is
    *  reused by the next forward: copy what must outlive it. The caller has reserved
    *  every slot the batch writes (kv.reserve). */
-  forward(batch: TokenBatch, kv: KVCache): Float32Array {
+  forward(batch: TokenBatch, kv: PagedKV): Float32Array {
     const c = this.config;
     const b = this.backend;
     const n = batch.n;
@@ -224,7 +207,7 @@ export class LlamaModel {
     this.backend.matmul(x, n, w.cols, w.ptr, w.dtype, w.rows, bias, y);
   }
 
-  private checkBatch(batch: TokenBatch, kv: KVCache): void {
+  private checkBatch(batch: TokenBatch, kv: PagedKV): void {
     const n = batch.n;
     if (n < 1 || n > this.maxBatchTokens) throw new Error(`forward: batch of ${n} tokens, this model takes 1..${this.maxBatchTokens}`);
     if (batch.logitRows.length > this.maxLogitRows) throw new Error(`forward: ${batch.logitRows.length} logit rows, at most ${this.maxLogitRows}`);
@@ -233,7 +216,7 @@ export class LlamaModel {
       const id = batch.tokens[i];
       if (id < 0 || id >= this.config.vocabSize) throw new Error(`forward: token id ${id} is outside the vocabulary (0..${this.config.vocabSize - 1})`);
       const row = batch.seq[i];
-      if (batch.slot[i] >= kv.tables.capacity(row)) throw new Error(`forward: slot ${batch.slot[i]} of sequence row ${row} was not reserved`);
+      if (batch.slot[i] >= kv.capacity(row)) throw new Error(`forward: slot ${batch.slot[i]} of sequence row ${row} was not reserved`);
     }
     for (const r of batch.logitRows) if (r < 0 || r >= n) throw new Error(`forward: logit row ${r} outside the batch`);
   }

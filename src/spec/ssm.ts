@@ -11,7 +11,7 @@
 //              had fed, drop the rest; unfed tokens are caught up next step. A draft
 //              that is never verified is dropped with accept(request, []).
 
-import type { KVCache } from "../kv/cache";
+import { createKVCache, type KVCache } from "../kv/cache";
 import { BatchBuilder } from "../model/batch";
 import type { LlamaModel } from "../model/llama";
 import { draftParams, growTree, type DraftView, type ExpandedTree } from "./expand";
@@ -49,7 +49,7 @@ export class SSMDrafter {
     if (maxGrowth + 1 > model.maxWords * 32) {
       throw new Error(`a draft tree may grow ${maxGrowth} nodes; the draft model's masks hold at most ${model.maxWords * 32 - 1}`);
     }
-    this.kv = model.createKVCache({ maxSeqs, maxSeqLen: maxSeqLen + 1 + maxGrowth });
+    this.kv = createKVCache(model, { maxSeqs, maxSeqLen: maxSeqLen + 1 + maxGrowth });
   }
 
   open(request: number): void {

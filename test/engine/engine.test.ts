@@ -14,6 +14,7 @@ import { processLogits } from "../../src/spec/sampling";
 import { createSpeculator, type SpeculationOptions } from "../../src/spec/speculator";
 import { writeTinyModel, type TinyDims, type TinyDType } from "../helpers/tiny-model";
 import { chiSquareFit } from "../spec/toy";
+import { createKVCache } from "../../src/kv/cache";
 
 const backend = CpuBackend.create({ threads: 2 });
 const dir = mkdtempSync(join(tmpdir(), "specinfer-engine-"));
@@ -162,7 +163,7 @@ describe("stochastic speculative sampling", () => {
   /** Exact P(first two tokens) of the LLM under `params`. */
   function exactPairs(): Float64Array {
     const forward = (tokens: number[]) => {
-      const kv = tiny.createKVCache({ maxSeqs: 1, maxSeqLen: 8 });
+      const kv = createKVCache(tiny, { maxSeqs: 1, maxSeqLen: 8 });
       const row = kv.openSequence();
       kv.reserve(row, tokens.length);
       const b = new BatchBuilder(1);

@@ -11,6 +11,7 @@ import { loadLlama, type LlamaModel } from "../../src/model/llama";
 import { Engine } from "../../src/engine/engine";
 import { referenceForward } from "../helpers/reference-llama";
 import { writeTinyModel, type TinyDims, type TinyModelOptions } from "../helpers/tiny-model";
+import { createKVCache } from "../../src/kv/cache";
 
 const backend = CpuBackend.create({ threads: 2 });
 let dir: string;
@@ -32,7 +33,7 @@ function tiny(opts: Partial<TinyModelOptions> & Pick<TinyModelOptions, "dtype" |
 
 /** Logits of every position of one sequence, fed as one prefill chain. */
 function chainLogits(model: LlamaModel, tokens: number[]): Float32Array[] {
-  const kv = model.createKVCache({ maxSeqs: 1, maxSeqLen: tokens.length });
+  const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: tokens.length });
   const row = kv.openSequence();
   kv.reserve(row, tokens.length);
   const b = new BatchBuilder(model.maxWords);
@@ -115,7 +116,7 @@ describe("batching", () => {
     const m = tiny({ dtype: "Q8_0", format: "gguf" });
     const prompts = [PROMPT, [1, 3, 4], [1, 90, 91, 92, 93, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33]];
     const alone = prompts.map((p) => chainLogits(m.model, p));
-    const kv = m.model.createKVCache({ maxSeqs: 3, maxSeqLen: 64 });
+    const kv = createKVCache(m.model, { maxSeqs: 3, maxSeqLen: 64 });
     const b = new BatchBuilder(m.model.maxWords);
     for (const p of prompts) {
       const row = kv.openSequence();
@@ -145,7 +146,7 @@ describe("batching", () => {
       { token: 43, parent: 0 },
       { token: 44, parent: -1 },
     ];
-    const kv = m.model.createKVCache({ maxSeqs: 1, maxSeqLen: 64 });
+    const kv = createKVCache(m.model, { maxSeqs: 1, maxSeqLen: 64 });
     const row = kv.openSequence();
     kv.reserve(row, prefix.length);
     const pre = new BatchBuilder(m.model.maxWords);

@@ -14,6 +14,7 @@ import {
 import { referenceForward } from "../helpers/reference-llama";
 import { dequantize, quantizeQ8_0, writeTinyModel, type TinyModelOptions } from "../helpers/tiny-model";
 import { DType } from "../../src/backend/backend";
+import { createKVCache } from "../../src/kv/cache";
 
 const backend = CpuBackend.create({ threads: 2 });
 let dir: string;
@@ -39,7 +40,7 @@ function tiny(opts: Partial<TinyModelOptions> = {}) {
 }
 
 function chainLogits(model: LlamaModel, tokens: number[]): Float32Array[] {
-  const kv = model.createKVCache({ maxSeqs: 1, maxSeqLen: tokens.length });
+  const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: tokens.length });
   const row = kv.openSequence();
   kv.reserve(row, tokens.length);
   const b = new BatchBuilder(model.maxWords);
