@@ -360,9 +360,10 @@ if (on("threads")) {
 /** Target: the trained 8M widened ×7 (hidden 2016, 42 heads, FFN 6272) plus 16
  *  zero-output layers = 22 layers, ~1.09B parameters read per token like TinyLlama-1.1B.
  *  Draft: the 1.4M widened ×4 plus one layer, ~11M read per token (~1/100). */
+const WIDEN_DTYPE = (process.env.WIDEN_DTYPE ?? "Q8_0") as WriteDType; // F16 or Q8_0
 const WIDEN: { target: WidenSpec; draft: WidenSpec; dtype: WriteDType } = QUICK
-  ? { target: { width: 2, extraLayers: 2 }, draft: { width: 1 }, dtype: "Q8_0" }
-  : { target: { width: 7, extraLayers: 16 }, draft: { width: 4, extraLayers: 1 }, dtype: "Q8_0" };
+  ? { target: { width: 2, extraLayers: 2 }, draft: { width: 1 }, dtype: WIDEN_DTYPE }
+  : { target: { width: 7, extraLayers: 16 }, draft: { width: 4, extraLayers: 1 }, dtype: WIDEN_DTYPE };
 
 function widened(src: string, name: string, spec: WidenSpec): string {
   const tag = `${spec.width}x-${spec.heads ?? spec.width}h-${spec.ffn ?? spec.width}f-${spec.extraLayers ?? 0}l`;

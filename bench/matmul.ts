@@ -1,7 +1,8 @@
-// bun bench/matmul.ts — si_matmul cost against the batch size n on TinyLlama-1.1B and
-// 110M shapes, weights cold (each call reads a different copy, the copies together
-// exceed the L3), with the DRAM bandwidth probe in the same run. JSON on stdout.
+// bun bench/matmul.ts — si_matmul cost against the batch size n on TinyLlama-1.1B shapes
+// (FFN up/down, attention out, the 4-KV-head K/V projection, lm_head) and a 110M shape,
+// weights cold (each call reads a different copy, the copies together exceed the L3), with the DRAM bandwidth probe in the same run. JSON on stdout.
 //   THREADS=2 SHAPES=2048x5632,5632x2048 DTYPES=Q8_0 NS=1,16 bun bench/matmul.ts
+// Shapes are k x m (y[n, m] = x[n, k] . W[m, k]^T); ratioToN1 = t(n) / t(first n).
 
 import { DType, DTYPE_NAMES, dtypeBytes } from "../src/backend/backend";
 import { CpuBackend } from "../src/backend/cpu";
@@ -10,9 +11,9 @@ const THREADS = Number(process.env.THREADS ?? 2);
 const COLD_BYTES = 192 << 20; // weight copies cycled through: well over the 32 MiB L3
 const REPEATS = Number(process.env.REPEATS ?? 5);
 const list = (v: string | undefined, d: string) => (v ?? d).split(",");
-const SHAPES = list(process.env.SHAPES, "2048x5632,5632x2048,768x2304").map((s) => s.split("x").map(Number));
+const SHAPES = list(process.env.SHAPES, "2048x5632,5632x2048,2048x2048,2048x256,2048x32000,768x2304").map((s) => s.split("x").map(Number));
 const DTYPES = list(process.env.DTYPES, "F16,Q8_0,Q4_0").map((n) => DType[n as keyof typeof DType]);
-const NS = list(process.env.NS, "1,2,4,8,16,32,64").map(Number);
+const NS = list(process.env.NS, "1,2,3,4,5,6,8,12,16,24,32,64").map(Number);
 
 const be = CpuBackend.create({ threads: THREADS });
 

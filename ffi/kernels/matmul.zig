@@ -10,10 +10,10 @@
 //! block contributes d_w * d_x * sum(q_w * q_x). vpdpbusd (u8 x i8 -> i32, AVX-512
 //! VNNI) takes the weights as unsigned bytes (q_w + 128 for Q8_0, the raw nibble for
 //! Q4_0); the offset is removed by a per-(token, block) correction computed at
-//! quantization time. Few tokens (decode) stream rows in place with rows in the lanes
-//! (`quantLinear`); more use 16-token tiles with tokens in the lanes (`quantTokens`).
-//! Both compute the exact integer block dots, then the same float epilogue, so a
-//! token's result does not depend on which path ran. The reference path does the
+//! quantization time. One kernel serves every n (`quantBatch`): 16 rows in the lanes,
+//! each weight block transposed once in registers and applied to up to 16 tokens, the
+//! exact integer block dot then one float FMA per block in block order, so a token's
+//! result does not depend on n, the tile or the thread. The reference path does the
 //! same integer math with scalar loops, so SIMD and reference agree to float rounding.
 const std = @import("std");
 const s = @import("simd.zig");
@@ -133,37 +133,22 @@ inline fn loadW(comptime d: DType, row: [*]const u8, i: usize) V {
 /// unsigned bytes, u = q_w + off (off = 128 for Q8_0, 8 for Q4_0 nibbles), so
 /// sum(u * q) + corr = sum(q_w * q).
 ///
-/// Two layouts. Rows (`tiled` false): q[t][k], sc/corr[t][block], for the reference and
-/// the few-token path. Tiled: tokens in groups of 16, one per 32-bit lane, for the
-/// token-tile path: q[tile][block][g][lane] = bytes 4g..4g+3 of the block, and
-/// sc/corr[tile][block][lane]; lanes past n hold zeros.
+/// Layout: q[t][k], sc/corr[t][block] (every path reads the same rows).
 pub const QAct = struct {
     q: [*]i8,
     sc: [*]f32,
     corr: [*]i32,
-    tiled: bool,
 
-    /// Activation rows stored: n, or n rounded up to whole tiles.
-    pub fn rowsFor(n: usize, tiled: bool) usize {
-        return if (tiled) (n + tile_tokens - 1) / tile_tokens * tile_tokens else n;
-    }
     /// Scratch bytes needed for n rows (each region 64-byte aligned).
-    pub fn bytes(n: usize, k: usize, tiled: bool) usize {
-        const rows = rowsFor(n, tiled);
-        return alignUp(rows * k) + 2 * alignUp(rows * (k / 32) * 4);
+    pub fn bytes(n: usize, k: usize) usize {
+        return alignUp(n * k) + 2 * alignUp(n * (k / 32) * 4);
     }
-    pub fn carve(base: [*]align(64) u8, n: usize, k: usize, tiled: bool) QAct {
-        const rows = rowsFor(n, tiled);
-        const o1 = alignUp(rows * k);
-        const o2 = o1 + alignUp(rows * (k / 32) * 4);
-        return .{ .q = @ptrCast(base), .sc = @ptrCast(@alignCast(base + o1)), .corr = @ptrCast(@alignCast(base + o2)), .tiled = tiled };
+    pub fn carve(base: [*]align(64) u8, n: usize, k: usize) QAct {
+        const o1 = alignUp(n * k);
+        const o2 = o1 + alignUp(n * (k / 32) * 4);
+        return .{ .q = @ptrCast(base), .sc = @ptrCast(@alignCast(base + o1)), .corr = @ptrCast(@alignCast(base + o2)) };
     }
 };
-
-/// Whether the SIMD matmul of n tokens wants the tiled activation layout.
-pub fn wantsTiles(n: usize) bool {
-    return n > linear_max_n;
-}
 
 pub fn alignUp(x: usize) usize {
     return (x + 63) & ~@as(usize, 63);
@@ -175,9 +160,8 @@ inline fn blockScale(amax: f32) [2]f32 {
     return .{ d, if (d != 0) 1.0 / d else 0.0 };
 }
 
-/// Quantizes activation rows [r0, r1) of x[n, k] for weights of dtype `wd`; rows
-/// n.. (tile padding) become zeros.
-pub fn quantizeRows(comptime reference: bool, wd: DType, x: [*]const f32, n: usize, k: usize, qa: QAct, r0: usize, r1: usize) void {
+/// Quantizes activation rows [r0, r1) of x[n, k] for weights of dtype `wd`.
+pub fn quantizeRows(comptime reference: bool, wd: DType, x: [*]const f32, k: usize, qa: QAct, r0: usize, r1: usize) void {
     const nb = k / 32;
     const off: i32 = if (wd == .q8_0) 128 else 8;
     for (r0..r1) |r| {
@@ -187,7 +171,7 @@ pub fn quantizeRows(comptime reference: bool, wd: DType, x: [*]const f32, n: usi
             var sum: i32 = 0;
             var scale: f32 = 0;
             var qv: @Vector(32, i8) = @splat(0);
-            if (r >= n) {} else if (reference) {
+            if (reference) {
                 var amax: f32 = 0;
                 for (0..32) |j| amax = @max(amax, @fabs(xb[j]));
                 const ds = blockScale(amax);
@@ -211,19 +195,9 @@ pub fn quantizeRows(comptime reference: bool, wd: DType, x: [*]const f32, n: usi
                 qv = @truncate(concat(i32, 16, q0, q1));
                 sum = @reduce(.Add, q0 + q1);
             }
-            if (qa.tiled) {
-                const lane = r % tile_tokens;
-                const tb = (r / tile_tokens * nb + b) * tile_tokens;
-                const dw: @Vector(8, u32) = @bitCast(qv);
-                const q32: [*]u32 = @ptrCast(@alignCast(qa.q));
-                inline for (0..8) |g| q32[tb * 8 + g * tile_tokens + lane] = dw[g];
-                qa.sc[tb + lane] = scale;
-                qa.corr[tb + lane] = -off * sum;
-            } else {
-                @as(*align(1) [32]i8, @ptrCast(qa.q + r * k + b * 32)).* = qv;
-                qa.sc[r * nb + b] = scale;
-                qa.corr[r * nb + b] = -off * sum;
-            }
+            @as(*align(1) [32]i8, @ptrCast(qa.q + r * k + b * 32)).* = qv;
+            qa.sc[r * nb + b] = scale;
+            qa.corr[r * nb + b] = -off * sum;
         }
     }
 }
@@ -298,17 +272,14 @@ pub fn matmulRowsRef(a: *const MatArgs, r0: usize, r1: usize) void {
     }
 }
 
-/// SIMD matmul of weight rows [r0, r1) (quantized: r0 and r1 multiples of 8 or r1 = m).
+/// SIMD matmul of weight rows [r0, r1) (quantized: r0 and r1 multiples of quant_rows, or r1 = m).
 /// Batch invariance: the float operations that produce y[t, r] are the same sequence
 /// whatever n, the tile that holds (t, r), the row range or the thread: tiles only
 /// choose which registers hold which (row, token) accumulators.
 pub fn matmulRows(a: *const MatArgs, r0: usize, r1: usize) void {
     switch (a.dtype) {
         inline .f32, .f16, .bf16 => |d| floatRows(d, a, r0, r1),
-        inline .q8_0, .q4_0 => |d| if (a.qa.tiled) quantTokens(d, a, r0, r1) else switch (a.n) {
-            inline 1...linear_max_n => |T| quantLinear(d, T, a, r0, r1),
-            else => unreachable,
-        },
+        inline .q8_0, .q4_0 => |d| quantBatch(d, a, r0, r1),
     }
 }
 
@@ -403,76 +374,131 @@ inline fn prefetch(p: [*]const u8) void {
     @prefetch(p, .{ .rw = .read, .locality = 2, .cache = .data });
 }
 
-// ---- quantized weights, many tokens: token tiles, VNNI -----------------------------
+// ---- quantized weights: 16 rows transposed in registers, VNNI ---------------------
 //
-// Tokens go in the lanes: the activations of 16 tokens are laid out once per call (see
-// QAct) so that one vector holds the same 4 int8 activations of 16 tokens, and
-// vpdpbusd(acc, broadcast of 4 weights of one row, that vector) adds to 16 tokens at
-// once. The weights are read where they lie (no repack): R rows at a time, a 4-byte
-// broadcast each, so R rows x 16 tokens accumulate in 2R registers and the block
-// epilogue is 3 ops per row per 16 tokens. The per-(token, row) float operations are
-// those of quantLinear, only the lanes differ.
+// Rows go in the lanes. Each weight block of 16 rows is read where it lies and
+// transposed once in registers (a 4x4 dword transpose per 128-bit lane: vector g holds
+// bytes 4g..4g+3 of the block of all 16 rows), then serves every token of the tile:
+// per token, 8 vpdpbusd with the token's 4 activation bytes broadcast straight from
+// memory ({1to16}) leave the 16 rows' exact block dots in one vector (started at the
+// offset correction), then y += float(dot) * d_w * d_x, one FMA per block in block
+// order. Each weight byte is read from memory once per call (later token tiles find the
+// 16 rows in L1/L2) and the activations stay in L1/L2. At n = 1 this streams at the
+// DRAM bandwidth like a dedicated decode kernel (measured: no slower than the former
+// shuffle-tree path); at 16 tokens the transpose costs ~3 ops per token-block against
+// 8 vpdpbusd + 4 epilogue ops.
 
-pub const tile_tokens = 16;
-const tile_rows = 8;
+/// Tokens per register tile (16 accumulators + 8 weight vectors + temporaries).
+pub const batch_tokens = 16;
+/// Rows per group (the 16 lanes); row ranges handed to matmulRows are multiples of it.
+pub const quant_rows = 16;
 
-fn quantTokens(comptime d: DType, a: *const MatArgs, r0: usize, r1: usize) void {
+fn quantBatch(comptime d: DType, a: *const MatArgs, r0: usize, r1: usize) void {
+    @setEvalBranchQuota(20000);
     const rb = rowBytes(d, a.k);
-    const tiles = (a.n + tile_tokens - 1) / tile_tokens;
+    const tiles = (a.n + batch_tokens - 1) / batch_tokens;
     var r = r0;
-    while (r < r1) : (r += tile_rows) {
-        const rows = @min(tile_rows, r1 - r);
+    while (r < r1) : (r += quant_rows) {
+        const rows = @min(quant_rows, r1 - r);
         const w = a.w + r * rb;
         // The next row group streams into L2 during the first token tile.
-        const next: ?[*]const u8 = if (r + tile_rows < r1) w + tile_rows * rb else null;
-        for (0..tiles) |tile| tokenTile(d, a, w, rows, r, tile, if (tile == 0) next else null);
+        const next: ?[*]const u8 = if (r + quant_rows < r1) w + quant_rows * rb else null;
+        var t0: usize = 0;
+        for (0..tiles) |ti| {
+            // Balanced tiles (17 tokens: 9 + 8), each a register-resident kernel.
+            const nt = a.n / tiles + @intFromBool(ti < a.n % tiles);
+            switch (nt) {
+                inline 1...batch_tokens => |T| batchTile(d, T, a, w, rows, r, t0, if (ti == 0) next else null),
+                else => unreachable,
+            }
+            t0 += nt;
+        }
     }
 }
 
-inline fn tokenTile(comptime d: DType, a: *const MatArgs, w: [*]const u8, rows: usize, r: usize, tile: usize, next: ?[*]const u8) void {
-    const R = tile_rows;
+fn batchTile(comptime d: DType, comptime T: usize, a: *const MatArgs, w: [*]const u8, rows: usize, r: usize, t0: usize, next: ?[*]const u8) void {
+    @setEvalBranchQuota(20000);
     const rb = rowBytes(d, a.k);
     const bs = blockSize(d);
     const nb = a.k / 32;
-    var wr: [R][*]const u8 = undefined;
-    inline for (0..R) |i| wr[i] = w + @min(i, rows - 1) * rb + 2; // missing rows repeat the last
-    const q32: [*]const u32 = @ptrCast(@alignCast(a.qa.q));
-    var facc: [R]V = .{s.splat(0)} ** R;
+    const last = rows - 1;
+    var facc: [T]V = .{s.splat(0)} ** T;
     for (0..nb) |b| {
-        if (next) |nx| prefetchSpan(nx + b * R * bs, R * bs);
-        const tb = (tile * nb + b) * tile_tokens;
-        var xs: [8]@Vector(64, i8) = undefined;
-        inline for (0..8) |g| xs[g] = @bitCast(@as(*const [16]u32, @ptrCast(q32 + tb * 8 + g * tile_tokens)).*);
-        var iacc: [R]VI = .{@as(*const [16]i32, @ptrCast(a.qa.corr + tb)).*} ** R;
-        // Group-major, so consecutive vpdpbusd go to different rows' chains.
-        if (d == .q8_0) {
-            inline for (0..8) |g| inline for (0..R) |i| {
-                const u = s.bcast32(wr[i] + b * bs + 4 * g) ^ @as(VU, @splat(0x80808080));
-                iacc[i] = s.dpbusd(iacc[i], @bitCast(u), xs[g]);
-            };
-        } else {
-            // Bytes 4g..4g+3 hold elements 4g.. (low nibbles) and 16 + 4g.. (high).
-            const m: VU = @splat(0x0f0f0f0f);
-            inline for (0..4) |g| inline for (0..R) |i| {
-                const u = s.bcast32(wr[i] + b * bs + 4 * g);
-                iacc[i] = s.dpbusd(iacc[i], @bitCast(u & m), xs[g]);
-                iacc[i] = s.dpbusd(iacc[i], @bitCast((u >> @splat(4)) & m), xs[g + 4]);
-            };
-        }
-        const sa = s.load(a.qa.sc + tb);
-        inline for (0..R) |i| {
-            const sw = s.bcastF16(wr[i] - 2 + b * bs);
-            facc[i] = @mulAdd(V, s.i2f(iacc[i]) * sw, sa, facc[i]);
+        if (next) |nx| prefetchSpan(nx + b * quant_rows * bs, quant_rows * bs);
+        const wb = w + b * bs;
+        const wt = transposeBlock(d, wb, rb, last);
+        const sw = rowScales(wb, rb, last);
+        inline for (0..T) |j| {
+            const t = t0 + j;
+            const xq: [*]const u8 = @ptrCast(a.qa.q + t * a.k + b * 32);
+            var acc: VI = @splat(a.qa.corr[t * nb + b]);
+            inline for (0..8) |g| acc = s.dpbusdBcast(acc, wt[g], xq, 4 * g);
+            facc[j] = @mulAdd(V, s.i2f(acc) * sw, s.splat(a.qa.sc[t * nb + b]), facc[j]);
         }
     }
-    const t0 = tile * tile_tokens;
-    const nt = @min(tile_tokens, a.n - t0);
-    inline for (0..R) |i| {
-        if (i < rows) {
-            const bias: f32 = if (a.bias) |bb| bb[r + i] else 0;
-            for (0..nt) |j| a.y[(t0 + j) * a.m + r + i] = facc[i][j] + bias;
+    inline for (0..T) |j| {
+        const y = a.y + (t0 + j) * a.m + r;
+        if (rows == quant_rows) {
+            const bv = if (a.bias) |bb| s.load(bb + r) else s.splat(0);
+            s.store(y, facc[j] + bv);
+        } else for (0..rows) |l| {
+            y[l] = facc[j][l] + if (a.bias) |bb| bb[r + l] else 0;
         }
     }
+}
+
+/// The 32 weights of one block of 16 rows (at p, rows rb apart, rows past `last`
+/// repeat it) as vpdpbusd u8 operands: vector g, lane l = the 4 unsigned weights of row
+/// l that meet activation bytes 4g..4g+3 (Q8_0: q + 128; Q4_0: the raw nibbles).
+inline fn transposeBlock(comptime d: DType, p: [*]const u8, rb: usize, last: usize) [8]@Vector(64, u8) {
+    var out: [8]@Vector(64, u8) = undefined;
+    const halves = if (d == .q8_0) 2 else 1;
+    inline for (0..halves) |h| {
+        const v = transpose16x4(p + 2 + 16 * h, rb, last);
+        inline for (0..4) |g| {
+            if (d == .q8_0) {
+                out[4 * h + g] = @bitCast(v[g] ^ @as(VU, @splat(0x80808080)));
+            } else {
+                const m: VU = @splat(0x0f0f0f0f);
+                out[g] = @bitCast(v[g] & m);
+                out[g + 4] = @bitCast((v[g] >> @splat(4)) & m);
+            }
+        }
+    }
+    return out;
+}
+
+/// Dwords 0..3 at p of 16 rows: result g, lane l = dword g of row l. Four rows per
+/// vector (row i + 4L in 128-bit lane L), then a 4x4 transpose inside each lane.
+inline fn transpose16x4(p: [*]const u8, rb: usize, last: usize) [4]VU {
+    var x: [4]VU = undefined;
+    inline for (0..4) |i| {
+        var q: [4]@Vector(4, u32) = undefined;
+        inline for (0..4) |L4| q[L4] = @as(*align(1) const [4]u32, @ptrCast(p + @min(i + 4 * L4, last) * rb)).*;
+        x[i] = concat(u32, 8, concat(u32, 4, q[0], q[1]), concat(u32, 4, q[2], q[3]));
+    }
+    const t0 = @shuffle(u32, x[0], x[1], unpack(32, false));
+    const t1 = @shuffle(u32, x[0], x[1], unpack(32, true));
+    const t2 = @shuffle(u32, x[2], x[3], unpack(32, false));
+    const t3 = @shuffle(u32, x[2], x[3], unpack(32, true));
+    return .{
+        @shuffle(u32, t0, t2, unpack(64, false)),
+        @shuffle(u32, t0, t2, unpack(64, true)),
+        @shuffle(u32, t1, t3, unpack(64, false)),
+        @shuffle(u32, t1, t3, unpack(64, true)),
+    };
+}
+
+/// vpunpck{l,h}{dq,qdq} masks on 16 dwords: per 128-bit lane, interleave the low (hi:
+/// high) halves of a and b in units of `bits`.
+fn unpack(comptime bits: usize, comptime hi: bool) @Vector(16, i32) {
+    var m: [16]i32 = undefined;
+    const u = bits / 32; // dwords per unit
+    for (0..4) |lane| for (0..4 / u / 2) |e| for (0..2) |src| for (0..u) |k| {
+        const idx: i32 = @intCast(lane * 4 + (if (hi) 2 else 0) + e * u + k);
+        m[lane * 4 + (e * 2 + src) * u + k] = if (src == 0) idx else ~idx;
+    };
+    return m;
 }
 
 const VU = @Vector(16, u32);
@@ -494,177 +520,3 @@ inline fn prefetchSpan(p: [*]const u8, len: usize) void {
     while (o < len) : (o += 64) @prefetch(p + o, .{ .rw = .read, .locality = 2, .cache = .data });
 }
 
-/// The 32 weights of a Q8_0 block as unsigned bytes q_w + 128.
-inline fn q8Bytes(blk: [*]const u8) @Vector(32, u8) {
-    return @as(*align(1) const [32]u8, @ptrCast(blk + 2)).* ^ @as(@Vector(32, u8), @splat(0x80));
-}
-
-// ---- quantized weights, few tokens: rows streamed in place -------------------------
-//
-// Decode (n = 1) reads every weight byte once and does little math per byte, so the
-// repack above would cost more than it saves. Here 16 rows are read where they lie:
-// per row, one vector holds two consecutive blocks, one vpdpbusd against the token's
-// two activation blocks leaves 8 partial dots per block, and a shuffle-add tree over
-// the 16 rows turns those into one vector of 16 exact block dots per block (integer
-// sums: exact in any order). From there the float epilogue is quantTile's, op for op,
-// with the rows in lanes, so y[t, r] is bit-identical to the packed path's.
-
-/// Up to this many tokens, re-reading 16 rows from L1 per token beats a 16-token tile
-/// (measured on 2048x5632 Q8_0 and Q4_0: crossover near n = 7).
-pub const linear_max_n = 6;
-const lin_rows = 16;
-
-fn quantLinear(comptime d: DType, comptime T: usize, a: *const MatArgs, r0: usize, r1: usize) void {
-    @setEvalBranchQuota(10000);
-    const rb = rowBytes(d, a.k);
-    const bs = blockSize(d);
-    const nb = a.k / 32;
-    var r = r0;
-    while (r < r1) : (r += lin_rows) {
-        const rows = @min(lin_rows, r1 - r);
-        const last = rows - 1;
-        const w = a.w + r * rb;
-        const next: ?[*]const u8 = if (r + lin_rows < r1) w + lin_rows * rb else null;
-        var facc: [T]V = .{s.splat(0)} ** T;
-        var b: usize = 0;
-        while (b < nb) : (b += 2) {
-            const two = b + 1 < nb;
-            if (next) |nx| prefetchSpan(nx + b * lin_rows * bs, 2 * lin_rows * bs);
-            const wb = w + b * bs;
-            const bs2 = if (two) bs else 0; // an odd last block pairs with itself, against zero activations
-            const sw0 = rowScales(wb, rb, last);
-            const sw1 = if (two) rowScales(wb + bs, rb, last) else sw0;
-            inline for (0..T) |j| {
-                const t = j; // T == n
-                const xs = pairActs(d, a.qa.q + t * a.k + b * 32, two);
-                var part: [lin_rows]VI = undefined;
-                inline for (0..lin_rows) |l| {
-                    const p = wb + @min(l, last) * rb;
-                    part[l] = s.dpbusd(@splat(0), pairBytes(d, p, p + bs2), xs);
-                }
-                const dots = reduceRows(d, part);
-                const c = a.qa.corr + t * nb + b;
-                const sc = a.qa.sc + t * nb + b;
-                facc[j] = @mulAdd(V, s.i2f(dots[0] + @as(VI, @splat(c[0]))) * sw0, s.splat(sc[0]), facc[j]);
-                if (two) facc[j] = @mulAdd(V, s.i2f(dots[1] + @as(VI, @splat(c[1]))) * sw1, s.splat(sc[1]), facc[j]);
-            }
-        }
-        inline for (0..T) |j| {
-            const y = a.y + j * a.m + r;
-            for (0..rows) |l| y[l] = facc[j][l] + if (a.bias) |bb| bb[r + l] else 0;
-        }
-    }
-}
-
-/// Two weight blocks of one row (at p0, p1) as the u8 operand of vpdpbusd: Q8_0 as
-/// q + 128, blocks whole in each half; Q4_0 nibbles as [lo0, lo1, hi0, hi1] x 16.
-inline fn pairBytes(comptime d: DType, p0: [*]const u8, p1: [*]const u8) @Vector(64, u8) {
-    if (d == .q8_0) return concat(u8, 32, q8Bytes(p0), q8Bytes(p1));
-    const lo: @Vector(16, u8) = @as(*align(1) const [16]u8, @ptrCast(p0 + 2)).*;
-    const hi: @Vector(16, u8) = @as(*align(1) const [16]u8, @ptrCast(p1 + 2)).*;
-    const v = concat(u8, 16, lo, hi);
-    const m: @Vector(32, u8) = @splat(15);
-    return concat(u8, 32, v & m, v >> @splat(4));
-}
-
-/// A token's activation blocks b and b+1 (zeros when !two) in pairBytes' element order.
-inline fn pairActs(comptime d: DType, q: [*]const i8, two: bool) @Vector(64, i8) {
-    const x0: @Vector(32, i8) = @as(*align(1) const [32]i8, @ptrCast(q)).*;
-    const x1: @Vector(32, i8) = if (two) @as(*align(1) const [32]i8, @ptrCast(q + 32)).* else @splat(0);
-    if (d == .q8_0) return concat(i8, 32, x0, x1);
-    const m = comptime blk: {
-        var mm: [64]i32 = undefined;
-        for (0..64) |i| {
-            const half = i / 16; // lo0, lo1, hi0, hi1
-            const src = (half & 1) * 32 + (half >> 1) * 16 + i % 16;
-            mm[i] = if (src < 32) src else ~@as(i32, src - 32);
-        }
-        break :blk mm;
-    };
-    return @shuffle(i8, x0, x1, m);
-}
-
-/// Which of the two blocks each 32-bit lane of a pairBytes . pairActs dot belongs to.
-fn pairBlock(comptime d: DType, lane: usize) u8 {
-    return if (d == .q8_0) lane / 8 else (lane / 4) & 1;
-}
-
-/// part[l] = 16 partial dots of row l (lanes by pairBlock). Returns, per block of the
-/// pair, the 16 rows' full dots in row order: three rounds of pairwise shuffle+add
-/// (each halves the partials per (row, block)), then one reorder per block.
-inline fn reduceRows(comptime d: DType, part: [lin_rows]VI) [2]VI {
-    const plan = comptime reducePlan(d);
-    var v = part;
-    inline for (plan.stages, 0..) |st, stage| {
-        const n = lin_rows >> (stage + 1);
-        inline for (0..n) |i| v[i] = @shuffle(i32, v[2 * i], v[2 * i + 1], st[0]) + @shuffle(i32, v[2 * i], v[2 * i + 1], st[1]);
-    }
-    return .{ @shuffle(i32, v[0], v[1], plan.out[0]), @shuffle(i32, v[0], v[1], plan.out[1]) };
-}
-
-const ReducePlan = struct { stages: [3][2]@Vector(16, i32), out: [2]@Vector(16, i32) };
-
-/// Shuffle masks of reduceRows, found by tracking the (row, block) label of every lane;
-/// every pair of a round has the same layout relative to its rows, so one mask pair per round.
-fn reducePlan(comptime d: DType) ReducePlan {
-    @setEvalBranchQuota(100000);
-    const Lab = struct { row: u8, blk: u8 };
-    var labs: [lin_rows][16]Lab = undefined;
-    for (0..lin_rows) |l| for (0..16) |i| {
-        labs[l][i] = .{ .row = l, .blk = pairBlock(d, i) };
-    };
-    var plan: ReducePlan = undefined;
-    var n: usize = lin_rows;
-    for (0..3) |stage| {
-        n /= 2;
-        var masks: [2][16]i32 = undefined;
-        for (0..n) |i| {
-            // Lanes of the pair's (row, block) groups in order of appearance; each group's
-            // first half goes to the lo operand, its second half to the hi operand.
-            var both: [32]Lab = labs[2 * i] ++ labs[2 * i + 1];
-            var used = [_]bool{false} ** 32;
-            var out: [16]Lab = undefined;
-            var lo: [16]i32 = undefined;
-            var hi: [16]i32 = undefined;
-            var o: usize = 0;
-            for (0..32) |first| {
-                if (used[first]) continue;
-                var members: [32]usize = undefined;
-                var cnt: usize = 0;
-                for (first..32) |j| {
-                    if (!used[j] and both[j].row == both[first].row and both[j].blk == both[first].blk) {
-                        members[cnt] = j;
-                        cnt += 1;
-                        used[j] = true;
-                    }
-                }
-                for (0..cnt / 2) |h| {
-                    lo[o] = operand(members[h]);
-                    hi[o] = operand(members[cnt / 2 + h]);
-                    out[o] = both[first];
-                    o += 1;
-                }
-            }
-            if (i == 0) masks = .{ lo, hi } else if (!std.mem.eql(i32, &masks[0], &lo) or !std.mem.eql(i32, &masks[1], &hi)) @compileError("reduceRows: pairs differ");
-            labs[i] = out;
-        }
-        plan.stages[stage] = .{ masks[0], masks[1] };
-    }
-    // Two vectors of 16 distinct (row, block) lanes: gather each block's rows in order.
-    for (0..2) |blk| {
-        var m: [16]i32 = undefined;
-        for (0..16) |row| {
-            m[row] = for (0..32) |j| {
-                const lab = if (j < 16) labs[0][j] else labs[1][j - 16];
-                if (lab.row == row and lab.blk == blk) break operand(j);
-            } else @compileError("reduceRows: lane missing");
-        }
-        plan.out[blk] = m;
-    }
-    return plan;
-}
-
-/// A @shuffle mask entry for lane j of the 32 lanes (a ++ b).
-fn operand(j: usize) i32 {
-    return if (j < 16) @intCast(j) else ~@as(i32, @intCast(j - 16));
-}

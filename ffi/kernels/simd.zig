@@ -132,6 +132,21 @@ pub inline fn dpbusd(acc: VI, u: @Vector(64, u8), s: @Vector(64, i8)) VI {
         @shuffle(i32, p, undefined, lanes4(2)) + @shuffle(i32, p, undefined, lanes4(3));
 }
 
+/// dpbusd(acc, u, the 4 signed bytes at p + off broadcast to every lane), the
+/// broadcast folded into the instruction ({1to16}).
+pub inline fn dpbusdBcast(acc: VI, u: @Vector(64, u8), p: [*]const u8, comptime off: usize) VI {
+    if (comptime has_vnni512) {
+        return asm (std.fmt.comptimePrint("vpdpbusd {d}(%[p]){{1to16}}, %[u], %[acc]", .{off})
+            : [acc] "=v" (-> VI),
+            : [u] "v" (u),
+              [p] "r" (p),
+              [_] "0" (acc),
+        );
+    }
+    const x: @Vector(16, u32) = @splat(@as(*align(1) const u32, @ptrCast(p + off)).*);
+    return dpbusd(acc, u, @bitCast(x));
+}
+
 fn lanes4(comptime off: i32) @Vector(16, i32) {
     var m: [16]i32 = undefined;
     for (0..16) |i| m[i] = 4 * @as(i32, @intCast(i)) + off;

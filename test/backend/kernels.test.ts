@@ -229,7 +229,8 @@ describe("matmul", () => {
           alone.set(f32Of(y, m), t * m);
         }
         for (const be of [single, simd]) {
-          for (const n of [1, 2, 3, 4, 5, 6, 7, 8, 16, 33, 64]) {
+          // Quantized: token tiles of up to 16, balanced (17 = 9 + 8, 33 = 11 x 3).
+          for (const n of [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 31, 32, 33, 47, 64]) {
             // Batches at different offsets, so each token sits at several tile positions.
             for (const t0 of n === nMax ? [0] : [0, nMax - n]) {
               be.matmul(xp + t0 * k * 4, n, k, wp, dtype, m, bp, y.ptr);
