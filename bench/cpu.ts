@@ -407,7 +407,7 @@ if (on("widen")) {
   const oursSetups: { name: string; tree: string | null }[] = [
     { name: "ours incremental", tree: null },
     { name: `ours spec tree ${DEFAULT_TREE} (default)`, tree: DEFAULT_TREE },
-    ...["1,1,1,1", "2,1,1,1", "dynamic:16"].map((t) => ({ name: `ours spec tree ${t}`, tree: t })),
+    ...(process.env.WIDEN_TREES ?? "1,1,1,1;2,1,1,1;dynamic:16").split(";").map((t) => ({ name: `ours spec tree ${t}`, tree: t })),
   ];
   await llm.generate(prompts[0], { maxNewTokens: 4 }); // warm-up
   for (const setup of oursSetups) {

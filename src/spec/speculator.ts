@@ -16,8 +16,11 @@ import { verify } from "./verify";
 
 export type { DraftRequest } from "./ssm";
 
-/** The default tree of `generate` (chosen by bench:spec on the vendored pair). */
-export const DEFAULT_TREE = "1,1,3,1,1,1,1,1";
+/** The default tree, chosen by measurement (BENCHMARKS.md, bench:cpu widened pair at
+ *  TinyLlama-1.1B cost, 2 CPU threads): the 3-token chain gave 52.7 tok/s (2.4x
+ *  incremental), dynamic:6 49.7, 1,1,1,1,1,1 42.3, SpecInfer's 1,1,3,1,1,1,1,1 18.8:
+ *  on 2 cores a 4-token verify costs about one decode step, a 21-token one three. */
+export const DEFAULT_TREE = "1,1,1";
 
 /** Prompt-lookup settings: continuation length and branches. */
 const NGRAM = { maxN: 3, minN: 1, length: 8, branches: 2 };
