@@ -157,7 +157,6 @@ export class LlamaModel {
     kv.syncIndex();
 
     const dim = c.hiddenSize;
-    const qDim = c.numHeads * c.headDim;
     const kvDim = c.numKvHeads * c.headDim;
     const scale = 1 / Math.sqrt(c.headDim);
     const e = this.embed;

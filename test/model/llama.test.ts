@@ -12,6 +12,7 @@ import { Engine } from "../../src/engine/engine";
 import { referenceForward } from "../helpers/reference-llama";
 import { writeTinyModel, type TinyDims, type TinyModelOptions } from "../helpers/tiny-model";
 import { createKVCache } from "../../src/kv/cache";
+import { chainLogits } from "../helpers/forward";
 
 const backend = CpuBackend.create({ threads: 2 });
 let dir: string;
@@ -29,19 +30,6 @@ function tiny(opts: Partial<TinyModelOptions> & Pick<TinyModelOptions, "dtype" |
   const sub = join(dir, `m${counter++}`);
   const written = writeTinyModel(sub, { seed: 7, dims: DIMS, ...opts });
   return { ...written, model: loadLlama(written.path, backend, { maxBatchTokens: 128 }) };
-}
-
-/** Logits of every position of one sequence, fed as one prefill chain. */
-function chainLogits(model: LlamaModel, tokens: number[]): Float32Array[] {
-  const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: tokens.length });
-  const row = kv.openSequence();
-  kv.reserve(row, tokens.length);
-  const b = new BatchBuilder(model.maxWords);
-  b.addChain(row, 0, tokens, 0, "all");
-  const logits = model.forward(b.build(), kv);
-  kv.close();
-  const V = model.config.vocabSize;
-  return tokens.map((_, i) => logits.slice(i * V, (i + 1) * V));
 }
 
 function maxRelError(got: Float32Array[], want: Float64Array[]): number {

@@ -6,15 +6,14 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CpuBackend } from "../../src/backend/cpu";
-import { BatchBuilder } from "../../src/model/batch";
-import { loadLlama, type LlamaModel } from "../../src/model/llama";
+import { loadLlama } from "../../src/model/llama";
 import {
   encodeQ8_0, ggufModelMetadata, readFloatWeights, widenedConfig, widenModel, widenTensors, writeGGUF, type WidenSpec,
 } from "../../src/model/widen";
 import { referenceForward } from "../helpers/reference-llama";
 import { dequantize, quantizeQ8_0, writeTinyModel, type TinyModelOptions } from "../helpers/tiny-model";
 import { DType } from "../../src/backend/backend";
-import { createKVCache } from "../../src/kv/cache";
+import { chainLogits } from "../helpers/forward";
 
 const backend = CpuBackend.create({ threads: 2 });
 let dir: string;
@@ -37,18 +36,6 @@ function tiny(opts: Partial<TinyModelOptions> = {}) {
     dims: { vocab: 96, hidden: 64, intermediate: 96, layers: 2, heads: 4, kvHeads: 2 },
     ...opts,
   });
-}
-
-function chainLogits(model: LlamaModel, tokens: number[]): Float32Array[] {
-  const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: tokens.length });
-  const row = kv.openSequence();
-  kv.reserve(row, tokens.length);
-  const b = new BatchBuilder(model.maxWords);
-  b.addChain(row, 0, tokens, 0, "all");
-  const logits = model.forward(b.build(), kv);
-  kv.close();
-  const V = model.config.vocabSize;
-  return tokens.map((_, i) => logits.slice(i * V, (i + 1) * V));
 }
 
 function maxRelError(got: ArrayLike<number>[], want: ArrayLike<number>[]): number {
