@@ -45,9 +45,18 @@ async function main(argv: string[]): Promise<number> {
   return 0;
 }
 
+/** A closed stdout (`specinfer generate ... | head`) ends the run quietly, as in other CLIs. */
+function isBrokenPipe(e: unknown): boolean {
+  return (e as NodeJS.ErrnoException)?.code === "EPIPE";
+}
+process.stdout.on("error", (e) => {
+  if (isBrokenPipe(e)) process.exit(0);
+});
+
 try {
   process.exitCode = await main(process.argv.slice(2));
 } catch (e) {
+  if (isBrokenPipe(e)) process.exit(0);
   const message = e instanceof Error ? e.message : String(e);
   process.stderr.write(`specinfer: ${message.split("\n")[0]}\n`);
   if (process.env.SPECINFER_DEBUG && e instanceof Error) process.stderr.write(`${e.stack}\n`);

@@ -38,6 +38,15 @@ describe("generate", () => {
     expect(r.stdout.length).toBeGreaterThan(20);
   });
 
+  test("a reader that closes early (| head) ends the run with exit code 0", async () => {
+    const proc = Bun.spawn([process.execPath, CLI, "generate", "--prompt", "ROMEO:", "--max-tokens", "200"], { stdout: "pipe", stderr: "pipe" });
+    const reader = proc.stdout.getReader();
+    await reader.read();
+    await reader.cancel();
+    expect(await proc.exited).toBe(0);
+    expect(await new Response(proc.stderr).text()).toBe("");
+  });
+
   test("--ssm with --model drafts with the given model", async () => {
     const r = await cli(["generate", "--model", join(TARGET, "model.gguf"), "--ssm", join(TARGET, "..", "llama-shakespeare-1.4m-draft"), "--prompt", "KING:", "--max-tokens", "12", "--json"]);
     expect(r.code).toBe(0);
