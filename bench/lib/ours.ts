@@ -16,7 +16,8 @@ export class OurSession {
   }
 
   private reset(): void {
-    this.kv.truncate(this.row, 0);
+    this.kv.closeSequence(this.row);
+    this.row = this.kv.openSequence();
   }
 
   /** Logits after every prefix of `tokens` (one prefill chain, all rows). */

@@ -134,14 +134,6 @@ export class Engine {
     return this.waiting.length === 0 && this.running.length === 0;
   }
 
-  get queueDepth(): number {
-    return this.waiting.length;
-  }
-
-  get activeRequests(): number {
-    return this.running.length;
-  }
-
   submit(prompt: readonly number[], config: Partial<GenerationConfig> = {}, hooks: RequestHooks = {}): Request {
     const cfg = resolveGenerationConfig(config);
     if (prompt.length === 0) throw new Error("prompt is empty: at least one token (e.g. BOS) is needed");

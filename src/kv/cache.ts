@@ -147,12 +147,6 @@ export class KVCache implements PagedKV {
     this.tables.advance(row, count);
   }
 
-  /** Drops committed slots past `length` (e.g. tokens cut after a stop string). */
-  truncate(row: number, length: number): void {
-    if (length > this.tables.committed(row)) throw new Error(`KV truncate: ${length} is past the committed length ${this.tables.committed(row)}`);
-    this.tables.setCommitted(row, length);
-  }
-
   close(): void {
     for (const buf of [this.storage, this.tablesDevice, this.committedDevice, this.moveDevice]) this.backend.free(buf);
   }
