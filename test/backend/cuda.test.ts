@@ -12,37 +12,12 @@ import { join } from "node:path";
 import { type Backend, BackendError, DType, DTYPE_NAMES, type Ptr, RopeLayout } from "../../src/backend/backend.ts";
 import { CpuBackend } from "../../src/backend/cpu.ts";
 import { CudaBackend } from "../../src/backend/cuda.ts";
+import { SEED, randInt, randF32, shuffle } from "../helpers/random.ts";
 
 const GPU = process.env.SPECINFER_GPU === "1";
 const NEEDS = " (needs SPECINFER_GPU=1 and a GPU)";
 function gpuTest(name: string, fn: () => void, timeoutMs = 120_000): void {
   test.skipIf(!GPU)(name + NEEDS, fn, timeoutMs);
-}
-
-const SEED = process.env.SEED ? Number(process.env.SEED) : (Date.now() ^ (Math.random() * 2 ** 31)) >>> 0;
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-const rand = rng(SEED);
-const randInt = (n: number) => Math.floor(rand() * n);
-function randF32(count: number, scale = 1): Float32Array {
-  const a = new Float32Array(count);
-  for (let i = 0; i < count; i++) a[i] = (rand() * 2 - 1) * scale;
-  return a;
-}
-function shuffle<T>(a: T[]): T[] {
-  for (let i = a.length - 1; i > 0; i--) {
-    const j = randInt(i + 1);
-    [a[i], a[j]] = [a[j], a[i]];
-  }
-  return a;
 }
 
 let cpu: CpuBackend;

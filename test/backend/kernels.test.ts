@@ -8,27 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { BackendError, DType, DTYPE_NAMES, RopeLayout, type DeviceBuffer } from "../../src/backend/backend.ts";
 import { CpuBackend } from "../../src/backend/cpu.ts";
-
-const SEED = process.env.SEED ? Number(process.env.SEED) : (Date.now() ^ (Math.random() * 2 ** 31)) >>> 0;
-
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-const rand = rng(SEED);
-const uniform = (lo = -1, hi = 1) => lo + (hi - lo) * rand();
-const randInt = (n: number) => Math.floor(rand() * n);
-function randF32(count: number, scale = 1): Float32Array {
-  const a = new Float32Array(count);
-  for (let i = 0; i < count; i++) a[i] = uniform(-scale, scale);
-  return a;
-}
+import { SEED, rand, randInt, randF32 } from "../helpers/random.ts";
 
 const simd = CpuBackend.create({ threads: 2 });
 const ref = CpuBackend.create({ reference: true, threads: 1 });

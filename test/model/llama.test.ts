@@ -12,7 +12,7 @@ import { Engine } from "../../src/engine/engine";
 import { referenceForward } from "../helpers/reference-llama";
 import { writeTinyModel, type TinyDims, type TinyModelOptions } from "../helpers/tiny-model";
 import { createKVCache } from "../../src/kv/cache";
-import { chainLogits } from "../helpers/forward";
+import { chainLogits, maxRelError } from "../helpers/forward";
 
 const backend = CpuBackend.create({ threads: 2 });
 let dir: string;
@@ -30,18 +30,6 @@ function tiny(opts: Partial<TinyModelOptions> & Pick<TinyModelOptions, "dtype" |
   const sub = join(dir, `m${counter++}`);
   const written = writeTinyModel(sub, { seed: 7, dims: DIMS, ...opts });
   return { ...written, model: loadLlama(written.path, backend, { maxBatchTokens: 128 }) };
-}
-
-function maxRelError(got: Float32Array[], want: Float64Array[]): number {
-  let maxDiff = 0;
-  let maxRef = 0;
-  for (let t = 0; t < want.length; t++) {
-    for (let i = 0; i < want[t].length; i++) {
-      maxDiff = Math.max(maxDiff, Math.abs(got[t][i] - want[t][i]));
-      maxRef = Math.max(maxRef, Math.abs(want[t][i]));
-    }
-  }
-  return maxDiff / maxRef;
 }
 
 const PROMPT = [1, 17, 42, 5, 88, 63, 12, 9, 30, 71, 2, 55];

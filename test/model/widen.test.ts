@@ -13,7 +13,7 @@ import {
 import { referenceForward } from "../helpers/reference-llama";
 import { dequantize, quantizeQ8_0, writeTinyModel, type TinyModelOptions } from "../helpers/tiny-model";
 import { DType } from "../../src/backend/backend";
-import { chainLogits } from "../helpers/forward";
+import { chainLogits, maxRelError } from "../helpers/forward";
 
 const backend = CpuBackend.create({ threads: 2 });
 let dir: string;
@@ -36,18 +36,6 @@ function tiny(opts: Partial<TinyModelOptions> = {}) {
     dims: { vocab: 96, hidden: 64, intermediate: 96, layers: 2, heads: 4, kvHeads: 2 },
     ...opts,
   });
-}
-
-function maxRelError(got: ArrayLike<number>[], want: ArrayLike<number>[]): number {
-  let diff = 0;
-  let ref = 0;
-  for (let t = 0; t < want.length; t++) {
-    for (let i = 0; i < want[t].length; i++) {
-      diff = Math.max(diff, Math.abs(got[t][i] - want[t][i]));
-      ref = Math.max(ref, Math.abs(want[t][i]));
-    }
-  }
-  return diff / ref;
 }
 
 function collect(path: string, spec: WidenSpec) {
