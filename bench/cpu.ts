@@ -23,7 +23,8 @@ import { join } from "node:path";
 import { CpuBackend } from "../src/backend/cpu";
 import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM, SSM } from "../src/index";
 import { loadLlama, type LlamaModel } from "../src/model/llama";
-import { readFloatWeights, widenModel, widenedConfig, type WidenSpec, type WriteDType } from "../src/model/widen";
+import type { WriteDType } from "../src/model/encoding";
+import { readFloatWeights, widenModel, widenedConfig, type WidenSpec } from "../src/model/widen";
 import { DEFAULT_TREE } from "../src/spec/speculator";
 import { referenceForward } from "../test/helpers/reference-llama";
 import { LlamaCpp, LlamaCppSession, NODE_LLAMA_CPP_VERSION } from "./llamacpp";
@@ -98,13 +99,14 @@ results.llamaCppSystemInfo = llamaCpp.systemInfo;
 log(`llama.cpp: ${llamaCpp.systemInfo}`);
 
 /** Best of several probes: other processes can only lower a reading, so the best one
- *  is the closest to the physical limit. */
-function bandwidth(): number {
+ *  is the closest to the physical limit. This machine's DRAM bandwidth also drifts over
+ *  minutes (26-47 GB/s, a shared host), so decode is divided by probes taken beside it. */
+function bandwidth(probes = 6): number {
   const bytes = 512 << 20;
   const buf = backend.alloc(bytes);
   new Uint8Array(buf.host!).fill(1);
   let best = 0;
-  for (let i = 0; i < 6; i++) best = Math.max(best, backend.probeBandwidth(buf.ptr, bytes, 3));
+  for (let i = 0; i < probes; i++) best = Math.max(best, backend.probeBandwidth(buf.ptr, bytes, 3));
   backend.free(buf);
   return round(best, 2);
 }
@@ -195,7 +197,7 @@ async function gate(bm: BenchModel, model: LlamaModel, ours: OurSession, theirs:
 // ---- per-model measurements ---------------------------------------------------------------
 
 const perModel: Record<string, unknown>[] = [];
-let overheadModel: { ours: number; theirs: number; bytes: number } | null = null;
+let overheadModel: { ours: number; theirs: number; bytes: number; bandwidth: number } | null = null;
 
 for (let mi = 0; mi < MODELS.length; mi++) {
   const bm = MODELS[mi];
@@ -227,12 +229,18 @@ for (let mi = 0; mi < MODELS.length; mi++) {
     let sameDecode = 0;
     for (let r = 0; r < reps; r++) {
       log(`speed: repeat ${r + 1}/${reps}`);
+      const probeBefore = bandwidth(3);
       ours.prefill(prompt16);
       const od = ours.decode(prompt16[15], DECODE);
       push("oursDecode", (DECODE / od.ms) * 1000);
       await theirs.prefill(prompt16.slice(0, 15));
       const td = await theirs.decode(prompt16[15], DECODE);
       push("llamaDecode", (DECODE / td.ms) * 1000);
+      const probe = Math.max(probeBefore, bandwidth(3));
+      push("probe", probe);
+      const readGBps = (tps: number) => (tps * (row.bytesPerToken as number)) / 1e9;
+      push("oursFraction", readGBps(s.oursDecode[r]) / probe);
+      push("llamaFraction", readGBps(s.llamaDecode[r]) / probe);
       sameDecode = commonPrefix(od.tokens, td.tokens);
       for (const n of [64, 512]) {
         const p = tokensFor(V, n, 3 + r);
@@ -241,12 +249,14 @@ for (let mi = 0; mi < MODELS.length; mi++) {
       }
     }
     row.decodeTokensPerSecond = { ours: round(median(s.oursDecode), 2), llamaCpp: round(median(s.llamaDecode), 2), all: { ours: s.oursDecode.map((x) => round(x, 2)), llamaCpp: s.llamaDecode.map((x) => round(x, 2)) } };
+    // Each repeat's read rate over the best probe taken just before and after it.
+    row.decodeFractionOfBandwidth = { ours: round(median(s.oursFraction), 3), llamaCpp: round(median(s.llamaFraction), 3), probesGBps: s.probe.map((x) => round(x, 1)) };
     row.greedyAgreement = `${sameDecode}/${DECODE} tokens identical before the first difference`;
     for (const n of [64, 512]) {
       row[`prefill${n}TokensPerSecond`] = { ours: round(median(s[`oursPrefill${n}`]), 1), llamaCpp: round(median(s[`llamaPrefill${n}`]), 1) };
     }
     const bytes = row.bytesPerToken as number;
-    if (bm.shape === SHAPES.stories15m) overheadModel = { ours: 1000 / median(s.oursDecode), theirs: 1000 / median(s.llamaDecode), bytes };
+    if (bm.shape === SHAPES.stories15m) overheadModel = { ours: 1000 / median(s.oursDecode), theirs: 1000 / median(s.llamaDecode), bytes, bandwidth: median(s.probe) };
     log(`  decode ${JSON.stringify(row.decodeTokensPerSecond)} prefill64 ${JSON.stringify(row.prefill64TokensPerSecond)} prefill512 ${JSON.stringify(row.prefill512TokensPerSecond)}`);
   }
 
@@ -291,7 +301,7 @@ function commonPrefix(a: number[], b: number[]): number {
 // ---- per-token overhead ---------------------------------------------------------------
 
 if (overheadModel && on("overhead")) {
-  const floorMs = (overheadModel.bytes / 1e9 / bwBefore) * 1000;
+  const floorMs = (overheadModel.bytes / 1e9 / overheadModel.bandwidth) * 1000;
   results.perTokenOverhead15M = {
     model: "15M Q8_0",
     bandwidthFloorMs: round(floorMs, 3),
@@ -504,14 +514,6 @@ function readConfig(path: string) {
 
 const bwAfter = bandwidth();
 results.bandwidthGBps = { before: bwBefore, after: bwAfter };
-// Decode read rate as a fraction of the best probe reading of the run (the probe can
-// only read low when others load the machine; a fraction above 1 means it did).
-const bwBest = Math.max(bwBefore, bwAfter);
-for (const r of perModel as Record<string, any>[]) {
-  if (!r.decodeTokensPerSecond) continue;
-  const rate = (tps: number) => round((tps * r.bytesPerToken) / 1e9 / bwBest, 3);
-  r.decodeFractionOfBandwidth = { ours: rate(r.decodeTokensPerSecond.ours), llamaCpp: rate(r.decodeTokensPerSecond.llamaCpp), bandwidthGBps: bwBest };
-}
 results.loadavgAfter = loadavg();
 if (libMtime() !== (results.nativeLibrary as { mtime: string }).mtime) {
   results.nativeLibraryChangedDuringRun = true;

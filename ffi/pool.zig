@@ -10,11 +10,20 @@
 //!
 //! Idle workers spin for ~100 us (cheap hand-off between the ops of a forward pass),
 //! then sleep on a futex, so an idle engine uses no CPU. Nothing is allocated per job.
+//!
+//! Contention governor: when another process competes for the cores, a worker is
+//! sometimes preempted mid-chunk and the caller waits a scheduler slice for it; that
+//! made 2 threads slower than 1. The caller measures those stalls (waits past the spin
+//! period); when they take more than 1/8 of a window it runs the jobs alone for a
+//! back-off period (doubled while contention persists), then tries the workers again.
 const std = @import("std");
 const Atomic = std.atomic.Atomic;
 const Futex = std.Thread.Futex;
 
 const spin_ns: u64 = 100 * std.time.ns_per_us;
+const window_ns: u64 = 20 * std.time.ns_per_ms;
+const min_solo_ns: u64 = 100 * std.time.ns_per_ms;
+const max_solo_ns: u64 = 1600 * std.time.ns_per_ms;
 
 pub const JobFn = *const fn (arg: *anyopaque) void;
 
@@ -33,6 +42,7 @@ pub const Pool = struct {
     quit: Atomic(bool) = Atomic(bool).init(false),
     job: JobFn = undefined,
     arg: *anyopaque = undefined,
+    governor: Governor = .{},
 
     /// The pool must not move after init (workers hold its address).
     pub fn init(self: *Pool, n_threads: u32) !void {
@@ -68,8 +78,15 @@ pub const Pool = struct {
     /// Runs job(arg) on the caller and on every worker that joins in time; returns when
     /// the caller's call has returned and every joined worker has left. The job must
     /// be written so that any number of threads (>= 1) completes it.
+    /// Whether a job should go to the workers: not without workers, and not while the
+    /// governor has the caller working alone.
+    pub fn fanOut(self: *Pool) bool {
+        return self.threads.len > 0 and !self.governor.solo(self.governor.clock());
+    }
+
     pub fn run(self: *Pool, job: JobFn, arg: *anyopaque) void {
         if (self.threads.len == 0) return job(arg);
+        const now = self.governor.clock();
         self.job = job;
         self.arg = arg;
         const g = self.gen.load(.Monotonic) +% 1;
@@ -78,7 +95,12 @@ pub const Pool = struct {
         if (self.sleepers.load(.SeqCst) != 0) Futex.wake(&self.gen, std.math.maxInt(u32));
         job(arg);
         const st = self.state.fetchOr(closed_bit, .SeqCst);
-        if (st & active_mask != 0) self.waitDrain();
+        if (st & active_mask != 0) {
+            const t = self.governor.clock();
+            self.waitDrain();
+            self.governor.waited(self.governor.clock() - t);
+        }
+        self.governor.endWindow(now);
     }
 
     fn waitDrain(self: *Pool) void {
@@ -132,6 +154,56 @@ pub const Pool = struct {
     }
 };
 
+/// Caller-side only (jobs are published by one thread at a time): no atomics.
+const Governor = struct {
+    base: ?std.time.Instant = null,
+    window_start: u64 = 0,
+    stalled: u64 = 0, // ns the caller waited past the spin period in this window
+    solo_until: u64 = 0,
+    /// The next solo period: doubles each time contention is seen, halves with each
+    /// clean window, so a lasting competitor costs one contended window per 1.6 s.
+    backoff: u64 = min_solo_ns,
+
+    /// Monotonic ns since the first call (0 if the clock fails: the governor then
+    /// never leaves the multi-threaded mode).
+    fn clock(self: *Governor) u64 {
+        const now = std.time.Instant.now() catch return 0;
+        const b = self.base orelse {
+            self.base = now;
+            return 0;
+        };
+        return now.since(b);
+    }
+
+    fn solo(self: *Governor, now: u64) bool {
+        if (now < self.solo_until) return true;
+        if (self.solo_until != 0) {
+            // Back from a solo period: measure a fresh window with the workers.
+            self.solo_until = 0;
+            self.window_start = now;
+            self.stalled = 0;
+        }
+        return false;
+    }
+
+    fn waited(self: *Governor, ns: u64) void {
+        if (ns > spin_ns) self.stalled += ns - spin_ns;
+    }
+
+    fn endWindow(self: *Governor, now: u64) void {
+        const span = now -| self.window_start;
+        if (span < window_ns) return;
+        if (self.stalled * 8 > span) {
+            self.solo_until = now + self.backoff;
+            self.backoff = @min(self.backoff * 2, max_solo_ns);
+        } else {
+            self.backoff = @max(self.backoff / 2, min_solo_ns);
+        }
+        self.window_start = now;
+        self.stalled = 0;
+    }
+};
+
 /// Spins with `pause` until ~spin_ns have passed (clock read every 64 pauses).
 const Spin = struct {
     count: u32 = 0,
@@ -166,7 +238,8 @@ pub fn parallelFor(pool: *Pool, total: usize, grain: usize, args: anytype, compt
 pub fn parallelForSlot(pool: *Pool, total: usize, grain_in: usize, args: anytype, comptime body: fn (@TypeOf(args), usize, usize, usize) void) void {
     if (total == 0) return;
     const grain = @max(grain_in, 1);
-    if (pool.threads.len == 0 or total <= grain) return body(args, 0, 0, total);
+    // Alone, one chunk: chunk boundaries break the weight streams' prefetch.
+    if (total <= grain or !pool.fanOut()) return body(args, 0, 0, total);
     const Job = struct {
         next: Atomic(usize) = Atomic(usize).init(0),
         slots: Atomic(usize) = Atomic(usize).init(0),
@@ -229,4 +302,47 @@ test "slow workers are waited for, late ones skip" {
     };
     for (0..300) |_| parallelFor(&pool, 64, 1, &sum, Body.body);
     try std.testing.expectEqual(@as(u64, 300 * (63 * 64 / 2)), sum.load(.Monotonic));
+}
+
+test "governor runs solo while workers stall the caller, backs off, and recovers" {
+    const ms = std.time.ns_per_ms;
+    var g = Governor{};
+    var t: u64 = 0;
+    const Op = struct {
+        // One 1 ms op at t: the caller waited `stall` ns for a worker.
+        fn run(gov: *Governor, at: *u64, stall: u64) bool {
+            if (gov.solo(at.*)) {
+                at.* += ms;
+                return true;
+            }
+            gov.waited(stall);
+            gov.endWindow(at.*);
+            at.* += ms;
+            return false;
+        }
+    };
+    // Quiet: waits shorter than the spin period never count.
+    for (0..200) |_| try std.testing.expect(!Op.run(&g, &t, spin_ns));
+    // Contended: half of every op spent waiting -> solo after one window, for 100 ms.
+    var ops: usize = 0;
+    while (!g.solo(t)) : (ops += 1) _ = Op.run(&g, &t, spin_ns + ms / 2);
+    try std.testing.expect(ops <= window_ns / ms + 1);
+    try std.testing.expectEqual(min_solo_ns, g.solo_until - (t - ms));
+    // Contention persists: every solo period is twice the last, up to the cap.
+    while (Op.run(&g, &t, spin_ns + ms / 2)) {}
+    var periods = std.ArrayList(u64).init(std.testing.allocator);
+    defer periods.deinit();
+    while (periods.items.len < 6) {
+        while (!g.solo(t)) _ = Op.run(&g, &t, spin_ns + ms / 2);
+        const start = t;
+        while (Op.run(&g, &t, spin_ns + ms / 2)) {}
+        try periods.append(t - start);
+    }
+    try std.testing.expectEqual(2 * min_solo_ns, periods.items[0]);
+    try std.testing.expectEqual(4 * min_solo_ns, periods.items[1]);
+    try std.testing.expectEqual(max_solo_ns, periods.items[5]);
+    // Gone: clean windows bring the back-off down to the minimum, workers stay on.
+    while (Op.run(&g, &t, 0)) {}
+    for (0..10 * window_ns / ms) |_| try std.testing.expect(!Op.run(&g, &t, 0));
+    try std.testing.expectEqual(min_solo_ns, g.backoff);
 }

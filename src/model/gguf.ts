@@ -27,7 +27,7 @@ export enum GGUFValueType {
 }
 
 /** Bytes of one scalar value of each fixed-size type (strings/arrays are variable). */
-const SCALAR_BYTES: Partial<Record<GGUFValueType, number>> = {
+export const SCALAR_BYTES: Partial<Record<GGUFValueType, number>> = {
   [GGUFValueType.UINT8]: 1,
   [GGUFValueType.INT8]: 1,
   [GGUFValueType.BOOL]: 1,

@@ -11,7 +11,8 @@ import { GGUFValueType, readGGUF } from "../../src/model/gguf.ts";
 import { loadModelFiles } from "../../src/model/load.ts";
 import { readSafetensors } from "../../src/model/safetensors.ts";
 import { bytesMapped, readMapped } from "../helpers/mapped.ts";
-import { encodeGGUF, encodeSafetensors, gv, writeTinyModel, type TinyDims } from "../helpers/tiny-model.ts";
+import { encodeGGUF, encodeSafetensors, ggufValue as gv } from "../../src/model/write.ts";
+import { writeTinyModel, type TinyDims } from "../helpers/tiny-model.ts";
 
 const tmp = mkdtempSync(join(tmpdir(), "specinfer-badfiles-"));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));

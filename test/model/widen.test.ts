@@ -7,11 +7,11 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CpuBackend } from "../../src/backend/cpu";
 import { loadLlama } from "../../src/model/llama";
-import {
-  encodeQ8_0, ggufModelMetadata, readFloatWeights, widenedConfig, widenModel, widenTensors, writeGGUF, type WidenSpec,
-} from "../../src/model/widen";
+import { dequantize, encodeQ8_0 } from "../../src/model/encoding";
+import { readFloatWeights, widenedConfig, widenModel, widenTensors, type WidenSpec } from "../../src/model/widen";
+import { ggufModelMetadata, writeGGUF } from "../../src/model/write";
 import { referenceForward } from "../helpers/reference-llama";
-import { dequantize, quantizeQ8_0, writeTinyModel, type TinyModelOptions } from "../helpers/tiny-model";
+import { writeTinyModel, type TinyModelOptions } from "../helpers/tiny-model";
 import { DType } from "../../src/backend/backend";
 import { chainLogits, maxRelError } from "../helpers/forward";
 
@@ -116,12 +116,24 @@ describe("widened files run in the engine with the original's logits", () => {
 });
 
 describe("writer", () => {
-  test("Q8_0 encoder matches ggml's reference quantizer byte for byte", () => {
-    const values = Float32Array.from({ length: 32 * 40 }, (_, i) => Math.sin(i * 12.9898) * (1 + (i % 7)) * (i % 97 === 0 ? 0 : 1));
-    values.fill(0, 64, 96); // an all-zero block
-    const ours = encodeQ8_0(values);
-    expect(Array.from(ours)).toEqual(Array.from(quantizeQ8_0(values).data));
-    expect(dequantize(DType.Q8_0, ours, values.length)).toEqual(quantizeQ8_0(values).stored);
+  test("Q8_0 encoder follows ggml's rule: d = amax / 127, halves rounded away from zero", () => {
+    const values = new Float32Array(96);
+    // Block 0: amax 127, so d = 1 and q = roundf(x); JS's Math.round would give -63, 0, 2.
+    values.set([127, -63.5, 0.5, -0.5, 1.49, 2.5, -127, 100.5]);
+    // Block 1 stays all zero: d = 0 and every q 0. Block 2: the same values / 4 (d = 0.25).
+    for (let i = 0; i < 8; i++) values[64 + i] = values[i]! / 4;
+    const bytes = encodeQ8_0(values);
+    const view = new DataView(bytes.buffer);
+    expect(bytes.length).toBe(3 * 34);
+    const known = [127, -64, 1, -1, 1, 3, -127, 101];
+    expect(view.getUint16(0, true)).toBe(0x3c00); // f16 1.0
+    expect(Array.from(new Int8Array(bytes.buffer, 2, 8))).toEqual(known);
+    expect(Array.from(bytes.subarray(34, 68))).toEqual(new Array(34).fill(0));
+    expect(view.getUint16(68, true)).toBe(0x3400); // f16 0.25
+    expect(Array.from(new Int8Array(bytes.buffer, 70, 8))).toEqual(known);
+    const back = dequantize(DType.Q8_0, bytes, values.length);
+    expect(Array.from(back.subarray(0, 8))).toEqual(known);
+    expect(Array.from(back.subarray(64, 72))).toEqual(known.map((q) => q / 4));
   });
 
   test("tensors out of order are refused", () => {
