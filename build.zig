@@ -3,6 +3,7 @@
 //   zig build -Doptimize=ReleaseFast   -> zig-out/lib/libspecinfer_cpu.so
 //                                        (+ libspecinfer_cuda.so when nvcc and cuda/specinfer.cu exist)
 //   zig build test                      -> Zig unit tests of ffi/
+//   zig build peak -- 2                 -> peak VNNI/FMA rates on 2 threads (bench:cpu)
 //
 // The default target is the build machine's CPU with all its features; pass
 // -Dcpu=x86_64_v3 (or baseline) for a library meant for other machines.
@@ -36,6 +37,13 @@ pub fn build(b: *std.Build) void {
     tests.linkLibC();
     const test_step = b.step("test", "Run the Zig unit tests of ffi/");
     test_step.dependOn(&b.addRunArtifact(tests).step);
+
+    // zig build peak -- THREADS: the CPU's peak int8 VNNI and f32 FMA rates (bench:cpu
+    // reads each kernel's speed against them).
+    const peak = b.addExecutable(.{ .name = "peak", .root_source_file = .{ .path = "bench/peak.zig" }, .target = target, .optimize = .ReleaseFast });
+    const run_peak = b.addRunArtifact(peak);
+    if (b.args) |args| run_peak.addArgs(args);
+    b.step("peak", "Print the CPU's peak int8 VNNI and f32 FMA rates as JSON").dependOn(&run_peak.step);
 
     addCuda(b, target, optimize);
 }

@@ -18,6 +18,7 @@
 // Models are seeded random GGUFs written once into bench/.models/ (git-ignored).
 // Progress on stderr; a markdown table and then JSON on stdout.
 
+import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { CpuBackend } from "../src/backend/cpu";
@@ -113,6 +114,18 @@ function bandwidth(probes = 6): number {
 const bwBefore = bandwidth();
 log(`DRAM read bandwidth (si_probe_bandwidth, ${THREADS} threads): ${bwBefore} GB/s`);
 
+/** The CPU's peak int8 VNNI and f32 FMA rates (bench/peak.zig, `zig build peak`): what a
+ *  compute-bound kernel (verifying many tokens) can reach at most. */
+function computePeak(): { int8VnniGMacPerS?: number; f32FmaGFlopPerS?: number; error?: string } {
+  const r = spawnSync("node", [join(import.meta.dir, "..", "scripts", "build-native.mjs"), "peak", "--", String(THREADS)], { encoding: "utf8" });
+  const line = r.stdout.trim().split("\n").pop() ?? "";
+  if (r.status !== 0 || !line.startsWith("{")) return { error: `zig build peak failed: ${r.stderr.trim().slice(-300)}` };
+  return JSON.parse(line);
+}
+const peak = computePeak();
+results.computePeak = peak;
+log(`compute peak (${THREADS} threads): ${JSON.stringify(peak)}`);
+
 /** Weight bytes one decode step reads: every matrix but the embedding table, of which
  *  only one row is read (unless it doubles as the output head). */
 function bytesPerToken(model: LlamaModel): number {
@@ -122,6 +135,16 @@ function bytesPerToken(model: LlamaModel): number {
     else bytes += t.bytes;
   }
   return bytes;
+}
+
+/** Weight elements one token multiplies (every matrix but the embedding table, unless tied). */
+function weightElements(model: LlamaModel): number {
+  let n = 0;
+  for (const [name, t] of model.files.tensors) {
+    if (name === "model.embed_tokens.weight" && !model.config.tieWordEmbeddings) continue;
+    if (t.shape.length === 2) n += t.shape[0] * t.shape[1];
+  }
+  return n;
 }
 
 function tokensFor(vocab: number, n: number, salt: number): number[] {
@@ -277,9 +300,15 @@ for (let mi = 0; mi < MODELS.length; mi++) {
     }
     const curve = (k: string) => Object.fromEntries(VERIFY_L.map((L) => [L, round(median(t[k][L]) / median(t[k][1]), 2)]));
     const ms = (k: string) => Object.fromEntries(VERIFY_L.map((L) => [L, round(median(t[k][L]), 2)]));
+    // Multiply-adds per token (every matrix but the embedding table) over t(16): how
+    // near a 16-token verification runs to the CPU's peak.
+    const macs = weightElements(model);
+    const peakRate = bm.dtype === "F16" ? (peak.f32FmaGFlopPerS ?? NaN) / 2 : (peak.int8VnniGMacPerS ?? NaN);
+    const rate16 = (k: string) => round((16 * macs) / (median(t[k][16]) / 1000) / 1e9, 1);
     row.verify = {
       ratio: { oursChain: curve("chain"), oursTree: curve("tree"), llamaCpp: curve("llamaCpp") },
       ms: { oursChain: ms("chain"), oursTree: ms("tree"), llamaCpp: ms("llamaCpp") },
+      gmacPerSecondAt16: { oursChain: rate16("chain"), llamaCpp: rate16("llamaCpp"), peak: peakRate, peakKind: bm.dtype === "F16" ? "f32 FMA" : "int8 VNNI" },
     };
     log(`  ${JSON.stringify((row.verify as { ratio: unknown }).ratio)}`);
   }
