@@ -11,19 +11,21 @@
 //! Idle workers spin for ~100 us (cheap hand-off between the ops of a forward pass),
 //! then sleep on a futex, so an idle engine uses no CPU. Nothing is allocated per job.
 //!
-//! Contention governor: when another process competes for the cores, a worker is
-//! sometimes preempted mid-chunk and the caller waits a scheduler slice for it; that
-//! made 2 threads slower than 1. The caller measures those stalls (waits past the spin
-//! period); when they take more than 1/8 of a window it runs the jobs alone for a
-//! back-off period (doubled while contention persists), then tries the workers again.
+//! Contention governor: when another process competes for the cores, either a worker
+//! is preempted mid-chunk and the caller waits a scheduler slice for it, or the caller
+//! itself waits for its core while the worker spins; that made 2 threads slower than 1.
+//! The caller measures both (waits past the spin period, and its own run-queue wait
+//! from /proc/thread-self/schedstat); when they take over a quarter of a window it runs
+//! the jobs alone for a back-off period (doubled while contention persists), then tries
+//! the workers again.
 const std = @import("std");
 const Atomic = std.atomic.Atomic;
 const Futex = std.Thread.Futex;
 
 const spin_ns: u64 = 100 * std.time.ns_per_us;
-const window_ns: u64 = 20 * std.time.ns_per_ms;
+const window_ns: u64 = 10 * std.time.ns_per_ms;
 const min_solo_ns: u64 = 100 * std.time.ns_per_ms;
-const max_solo_ns: u64 = 1600 * std.time.ns_per_ms;
+const max_solo_ns: u64 = 3200 * std.time.ns_per_ms;
 
 pub const JobFn = *const fn (arg: *anyopaque) void;
 
@@ -62,6 +64,7 @@ pub const Pool = struct {
     }
 
     pub fn deinit(self: *Pool) void {
+        self.governor.deinit();
         if (self.threads.len == 0) return;
         self.stopWorkers(self.threads);
         std.heap.c_allocator.free(self.threads);
@@ -100,7 +103,7 @@ pub const Pool = struct {
             self.waitDrain();
             self.governor.waited(self.governor.clock() - t);
         }
-        self.governor.endWindow(now);
+        if (self.governor.windowDue(now)) self.governor.judge(now, self.governor.runQueueDelay());
     }
 
     fn waitDrain(self: *Pool) void {
@@ -159,10 +162,20 @@ const Governor = struct {
     base: ?std.time.Instant = null,
     window_start: u64 = 0,
     stalled: u64 = 0, // ns the caller waited past the spin period in this window
+    /// The caller's run-queue wait at the window start (null: not read yet).
+    delay_start: ?u64 = null,
     solo_until: u64 = 0,
-    /// The next solo period: doubles each time contention is seen, halves with each
-    /// clean window, so a lasting competitor costs one contended window per 1.6 s.
+    /// The next solo period: doubles each time contention is seen, shrinks by the
+    /// minimum with each clean window (a competitor that leaves some windows clean
+    /// still drives it up), so a lasting competitor costs one window per 3.2 s.
     backoff: u64 = min_solo_ns,
+    schedstat: ?std.os.fd_t = null,
+    schedstat_tid: i32 = 0,
+
+    fn deinit(self: *Governor) void {
+        if (self.schedstat) |fd| std.os.close(fd);
+        self.schedstat = null;
+    }
 
     /// Monotonic ns since the first call (0 if the clock fails: the governor then
     /// never leaves the multi-threaded mode).
@@ -175,6 +188,24 @@ const Governor = struct {
         return now.since(b);
     }
 
+    /// ns the calling thread has spent runnable but not running (the second field of
+    /// /proc/thread-self/schedstat): when another process holds the caller's core, the
+    /// caller is what waits, not a worker. null where the kernel does not report it.
+    fn runQueueDelay(self: *Governor) ?u64 {
+        const tid = std.os.linux.gettid();
+        if (tid != self.schedstat_tid) {
+            self.deinit();
+            self.schedstat = std.os.open("/proc/thread-self/schedstat", std.os.O.RDONLY | std.os.O.CLOEXEC, 0) catch null;
+            self.schedstat_tid = tid;
+            self.delay_start = null;
+        }
+        var buf: [96]u8 = undefined;
+        const n = std.os.pread(self.schedstat orelse return null, &buf, 0) catch return null;
+        var fields = std.mem.tokenizeAny(u8, buf[0..n], " \n");
+        _ = fields.next();
+        return std.fmt.parseInt(u64, fields.next() orelse return null, 10) catch null;
+    }
+
     fn solo(self: *Governor, now: u64) bool {
         if (now < self.solo_until) return true;
         if (self.solo_until != 0) {
@@ -182,6 +213,7 @@ const Governor = struct {
             self.solo_until = 0;
             self.window_start = now;
             self.stalled = 0;
+            self.delay_start = self.runQueueDelay();
         }
         return false;
     }
@@ -190,17 +222,25 @@ const Governor = struct {
         if (ns > spin_ns) self.stalled += ns - spin_ns;
     }
 
-    fn endWindow(self: *Governor, now: u64) void {
+    fn windowDue(self: *const Governor, now: u64) bool {
+        return now -| self.window_start >= window_ns;
+    }
+
+    /// Ends a window: contended when the caller waited, for preempted workers or for
+    /// its own core, over a quarter of it (a tick's preemption on a quiet machine is
+    /// not). `delay`: the caller's run-queue wait so far.
+    fn judge(self: *Governor, now: u64, delay: ?u64) void {
         const span = now -| self.window_start;
-        if (span < window_ns) return;
-        if (self.stalled * 8 > span) {
+        const queued = if (delay != null and self.delay_start != null) delay.? -| self.delay_start.? else 0;
+        if ((self.stalled + queued) * 4 > span) {
             self.solo_until = now + self.backoff;
             self.backoff = @min(self.backoff * 2, max_solo_ns);
         } else {
-            self.backoff = @max(self.backoff / 2, min_solo_ns);
+            self.backoff = @max(self.backoff -| min_solo_ns, min_solo_ns);
         }
         self.window_start = now;
         self.stalled = 0;
+        self.delay_start = delay;
     }
 };
 
@@ -316,7 +356,7 @@ test "governor runs solo while workers stall the caller, backs off, and recovers
                 return true;
             }
             gov.waited(stall);
-            gov.endWindow(at.*);
+            if (gov.windowDue(at.*)) gov.judge(at.*, null);
             at.* += ms;
             return false;
         }
@@ -343,6 +383,26 @@ test "governor runs solo while workers stall the caller, backs off, and recovers
     try std.testing.expectEqual(max_solo_ns, periods.items[5]);
     // Gone: clean windows bring the back-off down to the minimum, workers stay on.
     while (Op.run(&g, &t, 0)) {}
-    for (0..10 * window_ns / ms) |_| try std.testing.expect(!Op.run(&g, &t, 0));
+    for (0..(max_solo_ns / min_solo_ns + 1) * window_ns / ms) |_| try std.testing.expect(!Op.run(&g, &t, 0));
     try std.testing.expectEqual(min_solo_ns, g.backoff);
+}
+
+test "governor counts the caller's own run-queue wait" {
+    const ms = std.time.ns_per_ms;
+    var g = Governor{};
+    defer g.deinit();
+    // First window: no baseline yet, so a large reading alone proves nothing.
+    g.judge(window_ns, 500 * ms);
+    try std.testing.expect(!g.solo(window_ns));
+    // Waited a tenth of the window for its core: below a quarter, workers stay on.
+    g.judge(2 * window_ns, 500 * ms + window_ns / 10);
+    try std.testing.expect(!g.solo(2 * window_ns));
+    // Waited half a window: solo.
+    g.judge(3 * window_ns, 500 * ms + window_ns / 10 + window_ns / 2);
+    try std.testing.expect(g.solo(3 * window_ns));
+    // The kernel's counter is readable here (Linux with schedstats) and only grows.
+    if (g.runQueueDelay()) |a| {
+        const b = g.runQueueDelay() orelse return error.TestUnexpectedResult;
+        try std.testing.expect(b >= a);
+    }
 }
