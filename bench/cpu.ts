@@ -252,18 +252,21 @@ for (let mi = 0; mi < MODELS.length; mi++) {
     let sameDecode = 0;
     for (let r = 0; r < reps; r++) {
       log(`speed: repeat ${r + 1}/${reps}`);
-      const probeBefore = bandwidth(3);
+      // Probes right before and after each engine's decode: the bandwidth drifts.
       ours.prefill(prompt16);
+      const probeBefore = bandwidth(2);
       const od = ours.decode(prompt16[15], DECODE);
+      const probeBetween = bandwidth(2);
       push("oursDecode", (DECODE / od.ms) * 1000);
       await theirs.prefill(prompt16.slice(0, 15));
       const td = await theirs.decode(prompt16[15], DECODE);
+      const probeAfter = bandwidth(2);
       push("llamaDecode", (DECODE / td.ms) * 1000);
-      const probe = Math.max(probeBefore, bandwidth(3));
-      push("probe", probe);
       const readGBps = (tps: number) => (tps * (row.bytesPerToken as number)) / 1e9;
-      push("oursFraction", readGBps(s.oursDecode[r]) / probe);
-      push("llamaFraction", readGBps(s.llamaDecode[r]) / probe);
+      push("oursProbe", Math.max(probeBefore, probeBetween));
+      push("llamaProbe", Math.max(probeBetween, probeAfter));
+      push("oursFraction", readGBps(s.oursDecode[r]) / s.oursProbe[r]);
+      push("llamaFraction", readGBps(s.llamaDecode[r]) / s.llamaProbe[r]);
       sameDecode = commonPrefix(od.tokens, td.tokens);
       for (const n of [64, 512]) {
         const p = tokensFor(V, n, 3 + r);
@@ -273,13 +276,17 @@ for (let mi = 0; mi < MODELS.length; mi++) {
     }
     row.decodeTokensPerSecond = { ours: round(median(s.oursDecode), 2), llamaCpp: round(median(s.llamaDecode), 2), all: { ours: s.oursDecode.map((x) => round(x, 2)), llamaCpp: s.llamaDecode.map((x) => round(x, 2)) } };
     // Each repeat's read rate over the best probe taken just before and after it.
-    row.decodeFractionOfBandwidth = { ours: round(median(s.oursFraction), 3), llamaCpp: round(median(s.llamaFraction), 3), probesGBps: s.probe.map((x) => round(x, 1)) };
+    row.decodeFractionOfBandwidth = {
+      ours: round(median(s.oursFraction), 3),
+      llamaCpp: round(median(s.llamaFraction), 3),
+      probesGBps: { ours: s.oursProbe.map((x) => round(x, 1)), llamaCpp: s.llamaProbe.map((x) => round(x, 1)) },
+    };
     row.greedyAgreement = `${sameDecode}/${DECODE} tokens identical before the first difference`;
     for (const n of [64, 512]) {
       row[`prefill${n}TokensPerSecond`] = { ours: round(median(s[`oursPrefill${n}`]), 1), llamaCpp: round(median(s[`llamaPrefill${n}`]), 1) };
     }
     const bytes = row.bytesPerToken as number;
-    if (bm.shape === SHAPES.stories15m) overheadModel = { ours: 1000 / median(s.oursDecode), theirs: 1000 / median(s.llamaDecode), bytes, bandwidth: median(s.probe) };
+    if (bm.shape === SHAPES.stories15m) overheadModel = { ours: 1000 / median(s.oursDecode), theirs: 1000 / median(s.llamaDecode), bytes, bandwidth: median(s.oursProbe) };
     log(`  decode ${JSON.stringify(row.decodeTokensPerSecond)} prefill64 ${JSON.stringify(row.prefill64TokensPerSecond)} prefill512 ${JSON.stringify(row.prefill512TokensPerSecond)}`);
   }
 
@@ -355,19 +362,24 @@ if (on("threads")) {
   const lm = await llamaCpp.load(path);
   const l1 = await llamaCpp.session(lm, { threads: 1, contextSize: 512, batchSize: 64 });
   const l2 = await llamaCpp.session(lm, { threads: 2, contextSize: 512, batchSize: 64 });
-  const steps = 64;
+  const steps = 128;
   const prompt = tokensFor(m1.config.vocabSize, 16, 5);
   const s: Record<string, number[]> = { ours1: [], ours2: [], llama1: [], llama2: [] };
   const busy = startBusyLoop();
   const load = new OtherLoad();
   try {
     await Bun.sleep(200);
-    for (let r = 0; r < REPS; r++) {
-      for (const [k, o] of [["ours1", o1], ["ours2", o2]] as const) {
+    // More repeats than elsewhere, in alternating order (1-2, 2-1, ...): the two
+    // figures are close, and the machine's bandwidth drifts between runs.
+    const reps = Math.max(REPS, QUICK ? 2 : 6);
+    for (let r = 0; r < reps; r++) {
+      const order = [["ours1", o1], ["ours2", o2]] as const;
+      for (const [k, o] of r % 2 ? [...order].reverse() : order) {
         o.prefill(prompt.slice(0, 15));
         s[k].push((steps / o.decode(prompt[15], steps).ms) * 1000);
       }
-      for (const [k, l] of [["llama1", l1], ["llama2", l2]] as const) {
+      const theirs = [["llama1", l1], ["llama2", l2]] as const;
+      for (const [k, l] of r % 2 ? [...theirs].reverse() : theirs) {
         await l.prefill(prompt.slice(0, 15));
         s[k].push((steps / (await l.decode(prompt[15], steps)).ms) * 1000);
       }
