@@ -6,43 +6,35 @@ const std = @import("std");
 
 const iters: usize = 20_000_000;
 
-fn vnni(out: *u64) void {
-    var acc: [12]@Vector(16, i32) = .{@as(@Vector(16, i32), @splat(1))} ** 12;
-    const a: @Vector(16, i32) = @splat(0x01010101);
-    const b: @Vector(16, i32) = @splat(0x02020202);
-    for (0..iters) |_| {
-        inline for (0..12) |i| {
-            acc[i] = asm volatile ("vpdpbusd %[b], %[a], %[acc]"
-                : [acc] "=v" (-> @Vector(16, i32)),
-                : [a] "v" (a),
-                  [b] "v" (b),
-                  [_] "0" (acc[i]),
-            );
+/// 12 independent chains of `instr` (AT&T operands: b, a, acc) on 16-lane registers
+/// holding a and b.
+fn chains(comptime E: type, comptime instr: []const u8, comptime a_lane: E, comptime b_lane: E) fn (*u64) void {
+    const T = @Vector(16, E);
+    const a: T = @splat(a_lane);
+    const b: T = @splat(b_lane);
+    return struct {
+        fn run(out: *u64) void {
+            var acc: [12]T = .{a} ** 12;
+            for (0..iters) |_| {
+                inline for (0..12) |i| {
+                    acc[i] = asm volatile (instr ++ " %[b], %[a], %[acc]"
+                        : [acc] "=v" (-> T),
+                        : [a] "v" (a),
+                          [b] "v" (b),
+                          [_] "0" (acc[i]),
+                    );
+                }
+            }
+            // Keep the results alive: fold every lane's bits into the sink.
+            var s: u32 = 0;
+            inline for (0..12) |i| s +%= @reduce(.Add, @as(@Vector(16, u32), @bitCast(acc[i])));
+            out.* = s;
         }
-    }
-    var s: i64 = 0;
-    inline for (0..12) |i| s +%= @reduce(.Add, acc[i]);
-    out.* = @bitCast(s);
+    }.run;
 }
 
-fn fma(out: *u64) void {
-    var acc: [12]@Vector(16, f32) = .{@as(@Vector(16, f32), @splat(1))} ** 12;
-    const a: @Vector(16, f32) = @splat(0.999999);
-    const b: @Vector(16, f32) = @splat(1e-7);
-    for (0..iters) |_| {
-        inline for (0..12) |i| {
-            acc[i] = asm volatile ("vfmadd231ps %[b], %[a], %[acc]"
-                : [acc] "=v" (-> @Vector(16, f32)),
-                : [a] "v" (a),
-                  [b] "v" (b),
-                  [_] "0" (acc[i]),
-            );
-        }
-    }
-    var s: f32 = 0;
-    inline for (0..12) |i| s += @reduce(.Add, acc[i]);
-    out.* = @intFromFloat(@fabs(s));
-}
+const vnni = chains(i32, "vpdpbusd", 0x01010101, 0x02020202);
+const fma = chains(f32, "vfmadd231ps", 0.999999, 1e-7);
 
 fn rate(comptime body: fn (*u64) void, threads: usize, ops_per_instr: f64) !f64 {
     var sinks: [64]u64 = undefined;
