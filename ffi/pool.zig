@@ -78,15 +78,15 @@ pub const Pool = struct {
         for (threads) |t| t.join();
     }
 
-    /// Runs job(arg) on the caller and on every worker that joins in time; returns when
-    /// the caller's call has returned and every joined worker has left. The job must
-    /// be written so that any number of threads (>= 1) completes it.
     /// Whether a job should go to the workers: not without workers, and not while the
     /// governor has the caller working alone.
     pub fn fanOut(self: *Pool) bool {
         return self.threads.len > 0 and !self.governor.solo(self.governor.clock());
     }
 
+    /// Runs job(arg) on the caller and on every worker that joins in time; returns when
+    /// the caller's call has returned and every joined worker has left. The job must
+    /// be written so that any number of threads (>= 1) completes it.
     pub fn run(self: *Pool, job: JobFn, arg: *anyopaque) void {
         if (self.threads.len == 0) return job(arg);
         const now = self.governor.clock();
