@@ -9,15 +9,11 @@ import { expectedTensors } from "../../src/model/arch";
 import type { ModelConfig } from "../../src/model/config";
 import type { WriteDType } from "../../src/model/encoding";
 import { gguf, ggufModelMetadata, writeGGUF, type GGUFValue, type NamedTensor } from "../../src/model/write";
+import type { TinyDims } from "../../test/helpers/tiny-model";
 
-export interface RandomShape {
+/** The test models' dimensions, plus a file name and tied embeddings. */
+export interface RandomShape extends TinyDims {
   name: string;
-  vocab: number;
-  hidden: number;
-  intermediate: number;
-  layers: number;
-  heads: number;
-  kvHeads: number;
   tied?: boolean;
 }
 
@@ -36,7 +32,7 @@ export function shapeConfig(s: RandomShape, contextLength = 2048): ModelConfig {
     numLayers: s.layers,
     numHeads: s.heads,
     numKvHeads: s.kvHeads,
-    headDim: s.hidden / s.heads,
+    headDim: s.headDim ?? s.hidden / s.heads,
     rmsNormEps: 1e-5,
     ropeTheta: 10000,
     ropeScaling: null,
