@@ -26,7 +26,7 @@ import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM, SSM } from "../src/index";
 import { loadLlama, type LlamaModel } from "../src/model/llama";
 import type { WriteDType } from "../src/model/encoding";
 import { readFloatWeights, widenModel, widenedConfig, type WidenSpec } from "../src/model/widen";
-import { DEFAULT_TREE } from "../src/spec/speculator";
+import { DEFAULT_TREE } from "../src/speculation/speculator";
 import { referenceForward } from "../test/helpers/reference-llama";
 import { LlamaCpp, LlamaCppSession, NODE_LLAMA_CPP_VERSION } from "./llamacpp";
 import { loadavg, median, OtherLoad, round, startBusyLoop, stopBusyLoop } from "./lib/measure";

@@ -6,7 +6,7 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM, SSM, type CompileOptions } from "../src/index";
-import { DEFAULT_TREE } from "../src/spec/speculator";
+import { DEFAULT_TREE } from "../src/speculation/speculator";
 
 const THREADS = Number(process.env.THREADS ?? 2);
 const PROMPTS = Number(process.env.PROMPTS ?? 40);

@@ -16,7 +16,7 @@ import { Engine, type FinishReason, type Request, type TokenEvent } from "./engi
 import type { StatsSummary } from "./engine/stats";
 import { TextStream } from "./engine/text";
 import { loadLlama, type LlamaModel } from "./model/llama";
-import { createSpeculator, type SpeculationOptions } from "./spec/speculator";
+import { createSpeculator, type SpeculationOptions } from "./speculation/speculator";
 import { encodeChat, loadTokenizer, type ChatMessage, type Tokenizer } from "./tokenizer/index";
 
 export type { GenerationConfig } from "./engine/config";

@@ -1,5 +1,5 @@
 import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM, SSM, type GenerateOptions, type LoadOptions } from "../index";
-import { parseTreeShape } from "../spec/tree";
+import { parseTreeShape } from "../speculation/tree";
 import { intFlag, numFlag, parse, progressPrinter, UsageError, type Options } from "./args";
 
 export const GENERATE_HELP = `specinfer generate [--model PATH] --prompt TEXT [options]

@@ -6,9 +6,9 @@
 import { createKVCache, type KVCache } from "../kv/cache";
 import { BatchBuilder } from "../model/batch";
 import type { LlamaModel } from "../model/llama";
-import { Rng } from "../spec/rng";
-import { greedyToken, isGreedy, processLogits, sample, type SamplingParams } from "../spec/sampling";
-import type { Speculator, StepDraft } from "../spec/speculator";
+import { Rng } from "../speculation/rng";
+import { greedyToken, isGreedy, processLogits, sample, type SamplingParams } from "../speculation/sampling";
+import type { Speculator, StepDraft } from "../speculation/speculator";
 import { resolveGenerationConfig, type GenerationConfig } from "./config";
 import { RequestStats } from "./stats";
 

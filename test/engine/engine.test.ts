@@ -10,10 +10,10 @@ import { CpuBackend } from "../../src/backend/cpu";
 import { Engine } from "../../src/engine/engine";
 import { BatchBuilder } from "../../src/model/batch";
 import { loadLlama, type LlamaModel } from "../../src/model/llama";
-import { processLogits } from "../../src/spec/sampling";
-import { createSpeculator, type SpeculationOptions } from "../../src/spec/speculator";
+import { processLogits } from "../../src/speculation/sampling";
+import { createSpeculator, type SpeculationOptions } from "../../src/speculation/speculator";
 import { writeTinyModel, type TinyDims, type TinyDType } from "../helpers/tiny-model";
-import { chiSquareFit } from "../spec/toy";
+import { chiSquareFit } from "../speculation/toy";
 import { createKVCache } from "../../src/kv/cache";
 
 const backend = CpuBackend.create({ threads: 2 });

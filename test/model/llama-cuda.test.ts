@@ -8,7 +8,7 @@ import { CpuBackend } from "../../src/backend/cpu";
 import { Engine } from "../../src/engine/engine";
 import { loadLlama } from "../../src/model/llama";
 import type { Backend } from "../../src/backend/backend";
-import { createSpeculator } from "../../src/spec/speculator";
+import { createSpeculator } from "../../src/speculation/speculator";
 
 const GPU = process.env.SPECINFER_GPU === "1";
 const models = join(import.meta.dir, "..", "..", "models");

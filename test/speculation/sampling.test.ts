@@ -2,10 +2,10 @@
 // edge cases of the filters, and the sampler's empirical distribution.
 
 import { describe, expect, test } from "bun:test";
-import { Rng } from "../../src/spec/rng.ts";
+import { Rng } from "../../src/speculation/rng.ts";
 import {
   GREEDY, argmax, greedyToken, penalize, processLogits, sample, samplingParams, topIndices, type SamplingParams,
-} from "../../src/spec/sampling.ts";
+} from "../../src/speculation/sampling.ts";
 import { chiSquareFit } from "./toy.ts";
 
 /** The filters spelled out with a full sort: what processLogits must equal. */

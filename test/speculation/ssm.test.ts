@@ -9,10 +9,10 @@ import { join } from "node:path";
 import { CpuBackend } from "../../src/backend/cpu";
 import { Engine } from "../../src/engine/engine";
 import { loadLlama } from "../../src/model/llama";
-import { Rng } from "../../src/spec/rng";
-import { GREEDY } from "../../src/spec/sampling";
-import { SSMDrafter } from "../../src/spec/ssm";
-import { parseTreeShape } from "../../src/spec/tree";
+import { Rng } from "../../src/speculation/rng";
+import { GREEDY } from "../../src/speculation/sampling";
+import { SSMDrafter } from "../../src/speculation/ssm";
+import { parseTreeShape } from "../../src/speculation/tree";
 import { writeTinyModel } from "../helpers/tiny-model";
 
 const backend = CpuBackend.create({ threads: 2 });

@@ -1,11 +1,11 @@
 // Tree expansion from a drafter's distributions, and the n-gram drafter.
 
 import { describe, expect, test } from "bun:test";
-import { drawWithoutReplacement, expandTree, growTree, growthCapacity, type DraftView } from "../../src/spec/expand.ts";
-import { NgramDrafter, promptLookup } from "../../src/spec/ngram.ts";
-import { Rng } from "../../src/spec/rng.ts";
-import { processLogits, samplingParams } from "../../src/spec/sampling.ts";
-import { parseTreeShape, pathTo, type DraftTree } from "../../src/spec/tree.ts";
+import { drawWithoutReplacement, expandTree, growTree, growthCapacity, type DraftView } from "../../src/speculation/expand.ts";
+import { NgramDrafter, promptLookup } from "../../src/speculation/ngram.ts";
+import { Rng } from "../../src/speculation/rng.ts";
+import { processLogits, samplingParams } from "../../src/speculation/sampling.ts";
+import { parseTreeShape, pathTo, type DraftTree } from "../../src/speculation/tree.ts";
 import { ToyModel, chiSquareFit } from "./toy.ts";
 
 const VOCAB = 12;

@@ -4,7 +4,7 @@
 // and a chi-square goodness-of-fit p-value.
 
 import type { TokenBatch } from "../../src/model/batch.ts";
-import { Rng } from "../../src/spec/rng.ts";
+import { Rng } from "../../src/speculation/rng.ts";
 
 /** Seeded logits per context: the same context always gives the same row. */
 export class ToyModel {

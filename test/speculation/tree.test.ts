@@ -5,7 +5,7 @@ import { describe, expect, test } from "bun:test";
 import { BatchBuilder } from "../../src/model/batch.ts";
 import {
   linearize, maskWords, mergeTrees, parseTreeShape, pathTo, shapeCapacity, type DraftTree, type TokenTree,
-} from "../../src/spec/tree.ts";
+} from "../../src/speculation/tree.ts";
 
 function draft(tokens: number[], parents: number[], extra: Partial<DraftTree> = {}): DraftTree {
   return { tokens: Int32Array.from(tokens), parents: Int32Array.from(parents), sampled: false, ...extra };

@@ -8,16 +8,16 @@
 
 import { describe, expect, test } from "bun:test";
 import { BatchBuilder } from "../../src/model/batch.ts";
-import { draftParams, expandTree } from "../../src/spec/expand.ts";
-import { promptLookup } from "../../src/spec/ngram.ts";
-import { Rng } from "../../src/spec/rng.ts";
+import { draftParams, expandTree } from "../../src/speculation/expand.ts";
+import { promptLookup } from "../../src/speculation/ngram.ts";
+import { Rng } from "../../src/speculation/rng.ts";
 import {
   GREEDY, greedyToken, processLogits, sample, samplingParams, type SamplingParams,
-} from "../../src/spec/sampling.ts";
+} from "../../src/speculation/sampling.ts";
 import {
   linearize, maskWords, mergeTrees, parseTreeShape, pathTo, type DraftTree, type TokenTree,
-} from "../../src/spec/tree.ts";
-import { speculativeSamplingStep, verify, type VerifyOptions, type VerifyResult } from "../../src/spec/verify.ts";
+} from "../../src/speculation/tree.ts";
+import { speculativeSamplingStep, verify, type VerifyOptions, type VerifyResult } from "../../src/speculation/verify.ts";
 import { ToyModel, chiSquareFit, toyForward } from "./toy.ts";
 
 type Drafter = (context: number[], params: SamplingParams, rng: Rng) => DraftTree;
