@@ -92,7 +92,7 @@ let attention: Record<string, number>;
   const out = gpu.alloc(n * nHeads * headDim * 4).ptr;
   const args = [dev(table), dev(new Int32Array(n)), dev(Int32Array.from([prefix])), dev(anc)] as const;
   const s = time(
-    () => gpu.attention(q, n, nHeads, nKv, headDim, k, v, args[0], maxBlocks, blockSize, args[1], args[2], args[3], 1, 0.125, out),
+    () => gpu.attention(q, n, nHeads, nKv, headDim, k, v, DType.F32, args[0], maxBlocks, blockSize, args[1], args[2], args[3], 1, 0.125, out),
     200,
   );
   // K and V bytes every (token, head) block reads (GQA re-reads mostly hit L2).

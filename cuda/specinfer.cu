@@ -1165,14 +1165,34 @@ extern "C" int32_t si_add(si_ctx *c, float *x, const float *y, int64_t count) {
 }
 
 // ---- paged KV cache -------------------------------------------------------------------------
+//
+// Planes hold float (SI_F32) or __half (SI_F16) elements; every KV kernel is a template
+// over that element type T. Writes round to f16 to nearest even (__float2half_rn, as the
+// CPU's conversion), reads widen to f32, all arithmetic stays f32.
+
+__device__ __forceinline__ float kv_load(const float *p, size_t i) { return p[i]; }
+__device__ __forceinline__ float kv_load(const __half *p, size_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void kv_store(float *p, size_t i, float x) { p[i] = x; }
+__device__ __forceinline__ void kv_store(__half *p, size_t i, float x) { p[i] = __float2half_rn(x); }
+
+// The CPU library's check and message for a plane dtype (anything but F32 / F16).
+static int check_kv_dtype(si_ctx *c, const char *op, int d) {
+  if (d == SI_F32 || d == SI_F16) return SI_OK;
+  const bool known = d == SI_Q4_0 || d == SI_Q8_0 || d == SI_BF16;
+  return fail(c, SI_ERR_ARG, "%s: kv_dtype=%d (%s) is not a KV cache dtype (expected F32=0 or F16=1)", op, d,
+              known ? dtype_name(d) : "unknown");
+}
+
+static unsigned kv_size(int d) { return d == SI_F16 ? 2u : 4u; }
 
 __device__ __forceinline__ size_t slot_offset(const int *bt, int block_size, size_t row, int slot) {
   const int blk = bt[slot / block_size];
   return ((size_t)blk * block_size + (size_t)(slot % block_size)) * row;
 }
 
+template <typename T>
 __global__ void kv_write_kernel(const float *k, const float *v, int row, const int *seq, const int *slot,
-                                const int *block_tables, int max_blocks, int block_size, float *kp, float *vp,
+                                const int *block_tables, int max_blocks, int block_size, T *kp, T *vp,
                                 DevErr *err) {
   __shared__ int s_ok;
   __shared__ size_t s_off;
@@ -1203,17 +1223,18 @@ __global__ void kv_write_kernel(const float *k, const float *v, int row, const i
   const float *kr = k + (size_t)i * row;
   const float *vr = v + (size_t)i * row;
   for (int e = threadIdx.x; e < row; e += blockDim.x) {
-    kp[off + e] = kr[e];
-    vp[off + e] = vr[e];
+    kv_store(kp, off + e, kr[e]);
+    kv_store(vp, off + e, vr[e]);
   }
 }
 
 extern "C" int32_t si_kv_write(si_ctx *c, const float *k, const float *v, int32_t n, int32_t row, const int32_t *seq,
                                const int32_t *slot, const int32_t *block_tables, int32_t max_blocks,
-                               int32_t block_size, float *k_plane, float *v_plane) {
+                               int32_t block_size, void *k_plane, void *v_plane, int32_t kv_dtype) {
   if (!c) return SI_ERR_ARG;
   const char *op = "si_kv_write";
-  int rc = non_negative(c, op, "n", n);
+  int rc = check_kv_dtype(c, op, kv_dtype);
+  if (!rc) rc = non_negative(c, op, "n", n);
   if (!rc) rc = positive(c, op, "row", row);
   if (!rc) rc = positive(c, op, "max_blocks", max_blocks);
   if (!rc) rc = positive(c, op, "block_size", block_size);
@@ -1223,11 +1244,15 @@ extern "C" int32_t si_kv_write(si_ctx *c, const float *k, const float *v, int32_
   for (int j = 0; j < 7; j++)
     if ((rc = need(c, op, names[j], ps[j]))) return rc;
   for (int j = 0; j < 7; j++)
-    if ((rc = aligned(c, op, names[j], ps[j], 4))) return rc;
+    if ((rc = aligned(c, op, names[j], ps[j], j >= 5 ? kv_size(kv_dtype) : 4))) return rc;
   if (!c->ok) return no_device(c, op);
   const int threads = row >= 256 ? 256 : ((row + 31) / 32) * 32;
-  kv_write_kernel<<<n, threads, 0, c->stream>>>(k, v, row, seq, slot, block_tables, max_blocks, block_size, k_plane,
-                                                v_plane, c->derr);
+  if (kv_dtype == SI_F16)
+    kv_write_kernel<__half><<<n, threads, 0, c->stream>>>(k, v, row, seq, slot, block_tables, max_blocks, block_size,
+                                                          (__half *)k_plane, (__half *)v_plane, c->derr);
+  else
+    kv_write_kernel<float><<<n, threads, 0, c->stream>>>(k, v, row, seq, slot, block_tables, max_blocks, block_size,
+                                                         (float *)k_plane, (float *)v_plane, c->derr);
   return launched(c, op);
 }
 
@@ -1239,7 +1264,7 @@ extern "C" int32_t si_kv_write(si_ctx *c, const float *k, const float *v, int32_
 struct AttnArgs {
   const float *q;
   int n, n_heads, n_kv_heads, head_dim;
-  const float *k_plane, *v_plane;
+  const void *k_plane, *v_plane;  // elements of the kernel's T
   const int *block_tables;
   int max_blocks, block_size;
   const int *seq, *committed;
@@ -1253,7 +1278,7 @@ struct AttnArgs {
 #define ATT_G 4
 #define ATT_LIST 1024
 
-template <int E, bool LIST>
+template <int E, bool LIST, typename T>
 __device__ __forceinline__ void attn_group(const AttnArgs &a, const float (&q)[E], float (&acc)[E], float &m, float &s,
                                            const int *list, int base, int cnt, int lane, const int *bt, size_t row,
                                            size_t koff) {
@@ -1265,12 +1290,12 @@ __device__ __forceinline__ void attn_group(const AttnArgs &a, const float (&q)[E
     const int gi = g < cnt ? g : cnt - 1;  // pad with a real slot; its score is masked below
     const int slot = LIST ? list[base + gi] : base + gi;
     off[g] = slot_offset(bt, a.block_size, row, slot) + koff;
-    const float *kr = a.k_plane + off[g];
+    const T *kr = (const T *)a.k_plane + off[g];
     float p = 0.f;
 #pragma unroll
     for (int j = 0; j < E; j++) {
       const int e = lane + 32 * j;
-      if (e < hd) p = fmaf(q[j], kr[e], p);
+      if (e < hd) p = fmaf(q[j], kv_load(kr, e), p);
     }
     sc[g] = p;
   }
@@ -1294,18 +1319,18 @@ __device__ __forceinline__ void attn_group(const AttnArgs &a, const float (&q)[E
     if (g < cnt) {
       const float p = expf(sc[g] - mn);
       s += p;
-      const float *vr = a.v_plane + off[g];
+      const T *vr = (const T *)a.v_plane + off[g];
 #pragma unroll
       for (int j = 0; j < E; j++) {
         const int e = lane + 32 * j;
-        if (e < hd) acc[j] = fmaf(p, vr[e], acc[j]);
+        if (e < hd) acc[j] = fmaf(p, kv_load(vr, e), acc[j]);
       }
     }
   }
   m = mn;
 }
 
-template <int E>
+template <int E, typename T>
 __global__ void __launch_bounds__(512) attention_kernel(AttnArgs a) {
   extern __shared__ float smem[];  // [nw][hd] partial outputs, then m[nw], s[nw], f[nw]
   __shared__ int list[ATT_LIST];
@@ -1376,7 +1401,7 @@ __global__ void __launch_bounds__(512) attention_kernel(AttnArgs a) {
 
   for (int base = w * ATT_G; base < cm; base += nw * ATT_G) {
     const int cnt = cm - base < ATT_G ? cm - base : ATT_G;
-    attn_group<E, false>(a, q, acc, m, s, list, base, cnt, lane, bt, row, koff);
+    attn_group<E, false, T>(a, q, acc, m, s, list, base, cnt, lane, bt, row, koff);
   }
   for (int w0 = 0; w0 < a.words; w0 += 32) {  // uniform loop: barriers are safe
     __syncthreads();                           // the previous chunk's list is consumed
@@ -1402,7 +1427,7 @@ __global__ void __launch_bounds__(512) attention_kernel(AttnArgs a) {
     const int cnt_all = s_cnt;
     for (int base = w * ATT_G; base < cnt_all; base += nw * ATT_G) {
       const int cnt = cnt_all - base < ATT_G ? cnt_all - base : ATT_G;
-      attn_group<E, true>(a, q, acc, m, s, list, base, cnt, lane, bt, row, koff);
+      attn_group<E, true, T>(a, q, acc, m, s, list, base, cnt, lane, bt, row, koff);
     }
   }
 
@@ -1442,21 +1467,34 @@ __global__ void __launch_bounds__(512) attention_kernel(AttnArgs a) {
   }
 }
 
-template <int E>
+template <int E, typename T>
 static void launch_attention(si_ctx *c, const AttnArgs &a, int nw) {
   const size_t smem = ((size_t)nw * a.head_dim + 3 * (size_t)nw) * sizeof(float);
   dim3 grid((unsigned)a.n, (unsigned)a.n_heads);
-  attention_kernel<E><<<grid, nw * 32, smem, c->stream>>>(a);
+  attention_kernel<E, T><<<grid, nw * 32, smem, c->stream>>>(a);
+}
+
+// E = head dims per lane, the smallest of 1, 2, 4, ..., 32 that covers head_dim.
+template <typename T>
+static void launch_attention_for(si_ctx *c, const AttnArgs &a, int nw) {
+  const int e = (a.head_dim + 31) / 32;
+  if (e <= 1) launch_attention<1, T>(c, a, nw);
+  else if (e <= 2) launch_attention<2, T>(c, a, nw);
+  else if (e <= 4) launch_attention<4, T>(c, a, nw);
+  else if (e <= 8) launch_attention<8, T>(c, a, nw);
+  else if (e <= 16) launch_attention<16, T>(c, a, nw);
+  else launch_attention<32, T>(c, a, nw);
 }
 
 extern "C" int32_t si_attention(si_ctx *c, const float *q, int32_t n, int32_t n_heads, int32_t n_kv_heads,
-                                int32_t head_dim, const float *k_plane, const float *v_plane,
+                                int32_t head_dim, const void *k_plane, const void *v_plane, int32_t kv_dtype,
                                 const int32_t *block_tables, int32_t max_blocks, int32_t block_size,
                                 const int32_t *seq, const int32_t *committed, const uint32_t *ancestors, int32_t words,
                                 float scale, float *out) {
   if (!c) return SI_ERR_ARG;
   const char *op = "si_attention";
-  int rc = non_negative(c, op, "n", n);
+  int rc = check_kv_dtype(c, op, kv_dtype);
+  if (!rc) rc = non_negative(c, op, "n", n);
   if (!rc) rc = positive(c, op, "n_heads", n_heads);
   if (!rc) rc = positive(c, op, "n_kv_heads", n_kv_heads);
   if (!rc) rc = positive(c, op, "head_dim", head_dim);
@@ -1474,7 +1512,7 @@ extern "C" int32_t si_attention(si_ctx *c, const float *q, int32_t n, int32_t n_
     if ((rc = need(c, op, names[j], ps[j]))) return rc;
   if (words > 0 && (rc = need(c, op, "ancestors", ancestors))) return rc;
   for (int j = 0; j < 7; j++)
-    if ((rc = aligned(c, op, names[j], ps[j], 4))) return rc;
+    if ((rc = aligned(c, op, names[j], ps[j], j == 1 || j == 2 ? kv_size(kv_dtype) : 4))) return rc;
   if (words > 0 && (rc = aligned(c, op, "ancestors", ancestors, 4))) return rc;
   if (n_heads > 65535) return fail(c, SI_ERR_ARG, "%s: n_heads=%d exceeds the CUDA grid limit 65535", op, n_heads);
   if (!c->ok) return no_device(c, op);
@@ -1504,20 +1542,16 @@ extern "C" int32_t si_attention(si_ctx *c, const float *q, int32_t n, int32_t n_
   if (blocks < 2LL * c->sm_count) nw = 8;
   if (blocks < c->sm_count) nw = 16;
   while (nw > 1 && ((size_t)nw * head_dim + 3 * (size_t)nw) * 4 > 40 * 1024) nw /= 2;
-  const int e = (head_dim + 31) / 32;
-  if (e <= 1) launch_attention<1>(c, a, nw);
-  else if (e <= 2) launch_attention<2>(c, a, nw);
-  else if (e <= 4) launch_attention<4>(c, a, nw);
-  else if (e <= 8) launch_attention<8>(c, a, nw);
-  else if (e <= 16) launch_attention<16>(c, a, nw);
-  else launch_attention<32>(c, a, nw);
+  if (kv_dtype == SI_F16) launch_attention_for<__half>(c, a, nw);
+  else launch_attention_for<float>(c, a, nw);
   return launched(c, op);
 }
 
 // One block per plane walks i = 0..n-1 in order with a barrier between rows: row i's
 // destination may be an earlier row's source (the accepted path moving forward). Every
 // block checks all entries first, so a bad entry moves nothing in any plane.
-__global__ void kv_move_kernel(float *cache, long long plane_stride, int row, const int *table, int block_size,
+template <typename T>
+__global__ void kv_move_kernel(T *cache, long long plane_stride, int row, const int *table, int block_size,
                                const int *src, const int *dst, int n, DevErr *err) {
   int bad = 0;
   for (int i = threadIdx.x; i < n && !bad; i += blockDim.x) {
@@ -1536,7 +1570,7 @@ __global__ void kv_move_kernel(float *cache, long long plane_stride, int row, co
     }
   }
   if (__syncthreads_or(bad)) return;
-  float *plane = cache + (size_t)blockIdx.x * (size_t)plane_stride;
+  T *plane = cache + (size_t)blockIdx.x * (size_t)plane_stride;
   for (int i = 0; i < n; i++) {
     const int s = src[i], d = dst[i];
     if (s != d) {
@@ -1548,12 +1582,13 @@ __global__ void kv_move_kernel(float *cache, long long plane_stride, int row, co
   }
 }
 
-extern "C" int32_t si_kv_move(si_ctx *c, float *cache, int32_t n_planes, int64_t plane_stride, int32_t row,
-                              const int32_t *table, int32_t block_size, const int32_t *src, const int32_t *dst,
-                              int32_t n) {
+extern "C" int32_t si_kv_move(si_ctx *c, void *cache, int32_t kv_dtype, int32_t n_planes, int64_t plane_stride,
+                              int32_t row, const int32_t *table, int32_t block_size, const int32_t *src,
+                              const int32_t *dst, int32_t n) {
   if (!c) return SI_ERR_ARG;
   const char *op = "si_kv_move";
-  int rc = non_negative(c, op, "n", n);
+  int rc = check_kv_dtype(c, op, kv_dtype);
+  if (!rc) rc = non_negative(c, op, "n", n);
   if (!rc) rc = non_negative(c, op, "n_planes", n_planes);
   if (!rc) rc = non_negative(c, op, "plane_stride", plane_stride);
   if (!rc) rc = positive(c, op, "row", row);
@@ -1564,11 +1599,16 @@ extern "C" int32_t si_kv_move(si_ctx *c, float *cache, int32_t n_planes, int64_t
   for (int j = 0; j < 4; j++)
     if ((rc = need(c, op, names[j], ps[j]))) return rc;
   for (int j = 0; j < 4; j++)
-    if ((rc = aligned(c, op, names[j], ps[j], 4))) return rc;
+    if ((rc = aligned(c, op, names[j], ps[j], j == 0 ? kv_size(kv_dtype) : 4))) return rc;
   if (!c->ok) return no_device(c, op);
   const int threads = row >= 256 ? 256 : ((row + 31) / 32) * 32;
-  kv_move_kernel<<<n_planes, threads, 0, c->stream>>>(cache, plane_stride, row, table, block_size, src, dst, n,
-                                                      c->derr);
+  // Rows are copied bit for bit: f16 planes move as 16-bit words.
+  if (kv_dtype == SI_F16)
+    kv_move_kernel<unsigned short><<<n_planes, threads, 0, c->stream>>>((unsigned short *)cache, plane_stride, row,
+                                                                        table, block_size, src, dst, n, c->derr);
+  else
+    kv_move_kernel<float><<<n_planes, threads, 0, c->stream>>>((float *)cache, plane_stride, row, table, block_size,
+                                                               src, dst, n, c->derr);
   return launched(c, op);
 }
 

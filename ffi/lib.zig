@@ -464,6 +464,28 @@ export fn si_add(ctx: ?*Ctx, x: ?[*]f32, y: ?[*]const f32, count: i64) callconv(
     return SI_OK;
 }
 
+/// Element type of a KV cache plane (ffi/specinfer.h: SI_F32 or SI_F16).
+const KvType = enum { f32, f16 };
+
+fn KvElem(comptime t: KvType) type {
+    return if (t == .f32) f32 else f16;
+}
+
+fn getKvType(c: *Ctx, comptime op: []const u8, v: i32) union(enum) { ok: KvType, err: i32 } {
+    return switch (v) {
+        0 => .{ .ok = .f32 },
+        1 => .{ .ok = .f16 },
+        else => .{ .err = c.fail(SI_ERR_ARG, op ++ ": kv_dtype={d} ({s}) is not a KV cache dtype (expected F32=0 or F16=1)", .{ v, if (mm.dtypeFrom(v)) |d| mm.dtypeName(d) else "unknown" }) },
+    };
+}
+
+/// The plane pointer p as elements of t, or an error when it is not aligned to them.
+fn planePtr(c: *Ctx, comptime op: []const u8, comptime what: []const u8, comptime t: KvType, p: anytype) union(enum) { ok: [*]KvElem(t), err: i32 } {
+    const al = @alignOf(KvElem(t));
+    if (@intFromPtr(p) % al != 0) return .{ .err = c.fail(SI_ERR_ARG, op ++ ": " ++ what ++ "=0x{x} is not {d}-byte aligned", .{ @intFromPtr(p), al }) };
+    return .{ .ok = @ptrFromInt(@intFromPtr(p)) };
+}
+
 /// Checks a (row, slot) of the paged cache: seq row >= 0, slot inside the table,
 /// block id >= 0. Row counts and pool size are not in the ABI, so they cannot be checked.
 fn checkSlot(c: *Ctx, comptime op: []const u8, bt: [*]const i32, max_blocks: usize, block_size: usize, slot: i64, what: []const u8, idx: usize) i32 {
@@ -474,9 +496,13 @@ fn checkSlot(c: *Ctx, comptime op: []const u8, bt: [*]const i32, max_blocks: usi
     return SI_OK;
 }
 
-export fn si_kv_write(ctx: ?*Ctx, k: ?[*]const f32, v: ?[*]const f32, n: i32, row: i32, seq: ?[*]const i32, slot: ?[*]const i32, block_tables: ?[*]const i32, max_blocks: i32, block_size: i32, k_plane: ?[*]f32, v_plane: ?[*]f32) callconv(.C) i32 {
+export fn si_kv_write(ctx: ?*Ctx, k: ?[*]const f32, v: ?[*]const f32, n: i32, row: i32, seq: ?[*]const i32, slot: ?[*]const i32, block_tables: ?[*]const i32, max_blocks: i32, block_size: i32, k_plane: ?*anyopaque, v_plane: ?*anyopaque, kv_dtype: i32) callconv(.C) i32 {
     const c = ctx orelse return SI_ERR_ARG;
     const op = "si_kv_write";
+    const kt = switch (getKvType(c, op, kv_dtype)) {
+        .ok => |t| t,
+        .err => |e| return e,
+    };
     var rc = nonNegative(c, op, "n", n);
     if (rc == 0) rc = positive(c, op, "row", row);
     if (rc == 0) rc = positive(c, op, "max_blocks", max_blocks);
@@ -493,16 +519,33 @@ export fn si_kv_write(ctx: ?*Ctx, k: ?[*]const f32, v: ?[*]const f32, n: i32, ro
         rc = checkSlot(c, op, block_tables.? + @as(usize, @intCast(seq.?[i])) * mb, mb, bs, slot.?[i], "", i);
         if (rc != 0) return rc;
     }
-    if (c.reference)
-        at.kvWrite(true, k.?, v.?, @intCast(n), @intCast(row), seq.?, slot.?, block_tables.?, mb, bs, k_plane.?, v_plane.?)
-    else
-        at.kvWrite(false, k.?, v.?, @intCast(n), @intCast(row), seq.?, slot.?, block_tables.?, mb, bs, k_plane.?, v_plane.?);
+    switch (kt) {
+        inline else => |t| {
+            const kp = switch (planePtr(c, op, "k_plane", t, k_plane.?)) {
+                .ok => |p| p,
+                .err => |e| return e,
+            };
+            const vp = switch (planePtr(c, op, "v_plane", t, v_plane.?)) {
+                .ok => |p| p,
+                .err => |e| return e,
+            };
+            const T = KvElem(t);
+            if (c.reference)
+                at.kvWrite(true, T, k.?, v.?, @intCast(n), @intCast(row), seq.?, slot.?, block_tables.?, mb, bs, kp, vp)
+            else
+                at.kvWrite(false, T, k.?, v.?, @intCast(n), @intCast(row), seq.?, slot.?, block_tables.?, mb, bs, kp, vp);
+        },
+    }
     return SI_OK;
 }
 
-export fn si_attention(ctx: ?*Ctx, q: ?[*]const f32, n: i32, n_heads: i32, n_kv_heads: i32, head_dim: i32, k_plane: ?[*]const f32, v_plane: ?[*]const f32, block_tables: ?[*]const i32, max_blocks: i32, block_size: i32, seq: ?[*]const i32, committed: ?[*]const i32, ancestors: ?[*]const u32, words: i32, scale: f32, out: ?[*]f32) callconv(.C) i32 {
+export fn si_attention(ctx: ?*Ctx, q: ?[*]const f32, n: i32, n_heads: i32, n_kv_heads: i32, head_dim: i32, k_plane: ?*const anyopaque, v_plane: ?*const anyopaque, kv_dtype: i32, block_tables: ?[*]const i32, max_blocks: i32, block_size: i32, seq: ?[*]const i32, committed: ?[*]const i32, ancestors: ?[*]const u32, words: i32, scale: f32, out: ?[*]f32) callconv(.C) i32 {
     const c = ctx orelse return SI_ERR_ARG;
     const op = "si_attention";
+    const kt = switch (getKvType(c, op, kv_dtype)) {
+        .ok => |t| t,
+        .err => |e| return e,
+    };
     var rc = nonNegative(c, op, "n", n);
     if (rc == 0) rc = positive(c, op, "n_heads", n_heads);
     if (rc == 0) rc = positive(c, op, "n_kv_heads", n_kv_heads);
@@ -552,33 +595,84 @@ export fn si_attention(ctx: ?*Ctx, q: ?[*]const f32, n: i32, n_heads: i32, n_kv_
             if (bt[b] < 0) return c.fail(SI_ERR_ARG, op ++ ": sequence row {d} block {d} has block id {d}", .{ sq, b, bt[b] });
         }
     }
-    const a = at.AttnArgs{
-        .q = q.?,
-        .n = @intCast(n),
-        .n_heads = @intCast(n_heads),
-        .n_kv_heads = @intCast(n_kv_heads),
-        .head_dim = @intCast(head_dim),
-        .k_plane = k_plane.?,
-        .v_plane = v_plane.?,
-        .block_tables = block_tables.?,
-        .max_blocks = mb,
-        .block_size = bs,
-        .seq = seq.?,
-        .committed = committed.?,
-        .ancestors = ancestors orelse @as([*]const u32, @ptrFromInt(@alignOf(u32))),
-        .words = wu,
-        .scale = scale,
-        .out = out.?,
-    };
-    const items = a.n * a.n_heads;
-    const g = if (c.pool.n == 1) items else @max(1, items / (@as(usize, c.pool.n) * 8));
-    if (c.reference) parallelFor(&c.pool, items, g, &a, at.attentionRef) else parallelFor(&c.pool, items, g, &a, at.attention);
+    switch (kt) {
+        inline else => |t| {
+            const kp = switch (planePtr(c, op, "k_plane", t, k_plane.?)) {
+                .ok => |p| p,
+                .err => |e| return e,
+            };
+            const vp = switch (planePtr(c, op, "v_plane", t, v_plane.?)) {
+                .ok => |p| p,
+                .err => |e| return e,
+            };
+            const T = KvElem(t);
+            const Args = at.AttnArgs(T);
+            const a = Args{
+                .q = q.?,
+                .n = @intCast(n),
+                .n_heads = @intCast(n_heads),
+                .n_kv_heads = @intCast(n_kv_heads),
+                .head_dim = @intCast(head_dim),
+                .k_plane = kp,
+                .v_plane = vp,
+                .block_tables = block_tables.?,
+                .max_blocks = mb,
+                .block_size = bs,
+                .seq = seq.?,
+                .committed = committed.?,
+                .ancestors = ancestors orelse @as([*]const u32, @ptrFromInt(@alignOf(u32))),
+                .words = wu,
+                .scale = scale,
+                .out = out.?,
+            };
+            runAttention(T, c, &a);
+        },
+    }
     return SI_OK;
 }
 
-export fn si_kv_move(ctx: ?*Ctx, cache: ?[*]f32, n_planes: i32, plane_stride: i64, row: i32, table: ?[*]const i32, block_size: i32, src: ?[*]const i32, dst: ?[*]const i32, n: i32) callconv(.C) i32 {
+/// The planes of one si_kv_move, split over the pool by plane.
+fn KvMoveJob(comptime T: type) type {
+    return struct {
+        cache: [*]T,
+        ps: usize,
+        row: usize,
+        table: [*]const i32,
+        bs: usize,
+        src: [*]const i32,
+        dst: [*]const i32,
+        n: usize,
+        ref: bool,
+        fn body(a: *const @This(), p0: usize, p1: usize) void {
+            if (a.ref) at.kvMove(true, T, a.cache, a.ps, a.row, a.table, a.bs, a.src, a.dst, a.n, p0, p1) else at.kvMove(false, T, a.cache, a.ps, a.row, a.table, a.bs, a.src, a.dst, a.n, p0, p1);
+        }
+    };
+}
+
+/// One (token, head) work item per index, split over the pool. A generic function, so
+/// each T gets its own kernel wrappers (a struct inside an inline switch prong would be
+/// one type for both).
+fn runAttention(comptime T: type, c: *Ctx, a: *const at.AttnArgs(T)) void {
+    const K = struct {
+        fn ref(x: *const at.AttnArgs(T), b: usize, e: usize) void {
+            at.attentionRef(T, x, b, e);
+        }
+        fn vec(x: *const at.AttnArgs(T), b: usize, e: usize) void {
+            at.attention(T, x, b, e);
+        }
+    };
+    const items = a.n * a.n_heads;
+    const g = if (c.pool.n == 1) items else @max(1, items / (@as(usize, c.pool.n) * 8));
+    if (c.reference) parallelFor(&c.pool, items, g, a, K.ref) else parallelFor(&c.pool, items, g, a, K.vec);
+}
+
+export fn si_kv_move(ctx: ?*Ctx, cache: ?*anyopaque, kv_dtype: i32, n_planes: i32, plane_stride: i64, row: i32, table: ?[*]const i32, block_size: i32, src: ?[*]const i32, dst: ?[*]const i32, n: i32) callconv(.C) i32 {
     const c = ctx orelse return SI_ERR_ARG;
     const op = "si_kv_move";
+    const kt = switch (getKvType(c, op, kv_dtype)) {
+        .ok => |t| t,
+        .err => |e| return e,
+    };
     var rc = nonNegative(c, op, "n", n);
     if (rc == 0) rc = nonNegative(c, op, "n_planes", n_planes);
     if (rc == 0) rc = nonNegative(c, op, "plane_stride", plane_stride);
@@ -595,23 +689,18 @@ export fn si_kv_move(ctx: ?*Ctx, cache: ?[*]f32, n_planes: i32, plane_stride: i6
         if (rc == 0) rc = checkSlot(c, op, table.?, 0, bs, dst.?[i], "dst", i);
         if (rc != 0) return rc;
     }
-    const A = struct {
-        cache: [*]f32,
-        ps: usize,
-        row: usize,
-        table: [*]const i32,
-        bs: usize,
-        src: [*]const i32,
-        dst: [*]const i32,
-        n: usize,
-        ref: bool,
-        fn body(a: *const @This(), p0: usize, p1: usize) void {
-            if (a.ref) at.kvMove(true, a.cache, a.ps, a.row, a.table, a.bs, a.src, a.dst, a.n, p0, p1) else at.kvMove(false, a.cache, a.ps, a.row, a.table, a.bs, a.src, a.dst, a.n, p0, p1);
-        }
-    };
-    const a = A{ .cache = cache.?, .ps = @intCast(plane_stride), .row = @intCast(row), .table = table.?, .bs = bs, .src = src.?, .dst = dst.?, .n = @intCast(n), .ref = c.reference };
-    const np: usize = @intCast(n_planes);
-    parallelFor(&c.pool, np, grainOf(c, np, a.n * a.row), &a, A.body);
+    switch (kt) {
+        inline else => |t| {
+            const cp = switch (planePtr(c, op, "cache", t, cache.?)) {
+                .ok => |p| p,
+                .err => |e| return e,
+            };
+            const A = KvMoveJob(KvElem(t));
+            const a = A{ .cache = cp, .ps = @intCast(plane_stride), .row = @intCast(row), .table = table.?, .bs = bs, .src = src.?, .dst = dst.?, .n = @intCast(n), .ref = c.reference };
+            const np: usize = @intCast(n_planes);
+            parallelFor(&c.pool, np, grainOf(c, np, a.n * a.row), &a, A.body);
+        },
+    }
     return SI_OK;
 }
 

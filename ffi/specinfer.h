@@ -110,8 +110,15 @@ int32_t si_add(si_ctx *ctx, float *x, const float *y, int64_t count);
 
 /* ---- paged KV cache and tree attention -------------------------------------
  *
- * A cache plane is f32 [n_blocks][block_size][row] with row = n_kv_heads * head_dim.
- * A model's cache is planes laid out as [layer][K, V], plane_stride floats apart.
+ * A cache plane is [n_blocks][block_size][row] elements of kv_dtype, with
+ * row = n_kv_heads * head_dim. kv_dtype is SI_F32 or SI_F16 (any other value is
+ * refused with SI_ERR_ARG); it is the same for every op on one cache. K and V are
+ * rounded to f16 on write (round to nearest, ties to even; a value beyond the f16
+ * range becomes +-inf, as in a plain conversion), and attention converts them back
+ * to f32 and accumulates in f32, so an f16 cache changes only the stored values.
+ * Planes are 2-byte aligned at least for SI_F16, 4-byte for SI_F32.
+ * A model's cache is planes laid out as [layer][K, V], plane_stride elements (of
+ * kv_dtype, not bytes) apart.
  * block_tables[s * max_blocks + b] is the pool block holding logical slots
  * [b * block_size, (b + 1) * block_size) of sequence row s.
  *
@@ -121,25 +128,28 @@ int32_t si_add(si_ctx *ctx, float *x, const float *y, int64_t count);
  * whether token i attends to it. Every token attends to all committed slots of
  * its row. Chains (prefill, decode) and token trees are the same case. */
 
-/* Writes k[n, row], v[n, row] at (seq[i], slot[i]) into one layer's K and V planes. */
+/* Writes k[n, row], v[n, row] (f32) at (seq[i], slot[i]) into one layer's K and V
+ * planes of kv_dtype. */
 int32_t si_kv_write(si_ctx *ctx, const float *k, const float *v, int32_t n, int32_t row,
                     const int32_t *seq, const int32_t *slot, const int32_t *block_tables,
-                    int32_t max_blocks, int32_t block_size, float *k_plane, float *v_plane);
+                    int32_t max_blocks, int32_t block_size, void *k_plane, void *v_plane,
+                    int32_t kv_dtype);
 
 /* out[n, n_heads * head_dim] = softmax(q K^T * scale) V over the slots each token may
  * see (see above). GQA: query head h reads KV head h / (n_heads / n_kv_heads). */
 int32_t si_attention(si_ctx *ctx, const float *q, int32_t n, int32_t n_heads, int32_t n_kv_heads,
-                     int32_t head_dim, const float *k_plane, const float *v_plane,
+                     int32_t head_dim, const void *k_plane, const void *v_plane, int32_t kv_dtype,
                      const int32_t *block_tables, int32_t max_blocks, int32_t block_size,
                      const int32_t *seq, const int32_t *committed, const uint32_t *ancestors,
                      int32_t words, float scale, float *out);
 
-/* For every plane p < n_planes (at cache + p * plane_stride): copy the row at logical
- * slot src[i] of the sequence with block table `table` to slot dst[i], in order
- * i = 0..n-1 (dst[i] <= src[i], increasing: the accepted path moving forward). */
-int32_t si_kv_move(si_ctx *ctx, float *cache, int32_t n_planes, int64_t plane_stride, int32_t row,
-                   const int32_t *table, int32_t block_size, const int32_t *src, const int32_t *dst,
-                   int32_t n);
+/* For every plane p < n_planes (at cache + p * plane_stride elements of kv_dtype): copy
+ * the row at logical slot src[i] of the sequence with block table `table` to slot
+ * dst[i], in order i = 0..n-1 (dst[i] <= src[i], increasing: the accepted path moving
+ * forward). Rows are copied bit for bit. */
+int32_t si_kv_move(si_ctx *ctx, void *cache, int32_t kv_dtype, int32_t n_planes, int64_t plane_stride,
+                   int32_t row, const int32_t *table, int32_t block_size, const int32_t *src,
+                   const int32_t *dst, int32_t n);
 
 /* ---- logits helpers ------------------------------------------------------- */
 

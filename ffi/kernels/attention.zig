@@ -2,7 +2,8 @@
 //!
 //! A token of sequence row s sees the committed slots [0, committed[s]) of its row
 //! plus slot committed[s] + j for each bit j set in its ancestor mask. One (token,
-//! head) pair is one work item.
+//! head) pair is one work item. Planes hold elements of T (f32 or f16); every kernel is
+//! generic over T, so the f32 instantiation is the f32-only code it always was.
 const std = @import("std");
 const s = @import("simd.zig");
 const V = s.V;
@@ -10,33 +11,44 @@ const L = s.L;
 
 pub const max_head_dim = 1024; // per-item accumulators live on the stack
 
-pub const AttnArgs = struct {
-    q: [*]const f32,
-    n: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    k_plane: [*]const f32,
-    v_plane: [*]const f32,
-    block_tables: [*]const i32,
-    max_blocks: usize,
-    block_size: usize,
-    seq: [*]const i32,
-    committed: [*]const i32,
-    ancestors: [*]const u32,
-    words: usize,
-    scale: f32,
-    out: [*]f32,
-};
+pub fn AttnArgs(comptime T: type) type {
+    return struct {
+        q: [*]const f32,
+        n: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        k_plane: [*]const T,
+        v_plane: [*]const T,
+        block_tables: [*]const i32,
+        max_blocks: usize,
+        block_size: usize,
+        seq: [*]const i32,
+        committed: [*]const i32,
+        ancestors: [*]const u32,
+        words: usize,
+        scale: f32,
+        out: [*]f32,
+    };
+}
 
-/// Offset in floats of (slot, kv head) inside a plane, through the row's block table.
+inline fn widen(x: anytype) f32 {
+    return if (@TypeOf(x) == f32) x else @floatCast(x);
+}
+
+/// L consecutive plane elements as f32 (f16: vcvtph2ps).
+inline fn loadPlane(comptime T: type, p: [*]const T) V {
+    return if (T == f32) s.load(p) else s.loadF16(@ptrCast(p));
+}
+
+/// Offset in elements of (slot, kv head) inside a plane, through the row's block table.
 inline fn rowOffset(bt: [*]const i32, block_size: usize, row: usize, slot: usize) usize {
     const blk: usize = @intCast(bt[slot / block_size]);
     return (blk * block_size + slot % block_size) * row;
 }
 
 /// Calls f(ctx, slot) for every slot token i may see, in increasing slot order.
-inline fn forEachSlot(a: *const AttnArgs, i: usize, ctx: anytype, comptime f: anytype) void {
+inline fn forEachSlot(a: anytype, i: usize, ctx: anytype, comptime f: anytype) void {
     const sq: usize = @intCast(a.seq[i]);
     const c: usize = @intCast(a.committed[sq]);
     for (0..c) |slot| f(ctx, slot);
@@ -51,7 +63,7 @@ inline fn forEachSlot(a: *const AttnArgs, i: usize, ctx: anytype, comptime f: an
 
 /// As forEachSlot, but calls f(ctx, offset of the slot's row in a plane): committed
 /// slots are walked block by block (no division per slot).
-inline fn forEachRow(a: *const AttnArgs, i: usize, ctx: anytype, comptime f: anytype) void {
+inline fn forEachRow(a: anytype, i: usize, ctx: anytype, comptime f: anytype) void {
     const sq: usize = @intCast(a.seq[i]);
     const c: usize = @intCast(a.committed[sq]);
     const bt = a.block_tables + sq * a.max_blocks;
@@ -77,13 +89,13 @@ inline fn forEachRow(a: *const AttnArgs, i: usize, ctx: anytype, comptime f: any
 }
 
 /// Reference: two passes (max, then exp-sum and weighted V) in f64.
-pub fn attentionRef(a: *const AttnArgs, it0: usize, it1: usize) void {
+pub fn attentionRef(comptime T: type, a: *const AttnArgs(T), it0: usize, it1: usize) void {
     for (it0..it1) |it| {
         const i = it / a.n_heads;
         const h = it % a.n_heads;
         const kvh = h / (a.n_heads / a.n_kv_heads);
         const Ctx = struct {
-            a: *const AttnArgs,
+            a: *const AttnArgs(T),
             q: [*]const f32,
             bt: [*]const i32,
             kvh: usize,
@@ -95,7 +107,7 @@ pub fn attentionRef(a: *const AttnArgs, it0: usize, it1: usize) void {
                 const row = c.a.n_kv_heads * c.a.head_dim;
                 const kr = c.a.k_plane + rowOffset(c.bt, c.a.block_size, row, slot) + c.kvh * c.a.head_dim;
                 var d: f64 = 0;
-                for (0..c.a.head_dim) |e| d += @as(f64, c.q[e]) * kr[e];
+                for (0..c.a.head_dim) |e| d += @as(f64, c.q[e]) * widen(kr[e]);
                 return d * c.a.scale;
             }
             fn passMax(c: *@This(), slot: usize) void {
@@ -106,7 +118,7 @@ pub fn attentionRef(a: *const AttnArgs, it0: usize, it1: usize) void {
                 c.sum += p;
                 const row = c.a.n_kv_heads * c.a.head_dim;
                 const vr = c.a.v_plane + rowOffset(c.bt, c.a.block_size, row, slot) + c.kvh * c.a.head_dim;
-                for (0..c.a.head_dim) |e| c.acc[e] += p * vr[e];
+                for (0..c.a.head_dim) |e| c.acc[e] += p * widen(vr[e]);
             }
         };
         const sq: usize = @intCast(a.seq[i]);
@@ -125,13 +137,13 @@ const tile = 32;
 /// one rescale of the accumulator per tile, then the tile's V rows. The score of a
 /// slot is one FMA chain over head_dim in steps of 16, lane sums by s.sumLanes'
 /// fixed tree, then the scalar tail; the exponentials are vector ones.
-pub fn attention(a: *const AttnArgs, it0: usize, it1: usize) void {
+pub fn attention(comptime T: type, a: *const AttnArgs(T), it0: usize, it1: usize) void {
     for (it0..it1) |it| {
         const i = it / a.n_heads;
         const h = it % a.n_heads;
         const kvh = h / (a.n_heads / a.n_kv_heads);
         const Ctx = struct {
-            a: *const AttnArgs,
+            a: *const AttnArgs(T),
             q: [*]const f32,
             koff: usize,
             mx: f32 = -std.math.inf(f32),
@@ -156,13 +168,13 @@ pub fn attention(a: *const AttnArgs, it0: usize, it1: usize) void {
                     const kr = c.a.k_plane + c.rows[j];
                     var p = s.splat(0);
                     var e: usize = 0;
-                    while (e < full) : (e += L) p = @mulAdd(V, s.load(c.q + e), s.load(kr + e), p);
+                    while (e < full) : (e += L) p = @mulAdd(V, s.load(c.q + e), loadPlane(T, kr + e), p);
                     part[j] = p;
                 }
                 var sc = s.sumLanes(tile, part);
                 if (full < hd) {
                     for (0..c.count) |j| {
-                        for (full..hd) |e| sc[j] += c.q[e] * c.a.k_plane[c.rows[j] + e];
+                        for (full..hd) |e| sc[j] += c.q[e] * widen(c.a.k_plane[c.rows[j] + e]);
                     }
                 }
                 const ninf = s.splat(-std.math.inf(f32));
@@ -180,7 +192,7 @@ pub fn attention(a: *const AttnArgs, it0: usize, it1: usize) void {
                 const p1 = s.exp(s1 - mv);
                 c.sum = c.sum * corr + s.sumLanes(1, .{p0 + p1})[0];
                 const ps: [tile]f32 = @as([L]f32, p0) ++ @as([L]f32, p1);
-                for (0..c.count) |j| axpy(&c.acc, c.a.v_plane + c.rows[j], hd, ps[j]);
+                for (0..c.count) |j| axpy(T, &c.acc, c.a.v_plane + c.rows[j], hd, ps[j]);
                 c.mx = m_new;
                 c.count = 0;
             }
@@ -201,39 +213,52 @@ inline fn scaleRow(acc: [*]f32, n: usize, f: f32) void {
     while (e < n) : (e += 1) acc[e] *= f;
 }
 
-inline fn axpy(acc: [*]f32, v: [*]const f32, n: usize, p: f32) void {
+inline fn axpy(comptime T: type, acc: [*]f32, v: [*]const T, n: usize, p: f32) void {
     var e: usize = 0;
     const pv = s.splat(p);
-    while (e + L <= n) : (e += L) s.store(acc + e, @mulAdd(V, pv, s.load(v + e), s.load(acc + e)));
-    while (e < n) : (e += 1) acc[e] += p * v[e];
+    while (e + L <= n) : (e += L) s.store(acc + e, @mulAdd(V, pv, loadPlane(T, v + e), s.load(acc + e)));
+    while (e < n) : (e += 1) acc[e] += p * widen(v[e]);
 }
 
 // ---- cache writes and moves ---------------------------------------------------------
 
-inline fn copyRow(comptime reference: bool, dst: [*]f32, src: [*]const f32, row: usize) void {
+/// dst = src converted to T (f16: round to nearest even).
+inline fn storeRow(comptime reference: bool, comptime T: type, dst: [*]T, src: [*]const f32, row: usize) void {
+    if (reference) {
+        for (0..row) |e| dst[e] = if (T == f32) src[e] else @floatCast(src[e]);
+    } else if (T == f32) {
+        @memcpy(dst[0..row], src[0..row]);
+    } else {
+        var e: usize = 0;
+        while (e + L <= row) : (e += L) s.storeF16(@ptrCast(dst + e), s.load(src + e));
+        while (e < row) : (e += 1) dst[e] = @floatCast(src[e]);
+    }
+}
+
+inline fn copyRow(comptime reference: bool, comptime T: type, dst: [*]T, src: [*]const T, row: usize) void {
     if (reference) {
         for (0..row) |e| dst[e] = src[e];
     } else @memcpy(dst[0..row], src[0..row]);
 }
 
-pub fn kvWrite(comptime reference: bool, k: [*]const f32, v: [*]const f32, n: usize, row: usize, seq: [*]const i32, slot: [*]const i32, block_tables: [*]const i32, max_blocks: usize, block_size: usize, k_plane: [*]f32, v_plane: [*]f32) void {
+pub fn kvWrite(comptime reference: bool, comptime T: type, k: [*]const f32, v: [*]const f32, n: usize, row: usize, seq: [*]const i32, slot: [*]const i32, block_tables: [*]const i32, max_blocks: usize, block_size: usize, k_plane: [*]T, v_plane: [*]T) void {
     for (0..n) |i| {
         const bt = block_tables + @as(usize, @intCast(seq[i])) * max_blocks;
         const off = rowOffset(bt, block_size, row, @intCast(slot[i]));
-        copyRow(reference, k_plane + off, k + i * row, row);
-        copyRow(reference, v_plane + off, v + i * row, row);
+        storeRow(reference, T, k_plane + off, k + i * row, row);
+        storeRow(reference, T, v_plane + off, v + i * row, row);
     }
 }
 
 /// Moves rows for planes [p0, p1) in order i = 0..n-1 within each plane.
-pub fn kvMove(comptime reference: bool, cache: [*]f32, plane_stride: usize, row: usize, table: [*]const i32, block_size: usize, src: [*]const i32, dst: [*]const i32, n: usize, p0: usize, p1: usize) void {
+pub fn kvMove(comptime reference: bool, comptime T: type, cache: [*]T, plane_stride: usize, row: usize, table: [*]const i32, block_size: usize, src: [*]const i32, dst: [*]const i32, n: usize, p0: usize, p1: usize) void {
     for (p0..p1) |p| {
         const plane = cache + p * plane_stride;
         for (0..n) |i| {
             if (src[i] == dst[i]) continue;
             const so = rowOffset(table, block_size, row, @intCast(src[i]));
             const d = rowOffset(table, block_size, row, @intCast(dst[i]));
-            copyRow(reference, plane + d, plane + so, row);
+            copyRow(reference, T, plane + d, plane + so, row);
         }
     }
 }

@@ -32,6 +32,13 @@ pub inline fn loadF16(p: [*]const u8) V {
     return r;
 }
 
+/// Stores L lanes as f16, rounded to nearest even (vcvtps2ph).
+pub inline fn storeF16(p: [*]u8, v: V) void {
+    var h: @Vector(L, f16) = undefined;
+    inline for (0..L) |j| h[j] = @floatCast(v[j]);
+    @as(*align(1) [L]f16, @ptrCast(p)).* = h;
+}
+
 pub inline fn loadBF16(p: [*]const u8) V {
     const h: @Vector(L, u16) = @as(*align(1) const [L]u16, @ptrCast(p)).*;
     const w: @Vector(L, u32) = h;

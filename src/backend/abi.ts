@@ -6,7 +6,7 @@
 // Bun FFI rules followed here (TRAPS.md): every status is an i32 (no BigInt returns);
 // pointers cross as numbers (native addresses), never as cached ptr() of JS memory.
 
-import { BackendError, type DType, type Ptr, type RopeLayout } from "./backend.ts";
+import { BackendError, type DType, type KVDType, type Ptr, type RopeLayout } from "./backend.ts";
 
 export const SYMBOLS = {
   si_create: { args: ["i32", "i32"], returns: "ptr" },
@@ -29,17 +29,17 @@ export const SYMBOLS = {
   si_swiglu: { args: ["ptr", "ptr", "ptr", "i64", "ptr"], returns: "i32" },
   si_add: { args: ["ptr", "ptr", "ptr", "i64"], returns: "i32" },
   si_kv_write: {
-    args: ["ptr", "ptr", "ptr", "i32", "i32", "ptr", "ptr", "ptr", "i32", "i32", "ptr", "ptr"],
+    args: ["ptr", "ptr", "ptr", "i32", "i32", "ptr", "ptr", "ptr", "i32", "i32", "ptr", "ptr", "i32"],
     returns: "i32",
   },
   si_attention: {
     args: [
-      "ptr", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "ptr", "i32", "i32",
+      "ptr", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32", "ptr", "i32", "i32",
       "ptr", "ptr", "ptr", "i32", "f32", "ptr",
     ],
     returns: "i32",
   },
-  si_kv_move: { args: ["ptr", "ptr", "i32", "i64", "i32", "ptr", "i32", "ptr", "ptr", "i32"], returns: "i32" },
+  si_kv_move: { args: ["ptr", "ptr", "i32", "i32", "i64", "i32", "ptr", "i32", "ptr", "ptr", "i32"], returns: "i32" },
   si_argmax: { args: ["ptr", "ptr", "i32", "i32", "ptr"], returns: "i32" },
   si_softmax: { args: ["ptr", "ptr", "i32", "i32", "f32"], returns: "i32" },
   si_probe_bandwidth: { args: ["ptr", "ptr", "u64", "i32", "ptr"], returns: "i32" },
@@ -69,15 +69,15 @@ export interface NativeSymbols {
   si_add(ctx: P, x: P, y: P, count: number): number;
   si_kv_write(
     ctx: P, k: P, v: P, n: number, row: number, seq: P, slot: P, bt: P, maxBlocks: number,
-    blockSize: number, kPlane: P, vPlane: P,
+    blockSize: number, kPlane: P, vPlane: P, kvDtype: number,
   ): number;
   si_attention(
-    ctx: P, q: P, n: number, nh: number, nkv: number, hd: number, kPlane: P, vPlane: P, bt: P,
+    ctx: P, q: P, n: number, nh: number, nkv: number, hd: number, kPlane: P, vPlane: P, kvDtype: number, bt: P,
     maxBlocks: number, blockSize: number, seq: P, committed: P, anc: P, words: number, scale: number, out: P,
   ): number;
   si_kv_move(
-    ctx: P, cache: P, nPlanes: number, planeStride: number, row: number, table: P, blockSize: number,
-    src: P, dst: P, n: number,
+    ctx: P, cache: P, kvDtype: number, nPlanes: number, planeStride: number, row: number, table: P,
+    blockSize: number, src: P, dst: P, n: number,
   ): number;
   si_argmax(ctx: P, x: P, rows: number, n: number, out: P): number;
   si_softmax(ctx: P, x: P, rows: number, n: number, temperature: number): number;
@@ -144,35 +144,35 @@ export abstract class NativeOps {
 
   kvWrite(
     k: Ptr, v: Ptr, n: number, row: number, seq: Ptr, slot: Ptr,
-    blockTables: Ptr, maxBlocks: number, blockSize: number, kPlane: Ptr, vPlane: Ptr,
+    blockTables: Ptr, maxBlocks: number, blockSize: number, kPlane: Ptr, vPlane: Ptr, kvDtype: KVDType,
   ): void {
     this.check(
       "kvWrite",
-      this.lib.si_kv_write(this.live, k, v, n, row, seq, slot, blockTables, maxBlocks, blockSize, kPlane, vPlane),
+      this.lib.si_kv_write(this.live, k, v, n, row, seq, slot, blockTables, maxBlocks, blockSize, kPlane, vPlane, kvDtype),
     );
   }
 
   attention(
     q: Ptr, n: number, nHeads: number, nKvHeads: number, headDim: number,
-    kPlane: Ptr, vPlane: Ptr, blockTables: Ptr, maxBlocks: number, blockSize: number,
+    kPlane: Ptr, vPlane: Ptr, kvDtype: KVDType, blockTables: Ptr, maxBlocks: number, blockSize: number,
     seq: Ptr, committed: Ptr, ancestors: Ptr, words: number, scale: number, out: Ptr,
   ): void {
     this.check(
       "attention",
       this.lib.si_attention(
-        this.live, q, n, nHeads, nKvHeads, headDim, kPlane, vPlane, blockTables, maxBlocks, blockSize,
+        this.live, q, n, nHeads, nKvHeads, headDim, kPlane, vPlane, kvDtype, blockTables, maxBlocks, blockSize,
         seq, committed, ancestors || null, words, scale, out,
       ),
     );
   }
 
   kvMove(
-    cache: Ptr, nPlanes: number, planeStride: number, row: number, table: Ptr,
+    cache: Ptr, kvDtype: KVDType, nPlanes: number, planeStride: number, row: number, table: Ptr,
     blockSize: number, src: Ptr, dst: Ptr, n: number,
   ): void {
     this.check(
       "kvMove",
-      this.lib.si_kv_move(this.live, cache, nPlanes, planeStride, row, table, blockSize, src, dst, n),
+      this.lib.si_kv_move(this.live, cache, kvDtype, nPlanes, planeStride, row, table, blockSize, src, dst, n),
     );
   }
 

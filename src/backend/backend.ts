@@ -19,6 +19,10 @@ export const DTYPE_NAMES: Record<DType, string> = {
   [DType.BF16]: "BF16",
 };
 
+/** Element types a KV cache plane may hold (ffi/specinfer.h: K/V rounded to f16 on
+ *  write, read back as f32). */
+export type KVDType = DType.F32 | DType.F16;
+
 /** Bytes taken by `count` elements of `dtype` (count must fill whole blocks). */
 export function dtypeBytes(dtype: DType, count: number): number {
   switch (dtype) {
@@ -84,17 +88,19 @@ export interface Backend {
   ): void;
   swiglu(gate: Ptr, up: Ptr, count: number, out: Ptr): void;
   add(x: Ptr, y: Ptr, count: number): void;
+  /** Writes f32 K/V rows into planes of `kvDtype`. */
   kvWrite(
     k: Ptr, v: Ptr, n: number, row: number, seq: Ptr, slot: Ptr,
-    blockTables: Ptr, maxBlocks: number, blockSize: number, kPlane: Ptr, vPlane: Ptr,
+    blockTables: Ptr, maxBlocks: number, blockSize: number, kPlane: Ptr, vPlane: Ptr, kvDtype: KVDType,
   ): void;
   attention(
     q: Ptr, n: number, nHeads: number, nKvHeads: number, headDim: number,
-    kPlane: Ptr, vPlane: Ptr, blockTables: Ptr, maxBlocks: number, blockSize: number,
+    kPlane: Ptr, vPlane: Ptr, kvDtype: KVDType, blockTables: Ptr, maxBlocks: number, blockSize: number,
     seq: Ptr, committed: Ptr, ancestors: Ptr, words: number, scale: number, out: Ptr,
   ): void;
+  /** `planeStride` counts elements of `kvDtype`, not bytes. */
   kvMove(
-    cache: Ptr, nPlanes: number, planeStride: number, row: number, table: Ptr,
+    cache: Ptr, kvDtype: KVDType, nPlanes: number, planeStride: number, row: number, table: Ptr,
     blockSize: number, src: Ptr, dst: Ptr, n: number,
   ): void;
   argmax(x: Ptr, rows: number, n: number, out: Ptr): void;

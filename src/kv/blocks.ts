@@ -82,13 +82,21 @@ export class BlockTables {
     return this.state(row).blocks;
   }
 
-  /** Makes slots [0, committed + extra) of `row` writable, allocating blocks. */
-  reserve(row: number, extra: number): void {
+  /** Blocks reserve(row, extra) would take from the pool (0 when the row already has
+   *  them); takes none. Throws as reserve does when the row cannot hold the slots. */
+  blocksToReserve(row: number, extra: number): number {
     const s = this.state(row);
+    if (!Number.isInteger(extra) || extra < 0) throw new Error(`KV cache: extra slots must be a non-negative integer, got ${extra}`);
     const slots = s.committed + extra;
     if (slots > this.maxSlots) throw new Error(`KV cache: sequence needs ${slots} slots, the limit is ${this.maxSlots}`);
-    const need = Math.ceil(slots / this.blockSize) - s.blocks.length;
-    if (need <= 0) return;
+    return Math.max(0, Math.ceil(slots / this.blockSize) - s.blocks.length);
+  }
+
+  /** Makes slots [0, committed + extra) of `row` writable, allocating blocks. */
+  reserve(row: number, extra: number): void {
+    const need = this.blocksToReserve(row, extra);
+    if (need === 0) return;
+    const s = this.state(row);
     const ids = this.pool.allocate(need);
     for (const id of ids) {
       this.tables[row * this.maxBlocksPerSeq + s.blocks.length] = id;

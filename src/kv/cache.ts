@@ -1,11 +1,33 @@
 // Paged KV cache of one model: block bookkeeping (blocks.ts) plus the native storage
 // the attention kernel reads through the block tables. Storage layout, as the ABI
-// fixes it (ffi/specinfer.h): planes [layer][K, V], each [block][slot][kvHeads*headDim] f32.
+// fixes it (ffi/specinfer.h): planes [layer][K, V], each [block][slot][kvHeads*headDim]
+// elements of the cache dtype: f16 by default (half the memory of f32, as llama.cpp's
+// default cache; K/V are rounded to f16 on write and attention accumulates in f32).
 
-import type { Backend, DeviceBuffer, Ptr } from "../backend/backend";
+import { type Backend, type DeviceBuffer, DType, DTYPE_NAMES, dtypeBytes, type KVDType, type Ptr } from "../backend/backend";
 import type { PagedKV } from "../model/batch";
 import type { ModelConfig } from "../model/config";
 import { BlockPool, BlockTables } from "./blocks";
+
+export type { KVDType } from "../backend/backend";
+
+export const DEFAULT_KV_DTYPE: KVDType = DType.F16;
+
+/** The shape fields that size a cache (a ModelConfig has them). */
+type KVShape = Pick<ModelConfig, "numLayers" | "numKvHeads" | "headDim">;
+
+/** Bytes one cached token takes: K and V of every layer. Lets a caller turn a memory
+ *  budget into a block count (budget / (bytesPerToken * blockSize)) before allocating. */
+export function kvBytesPerToken(shape: KVShape, dtype: KVDType = DEFAULT_KV_DTYPE): number {
+  checkKVDType(dtype);
+  return 2 * shape.numLayers * dtypeBytes(dtype, shape.numKvHeads * shape.headDim);
+}
+
+function checkKVDType(dtype: DType): asserts dtype is KVDType {
+  if (dtype !== DType.F32 && dtype !== DType.F16) {
+    throw new Error(`KV cache: dtype ${DTYPE_NAMES[dtype] ?? dtype} is not supported, use F32 or F16`);
+  }
+}
 
 export interface KVCacheOptions {
   numLayers: number;
@@ -20,15 +42,20 @@ export interface KVCacheOptions {
   numBlocks?: number;
   /** Alternative to numBlocks: a memory budget for K and V of all layers. */
   memoryBytes?: number;
+  /** Element type of the stored K/V; default F16. */
+  dtype?: KVDType;
 }
 
 export class KVCache implements PagedKV {
   readonly tables: BlockTables;
   readonly blockSize: number;
   readonly maxBlocksPerSeq: number;
-  /** Floats per cached token per plane. */
-  readonly rowFloats: number;
-  /** Floats between two planes. */
+  readonly dtype: KVDType;
+  /** Bytes per cached token, K and V of all layers (kvBytesPerToken). */
+  readonly bytesPerToken: number;
+  /** Elements per cached token per plane. */
+  readonly rowElements: number;
+  /** Elements (of dtype) between two planes. */
   readonly planeStride: number;
   private readonly storage: DeviceBuffer;
   private readonly tablesDevice: DeviceBuffer;
@@ -37,18 +64,21 @@ export class KVCache implements PagedKV {
   private readonly numPlanes: number;
 
   constructor(private readonly backend: Backend, opts: KVCacheOptions) {
+    this.dtype = opts.dtype ?? DEFAULT_KV_DTYPE;
+    checkKVDType(this.dtype);
     this.blockSize = opts.blockSize ?? 16;
-    this.rowFloats = opts.numKvHeads * opts.headDim;
+    this.rowElements = opts.numKvHeads * opts.headDim;
     this.maxBlocksPerSeq = Math.ceil(opts.maxSeqLen / this.blockSize);
     this.numPlanes = 2 * opts.numLayers;
-    const blockBytes = this.blockSize * this.rowFloats * 4 * this.numPlanes;
+    this.bytesPerToken = kvBytesPerToken(opts, this.dtype);
+    const blockBytes = this.blockSize * this.bytesPerToken;
     const numBlocks =
       opts.numBlocks ??
       (opts.memoryBytes !== undefined ? Math.floor(opts.memoryBytes / blockBytes) : opts.maxSeqs * this.maxBlocksPerSeq);
     if (numBlocks < 1) throw new Error(`KV cache: a budget of ${opts.memoryBytes} bytes holds no ${blockBytes}-byte block`);
     this.tables = new BlockTables(new BlockPool(numBlocks), this.blockSize, opts.maxSeqs, this.maxBlocksPerSeq);
-    this.planeStride = numBlocks * this.blockSize * this.rowFloats;
-    this.storage = backend.alloc(this.planeStride * this.numPlanes * 4);
+    this.planeStride = numBlocks * this.blockSize * this.rowElements;
+    this.storage = backend.alloc(numBlocks * blockBytes);
     this.tablesDevice = backend.alloc(this.tables.tables.byteLength);
     this.committedDevice = backend.alloc(this.tables.committedLengths.byteLength);
     this.moveDevice = backend.alloc(2 * this.tables.maxSlots * 4);
@@ -62,16 +92,24 @@ export class KVCache implements PagedKV {
     return this.tables.pool.freeBlocks;
   }
 
+  get usedBlocks(): number {
+    return this.totalBlocks - this.freeBlocks;
+  }
+
   get bytes(): number {
     return this.storage.bytes;
   }
 
   kPlane(layer: number): Ptr {
-    return this.storage.ptr + 2 * layer * this.planeStride * 4;
+    return this.planeAt(2 * layer);
   }
 
   vPlane(layer: number): Ptr {
-    return this.storage.ptr + (2 * layer + 1) * this.planeStride * 4;
+    return this.planeAt(2 * layer + 1);
+  }
+
+  private planeAt(plane: number): Ptr {
+    return this.storage.ptr + dtypeBytes(this.dtype, plane * this.planeStride);
   }
 
   /** Device copies of the block tables and committed lengths, refreshed by syncIndex. */
@@ -110,6 +148,11 @@ export class KVCache implements PagedKV {
     this.tables.reserve(row, extra);
   }
 
+  /** Blocks reserve(row, extra) would take from the pool, without taking them. */
+  blocksToReserve(row: number, extra: number): number {
+    return this.tables.blocksToReserve(row, extra);
+  }
+
   /** Keeps the uncommitted slots `keptSlots` (increasing; e.g. a verified tree path)
    *  as the next committed positions and drops every other uncommitted slot. */
   commit(row: number, keptSlots: ArrayLike<number>): void {
@@ -135,7 +178,7 @@ export class KVCache implements PagedKV {
       this.backend.upload(this.tablesDevice.ptr, this.tables.tables);
       const table = this.tablesDevice.ptr + row * this.maxBlocksPerSeq * 4;
       this.backend.kvMove(
-        this.storage.ptr, this.numPlanes, this.planeStride, this.rowFloats, table, this.blockSize,
+        this.storage.ptr, this.dtype, this.numPlanes, this.planeStride, this.rowElements, table, this.blockSize,
         this.moveDevice.ptr, this.moveDevice.ptr + src.length * 4, src.length,
       );
     }
@@ -156,7 +199,7 @@ export class KVCache implements PagedKV {
  *  length unless `maxSeqLen` says otherwise. */
 export function createKVCache(
   model: { readonly backend: Backend; readonly config: ModelConfig },
-  opts: { maxSeqs: number; maxSeqLen?: number; blockSize?: number; memoryBytes?: number; numBlocks?: number },
+  opts: { maxSeqs: number; maxSeqLen?: number; blockSize?: number; memoryBytes?: number; numBlocks?: number; dtype?: KVDType },
 ): KVCache {
   const c = model.config;
   return new KVCache(model.backend, {
@@ -168,5 +211,6 @@ export function createKVCache(
     blockSize: opts.blockSize,
     memoryBytes: opts.memoryBytes,
     numBlocks: opts.numBlocks,
+    dtype: opts.dtype,
   });
 }

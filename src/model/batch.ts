@@ -1,6 +1,8 @@
 // TokenBatch: the one shape of every forward pass (DESIGN.md "The one data path").
 // A prefill chunk is a chain, a decode step a chain of one, a token tree a tree.
 
+import type { KVDType } from "../backend/backend";
+
 export interface TokenBatch {
   /** Number of tokens. */
   n: number;
@@ -24,6 +26,8 @@ export interface TokenBatch {
 /** What a forward needs of a paged KV cache (src/kv/cache.ts implements it): device
  *  addresses of the planes and the block tables, and which slots are reserved. */
 export interface PagedKV {
+  /** Element type of the K/V planes. */
+  readonly dtype: KVDType;
   readonly maxBlocksPerSeq: number;
   readonly blockSize: number;
   readonly blockTablesPtr: number;

@@ -170,9 +170,9 @@ export class LlamaModel {
       this.linear(this.h, n, w.wv, w.bv, this.v);
       b.rope(this.q, n, c.numHeads, c.headDim, c.headDim, this.positionsDev, this.invFreq, this.ropeLayout);
       b.rope(this.k, n, c.numKvHeads, c.headDim, c.headDim, this.positionsDev, this.invFreq, this.ropeLayout);
-      b.kvWrite(this.k, this.v, n, kvDim, this.seqDev, this.slotDev, kv.blockTablesPtr, kv.maxBlocksPerSeq, kv.blockSize, kv.kPlane(l), kv.vPlane(l));
+      b.kvWrite(this.k, this.v, n, kvDim, this.seqDev, this.slotDev, kv.blockTablesPtr, kv.maxBlocksPerSeq, kv.blockSize, kv.kPlane(l), kv.vPlane(l), kv.dtype);
       b.attention(
-        this.q, n, c.numHeads, c.numKvHeads, c.headDim, kv.kPlane(l), kv.vPlane(l), kv.blockTablesPtr,
+        this.q, n, c.numHeads, c.numKvHeads, c.headDim, kv.kPlane(l), kv.vPlane(l), kv.dtype, kv.blockTablesPtr,
         kv.maxBlocksPerSeq, kv.blockSize, this.seqDev, kv.committedPtr, this.ancestorsDev, batch.words, scale, this.attn,
       );
       this.linear(this.attn, n, w.wo, 0, this.h);

@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type Backend, BackendError, DType, DTYPE_NAMES, type Ptr, RopeLayout } from "../../src/backend/backend.ts";
+import { type Backend, BackendError, DType, DTYPE_NAMES, type KVDType, type Ptr, RopeLayout } from "../../src/backend/backend.ts";
 import { CpuBackend } from "../../src/backend/cpu.ts";
 import { CudaBackend } from "../../src/backend/cuda.ts";
 import { SEED, randInt, randF32, shuffle } from "../helpers/random.ts";
@@ -46,6 +46,11 @@ function zeros(bytes: number): [Ptr, Ptr] {
 }
 function f32(be: Backend, p: Ptr, count: number): Float32Array {
   const a = new Float32Array(count);
+  be.download(a, p);
+  return a;
+}
+function bytes(be: Backend, p: Ptr, count: number): Uint8Array {
+  const a = new Uint8Array(count);
   be.download(a, p);
   return a;
 }
@@ -309,6 +314,7 @@ gpuTest("argmax (ties -> lowest index) and softmax over a 32000 vocabulary", () 
 // ---- paged KV cache, tree attention, commit moves --------------------------------------------
 
 interface AttnCase {
+  kvDtype: KVDType;
   headDim: number;
   nHeads: number;
   nKv: number;
@@ -319,8 +325,14 @@ interface AttnCase {
 const tree = (len: number) => Array.from({ length: len }, (_, j) => (j === 0 ? -1 : randInt(j + 1) - 1));
 const chain = (len: number) => Array.from({ length: len }, (_, j) => j - 1);
 
+/** `count` random cache elements of `kvDtype` (f16: uniform values rounded to f16). */
+function planeData(kvDtype: KVDType, count: number): Float32Array | Uint16Array {
+  return kvDtype === DType.F16 ? new Uint16Array(Float16Array.from(randF32(count)).buffer) : randF32(count);
+}
+const kvBytes = (kvDtype: KVDType, count: number) => count * (kvDtype === DType.F16 ? 2 : 4);
+
 function runAttention(c: AttnCase): void {
-  const { headDim, nHeads, nKv, seqs } = c;
+  const { kvDtype, headDim, nHeads, nKv, seqs } = c;
   const row = nKv * headDim;
   const blockSize = 16;
   const maxBlocks = Math.max(...seqs.map((s) => Math.ceil((s.committed + s.parents.length) / blockSize))) + 2;
@@ -348,25 +360,27 @@ function runAttention(c: AttnCase): void {
   const committed = Int32Array.from(seqs, (s) => s.committed);
   const planeFloats = poolBlocks * blockSize * row;
 
-  const [kc, kg] = put(randF32(planeFloats));
-  const [vc, vg] = put(randF32(planeFloats));
+  const planeBytes = kvBytes(kvDtype, planeFloats);
+  const [kc, kg] = put(planeData(kvDtype, planeFloats));
+  const [vc, vg] = put(planeData(kvDtype, planeFloats));
   const [knc, kng] = put(randF32(n * row));
   const [vnc, vng] = put(randF32(n * row));
   const [sc, sg] = put(seq);
   const [slc, slg] = put(slot);
   const [tc, tg] = put(tables);
-  cpu.kvWrite(knc, vnc, n, row, sc, slc, tc, maxBlocks, blockSize, kc, vc);
-  gpu.kvWrite(kng, vng, n, row, sg, slg, tg, maxBlocks, blockSize, kg, vg);
-  expectSame("K plane after kvWrite", f32(gpu, kg, planeFloats), f32(cpu, kc, planeFloats));
-  expectSame("V plane after kvWrite", f32(gpu, vg, planeFloats), f32(cpu, vc, planeFloats));
+  cpu.kvWrite(knc, vnc, n, row, sc, slc, tc, maxBlocks, blockSize, kc, vc, kvDtype);
+  gpu.kvWrite(kng, vng, n, row, sg, slg, tg, maxBlocks, blockSize, kg, vg, kvDtype);
+  // Both round to f16 to nearest even: the planes agree bit for bit.
+  expectSame("K plane after kvWrite", bytes(gpu, kg, planeBytes), bytes(cpu, kc, planeBytes));
+  expectSame("V plane after kvWrite", bytes(gpu, vg, planeBytes), bytes(cpu, vc, planeBytes));
 
   const [qc, qg] = put(randF32(n * nHeads * headDim, 2));
   const [cc, cg] = put(committed);
   const [ac, ag] = put(anc);
   const [oc, og] = zeros(n * nHeads * headDim * 4);
   const scale = 1 / Math.sqrt(headDim);
-  cpu.attention(qc, n, nHeads, nKv, headDim, kc, vc, tc, maxBlocks, blockSize, sc, cc, ac, words, scale, oc);
-  gpu.attention(qg, n, nHeads, nKv, headDim, kg, vg, tg, maxBlocks, blockSize, sg, cg, ag, words, scale, og);
+  cpu.attention(qc, n, nHeads, nKv, headDim, kc, vc, kvDtype, tc, maxBlocks, blockSize, sc, cc, ac, words, scale, oc);
+  gpu.attention(qg, n, nHeads, nKv, headDim, kg, vg, kvDtype, tg, maxBlocks, blockSize, sg, cg, ag, words, scale, og);
   const size = n * nHeads * headDim;
   expectClose("attention", f32(gpu, og, size), f32(cpu, oc, size), 1e-4);
 }
@@ -374,7 +388,7 @@ function runAttention(c: AttnCase): void {
 describe("kvWrite + attention", () => {
   // A 40-node tree (W = 2) over a long prefix, a chain over nothing committed, a decode
   // token: GQA groups of 3 and 4, head dims that fill the warp lanes exactly or not.
-  const cases: [string, AttnCase][] = [
+  const cases: [string, Omit<AttnCase, "kvDtype">][] = [
     ["head_dim=64, 12 heads / 4 kv, prefix 1000", {
       headDim: 64, nHeads: 12, nKv: 4,
       seqs: [{ committed: 1000, parents: tree(40) }, { committed: 0, parents: chain(5) }, { committed: 37, parents: [-1] }],
@@ -396,32 +410,36 @@ describe("kvWrite + attention", () => {
       seqs: [{ committed: 1500, parents: [-1] }],
     }],
   ];
-  for (const [name, c] of cases) gpuTest(name, () => runAttention(c));
+  for (const kvDtype of [DType.F32, DType.F16] as const) {
+    for (const [name, c] of cases) gpuTest(`${DTYPE_NAMES[kvDtype]} cache, ${name}`, () => runAttention({ kvDtype, ...c }));
+  }
 
-  gpuTest("prefill chain of 1100 tokens: mask over 35 words (two 1024-bit chunks)", () => {
-    runAttention({ headDim: 64, nHeads: 2, nKv: 1, seqs: [{ committed: 20, parents: chain(1100) }] });
+  gpuTest("F32 cache, prefill chain of 1100 tokens: mask over 35 words (two 1024-bit chunks)", () => {
+    runAttention({ kvDtype: DType.F32, headDim: 64, nHeads: 2, nKv: 1, seqs: [{ committed: 20, parents: chain(1100) }] });
   }, 300_000);
 });
 
-gpuTest("kvMove: accepted path moves forward in order, every plane", () => {
-  const row = 4 * 64;
-  const blockSize = 16;
-  const poolBlocks = 40;
-  const nPlanes = 6;
-  const planeStride = poolBlocks * blockSize * row + 128; // planes need not be packed
-  const table = Int32Array.from(shuffle(Array.from({ length: poolBlocks }, (_, i) => i)));
-  // dst[i] == src[i - 1] for some i: only an in-order copy gives the right result.
-  const src = Int32Array.from([101, 102, 105, 106, 110, 111, 131]);
-  const dst = Int32Array.from([100, 101, 102, 103, 104, 105, 106]);
-  const total = nPlanes * planeStride;
-  const [cc, cg] = put(randF32(total));
-  const [tc, tg] = put(table);
-  const [sc, sg] = put(src);
-  const [dc, dg] = put(dst);
-  cpu.kvMove(cc, nPlanes, planeStride, row, tc, blockSize, sc, dc, src.length);
-  gpu.kvMove(cg, nPlanes, planeStride, row, tg, blockSize, sg, dg, src.length);
-  expectSame("cache", f32(gpu, cg, total), f32(cpu, cc, total));
-});
+for (const kvDtype of [DType.F32, DType.F16] as const) {
+  gpuTest(`${DTYPE_NAMES[kvDtype]} cache, kvMove: accepted path moves forward in order, every plane`, () => {
+    const row = 4 * 64;
+    const blockSize = 16;
+    const poolBlocks = 40;
+    const nPlanes = 6;
+    const planeStride = poolBlocks * blockSize * row + 129; // planes need not be packed (nor 4-byte aligned in f16)
+    const table = Int32Array.from(shuffle(Array.from({ length: poolBlocks }, (_, i) => i)));
+    // dst[i] == src[i - 1] for some i: only an in-order copy gives the right result.
+    const src = Int32Array.from([101, 102, 105, 106, 110, 111, 131]);
+    const dst = Int32Array.from([100, 101, 102, 103, 104, 105, 106]);
+    const total = nPlanes * planeStride;
+    const [cc, cg] = put(planeData(kvDtype, total));
+    const [tc, tg] = put(table);
+    const [sc, sg] = put(src);
+    const [dc, dg] = put(dst);
+    cpu.kvMove(cc, kvDtype, nPlanes, planeStride, row, tc, blockSize, sc, dc, src.length);
+    gpu.kvMove(cg, kvDtype, nPlanes, planeStride, row, tg, blockSize, sg, dg, src.length);
+    expectSame("cache", bytes(gpu, cg, kvBytes(kvDtype, total)), bytes(cpu, cc, kvBytes(kvDtype, total)));
+  });
+}
 
 // ---- errors found on the GPU --------------------------------------------------------------------
 
@@ -447,7 +465,7 @@ gpuTest("bad index contents: reported by the next sync (or at once when checked)
   gpu.upload(cm, Int32Array.from([20]));
   const q = gpu.alloc(64 * 4).ptr;
   const kv = gpu.alloc(8 * 16 * 64 * 4).ptr;
-  gpu.attention(q, 1, 1, 1, 64, kv, kv, tbl, 4, 16, one, cm, 0, 0, 0.125, gpu.alloc(64 * 4).ptr);
+  gpu.attention(q, 1, 1, 1, 64, kv, kv, DType.F32, tbl, 4, 16, one, cm, 0, 0, 0.125, gpu.alloc(64 * 4).ptr);
   expect(() => gpu.download(z, out)).toThrow(/sequence row 0 block 1 has block id -1/);
 
   const checked = CudaBackend.create({ checked: true });
@@ -471,7 +489,10 @@ gpuTest("argument errors match the CPU library's", () => {
     ["k % 32", (be, x) => be.matmul(x, 1, 40, x + 512, DType.Q8_0, 4, 0, x + 768)],
     ["unknown dtype", (be, x) => be.embedding(x, 5 as DType, 4, 32, x, 1, x + 512)],
     ["rot_dim odd", (be, x) => be.rope(x, 1, 1, 64, 63, x, x, RopeLayout.Half)],
-    ["GQA", (be, x) => be.attention(x, 1, 6, 4, 64, x, x, x, 1, 16, x, x, x, 1, 1, x)],
+    ["GQA", (be, x) => be.attention(x, 1, 6, 4, 64, x, x, DType.F32, x, 1, 16, x, x, x, 1, 1, x)],
+    ["kv dtype Q8_0", (be, x) => be.kvWrite(x, x, 1, 8, x, x, x, 1, 16, x, x, DType.Q8_0 as KVDType)],
+    ["kv dtype 7", (be, x) => be.attention(x, 1, 4, 4, 64, x, x, 7 as KVDType, x, 1, 16, x, x, x, 1, 1, x)],
+    ["kv dtype BF16", (be, x) => be.kvMove(x, DType.BF16 as KVDType, 1, 64, 8, x, 16, x, x, 1)],
     ["temperature", (be, x) => be.softmax(x, 1, 4, 0)],
   ];
   for (const [name, call] of calls) {

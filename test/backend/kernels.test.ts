@@ -6,9 +6,9 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { BackendError, DType, DTYPE_NAMES, RopeLayout, type DeviceBuffer } from "../../src/backend/backend.ts";
+import { BackendError, DType, DTYPE_NAMES, RopeLayout, type DeviceBuffer, type KVDType } from "../../src/backend/backend.ts";
 import { CpuBackend } from "../../src/backend/cpu.ts";
-import { SEED, rand, randInt, randF32 } from "../helpers/random.ts";
+import { SEED, rand, randInt, randF32, shuffle } from "../helpers/random.ts";
 
 const simd = CpuBackend.create({ threads: 2 });
 const ref = CpuBackend.create({ reference: true, threads: 1 });
@@ -419,148 +419,276 @@ test("softmax and argmax: SIMD == reference", () => {
 
 // ---- paged KV cache and tree attention ---------------------------------------------------
 
+const KV_DTYPES: KVDType[] = [DType.F32, DType.F16];
+
+/** Throws (with the seed) at the first byte where `got` and `want` differ. */
+function expectBytes(label: string, got: Uint8Array, want: Uint8Array): void {
+  expect(got.length).toBe(want.length);
+  for (let i = 0; i < want.length; i++) {
+    if (got[i] !== want[i]) throw new Error(`${label}: byte ${i}: got ${got[i]}, want ${want[i]}; SEED=${SEED}`);
+  }
+}
+
+function bytesAt(p: number, count: number): Uint8Array {
+  const out = new Uint8Array(count);
+  simd.download(out, p);
+  return out;
+}
+
 describe("paged KV + tree attention", () => {
-  for (const headDim of [32, 48, 40, 128]) {
-    test(`head_dim=${headDim}: kvWrite, attention (tree, W>1, committed=0, GQA) vs float64`, () => {
-      const nHeads = 4;
-      const nKv = 2;
-      const row = nKv * headDim;
+  for (const kvDtype of KV_DTYPES) {
+    const kvName = DTYPE_NAMES[kvDtype];
+    const elem = kvDtype === DType.F16 ? 2 : 4;
+    // f16 rounding (to nearest) moves a value by at most u relative, or eta absolute
+    // for f16 subnormals; an f32 cache stores values exactly.
+    const u = kvDtype === DType.F16 ? 2 ** -11 : 0;
+    const eta = kvDtype === DType.F16 ? 2 ** -25 : 0;
+    for (const headDim of [32, 48, 40, 128]) {
+      test(`${kvName} cache, head_dim=${headDim}: kvWrite stores K/V rounded to ${kvName}; attention (tree, W>1, committed=0, GQA) == float64`, () => {
+        const nHeads = 4;
+        const nKv = 2;
+        const row = nKv * headDim;
+        const blockSize = 4;
+        const maxBlocks = 32;
+        const poolBlocks = 80;
+        // Sequence rows: a 70-node tree over 13 committed slots (W = 3), a 5-token chain
+        // over nothing committed, a single decode token over 9 committed slots.
+        const seqs = [
+          { committed: 13, parents: Array.from({ length: 70 }, (_, j) => (j === 0 ? -1 : randInt(j + 1) - 1)) },
+          { committed: 0, parents: [-1, 0, 1, 2, 3] },
+          { committed: 9, parents: [-1] },
+        ];
+        const words = 3;
+        // Non-contiguous block ids: a shuffled pool.
+        const perm = Array.from({ length: poolBlocks }, (_, i) => i);
+        for (let i = perm.length - 1; i > 0; i--) {
+          const j = randInt(i + 1);
+          [perm[i], perm[j]] = [perm[j], perm[i]];
+        }
+        const tables = new Int32Array(seqs.length * maxBlocks).fill(-1);
+        let next = 0;
+        seqs.forEach((s, si) => {
+          const need = Math.ceil((s.committed + s.parents.length) / blockSize);
+          for (let b = 0; b < need; b++) tables[si * maxBlocks + b] = perm[next++];
+        });
+        // The planes hold f32 data rounded to the cache dtype; `values` is what they store.
+        const kPlane = randF32(poolBlocks * blockSize * row);
+        const vPlane = randF32(poolBlocks * blockSize * row);
+        const kStored = encode(kvDtype, kPlane, row);
+        const vStored = encode(kvDtype, vPlane, row);
+
+        // Batch: tokens of all rows interleaved.
+        const order: [number, number][] = [];
+        seqs.forEach((s, si) => s.parents.forEach((_, j) => order.push([si, j])));
+        for (let i = order.length - 1; i > 0; i--) {
+          const j = randInt(i + 1);
+          [order[i], order[j]] = [order[j], order[i]];
+        }
+        const n = order.length;
+        const seqArr = Int32Array.from(order, ([s]) => s);
+        const slotArr = Int32Array.from(order, ([s, j]) => seqs[s].committed + j);
+        const anc = new Uint32Array(n * words);
+        order.forEach(([s, j], i) => {
+          for (let a = j; a >= 0; a = seqs[s].parents[a]) anc[i * words + (a >> 5)] |= 1 << (a & 31);
+        });
+        const committed = Int32Array.from(seqs, (s) => s.committed);
+        const kNew = randF32(n * row);
+        const vNew = randF32(n * row);
+        const kNewStored = encode(kvDtype, kNew, row);
+        const vNewStored = encode(kvDtype, vNew, row);
+        const q = randF32(n * nHeads * headDim);
+        const offsetOf = (s: number, slot: number) =>
+          (tables[s * maxBlocks + Math.floor(slot / blockSize)] * blockSize + (slot % blockSize)) * row;
+
+        // Each backend writes the batch K/V into its own copy of the planes.
+        const planes = (be: CpuBackend) => {
+          const kp = dev(kStored.bytes);
+          const vp = dev(vStored.bytes);
+          be.kvWrite(dev(kNew), dev(vNew), n, row, dev(seqArr), dev(slotArr), dev(tables), maxBlocks, blockSize, kp, vp, kvDtype);
+          return [kp, vp];
+        };
+        const [ks, vs] = planes(simd);
+        const [kr, vr] = planes(ref);
+
+        // After kvWrite: each written slot holds its batch row rounded to the cache dtype
+        // (encode: Float16Array's round-to-nearest-even), every other byte is unchanged.
+        for (const [name, before, batch, ps, pr] of [
+          ["K", kStored.bytes, kNewStored.bytes, ks, kr],
+          ["V", vStored.bytes, vNewStored.bytes, vs, vr],
+        ] as const) {
+          const want = before.slice();
+          order.forEach(([s, j], i) => {
+            const o = offsetOf(s, seqs[s].committed + j) * elem;
+            want.set(batch.subarray(i * row * elem, (i + 1) * row * elem), o);
+          });
+          expectBytes(`${kvName} ${name} plane after kvWrite (SIMD)`, bytesAt(ps, want.length), want);
+          expectBytes(`${kvName} ${name} plane after kvWrite (reference)`, bytesAt(pr, want.length), want);
+        }
+
+        const tp = dev(tables);
+        const sp = dev(seqArr);
+        const cp = dev(committed);
+        const ap = dev(anc);
+        const qp = dev(q);
+        const scale = 1 / Math.sqrt(headDim);
+        const os = zeros(n * nHeads * headDim * 4);
+        const or = zeros(n * nHeads * headDim * 4);
+        simd.attention(qp, n, nHeads, nKv, headDim, ks, vs, kvDtype, tp, maxBlocks, blockSize, sp, cp, ap, words, scale, os.ptr);
+        ref.attention(qp, n, nHeads, nKv, headDim, kr, vr, kvDtype, tp, maxBlocks, blockSize, sp, cp, ap, words, scale, or.ptr);
+
+        /** float64 attention over K/V rows from `rowOf`; pv = sum_j p_j |v_j| per output,
+         *  qk = max_j sum_e |q_e k_je| and qa = sum_e |q_e| per (token, head). */
+        const attend = (rowOf: (plane: "k" | "v", s: number, slot: number) => ArrayLike<number>) => {
+          const out = new Float64Array(n * nHeads * headDim);
+          const pv = new Float64Array(n * nHeads * headDim);
+          const qk = new Float64Array(n * nHeads);
+          const qa = new Float64Array(n * nHeads);
+          order.forEach(([s, j], i) => {
+            const slots: number[] = [];
+            for (let t = 0; t < seqs[s].committed; t++) slots.push(t);
+            for (let a = 0; a <= j; a++) if (anc[i * words + (a >> 5)] & (1 << (a & 31))) slots.push(seqs[s].committed + a);
+            for (let h = 0; h < nHeads; h++) {
+              const kh = Math.floor(h / (nHeads / nKv)) * headDim;
+              const qo = (i * nHeads + h) * headDim;
+              for (let e = 0; e < headDim; e++) qa[i * nHeads + h] += Math.abs(q[qo + e]);
+              const sc = slots.map((slot) => {
+                const k = rowOf("k", s, slot);
+                let d = 0;
+                let dAbs = 0;
+                for (let e = 0; e < headDim; e++) {
+                  d += q[qo + e] * k[kh + e];
+                  dAbs += Math.abs(q[qo + e] * k[kh + e]);
+                }
+                qk[i * nHeads + h] = Math.max(qk[i * nHeads + h], dAbs);
+                return d * scale;
+              });
+              const mx = Math.max(...sc);
+              const p = sc.map((v) => Math.exp(v - mx));
+              const sum = p.reduce((a, b) => a + b, 0);
+              slots.forEach((slot, si) => {
+                const v = rowOf("v", s, slot);
+                for (let e = 0; e < headDim; e++) {
+                  out[qo + e] += (p[si] / sum) * v[kh + e];
+                  pv[qo + e] += (p[si] / sum) * Math.abs(v[kh + e]);
+                }
+              });
+            }
+          });
+          return { out, pv, qk, qa };
+        };
+        /** Committed slots from the planes, batch slots from the batch rows. */
+        const rowsFrom = (planeK: ArrayLike<number>, planeV: ArrayLike<number>, batchK: ArrayLike<number>, batchV: ArrayLike<number>) =>
+          (plane: "k" | "v", s: number, slot: number): ArrayLike<number> => {
+            const j = slot - seqs[s].committed;
+            const [pl, batch] = plane === "k" ? [planeK, batchK] : [planeV, batchV];
+            if (j >= 0) {
+              const i = order.findIndex(([ss, jj]) => ss === s && jj === j);
+              return Array.prototype.slice.call(batch, i * row, (i + 1) * row);
+            }
+            const o = offsetOf(s, slot);
+            return Array.prototype.slice.call(pl, o, o + row);
+          };
+
+        // 1. Against the values the cache holds: only f32 arithmetic differs.
+        const stored = attend(rowsFrom(kStored.values, vStored.values, kNewStored.values, vNewStored.values));
+        const label = `attention ${kvName} hd=${headDim}`;
+        expectClose(`${label} SIMD vs ref`, f32Of(os), f32Of(or), 1e-5, 1e-6);
+        expectClose(`${label} vs f64 of the stored K/V`, f32Of(os), stored.out, 1e-5, 1e-6);
+
+        // 2. Against the unrounded K/V, within the bound of rounding them: with every score
+        // moved by at most D = scale * (u * qk + eta * qa), each p_j moves by a factor within
+        // e^(+-2D), and each v by u|v| + eta, so
+        //   |out - out_exact| <= (e^(2D) - 1) * sum_j p_j ((1 + u)|v_j| + eta) + sum_j p_j (u|v_j| + eta).
+        const exact = attend(rowsFrom(kPlane, vPlane, kNew, vNew));
+        const got = f32Of(os);
+        for (let t = 0; t < n * nHeads; t++) {
+          const D = scale * (u * exact.qk[t] + eta * exact.qa[t]);
+          for (let e = 0; e < headDim; e++) {
+            const x = t * headDim + e;
+            const pv = exact.pv[x];
+            const bound = (Math.exp(2 * D) - 1) * ((1 + u) * pv + eta) + u * pv + eta;
+            const tol = bound + 1e-5 * pv + 1e-6; // plus the f32 arithmetic of check 1
+            const d = Math.abs(got[x] - exact.out[x]);
+            if (!(d <= tol)) {
+              throw new Error(`${label} vs unrounded f64: index ${x}: got ${got[x]}, want ${exact.out[x]} (|diff| ${d} > ${tol}); SEED=${SEED}`);
+            }
+          }
+        }
+      });
+    }
+
+    test(`${kvName} cache: kvMove: SIMD == reference == moved bytes over all planes`, () => {
+      const row = 24;
       const blockSize = 4;
-      const maxBlocks = 32;
-      const poolBlocks = 80;
-      // Sequence rows: a 70-node tree over 13 committed slots (W = 3), a 5-token chain
-      // over nothing committed, a single decode token over 9 committed slots.
-      const seqs = [
-        { committed: 13, parents: Array.from({ length: 70 }, (_, j) => (j === 0 ? -1 : randInt(j + 1) - 1)) },
-        { committed: 0, parents: [-1, 0, 1, 2, 3] },
-        { committed: 9, parents: [-1] },
-      ];
-      const words = 3;
-      // Non-contiguous block ids: a shuffled pool.
-      const perm = Array.from({ length: poolBlocks }, (_, i) => i);
-      for (let i = perm.length - 1; i > 0; i--) {
-        const j = randInt(i + 1);
-        [perm[i], perm[j]] = [perm[j], perm[i]];
-      }
-      const tables = new Int32Array(seqs.length * maxBlocks).fill(-1);
-      let next = 0;
-      seqs.forEach((s, si) => {
-        const need = Math.ceil((s.committed + s.parents.length) / blockSize);
-        for (let b = 0; b < need; b++) tables[si * maxBlocks + b] = perm[next++];
-      });
-      const kPlane = randF32(poolBlocks * blockSize * row);
-      const vPlane = randF32(poolBlocks * blockSize * row);
-
-      // Batch: tokens of all rows interleaved.
-      const order: [number, number][] = [];
-      seqs.forEach((s, si) => s.parents.forEach((_, j) => order.push([si, j])));
-      for (let i = order.length - 1; i > 0; i--) {
-        const j = randInt(i + 1);
-        [order[i], order[j]] = [order[j], order[i]];
-      }
-      const n = order.length;
-      const seqArr = Int32Array.from(order, ([s]) => s);
-      const slotArr = Int32Array.from(order, ([s, j]) => seqs[s].committed + j);
-      const anc = new Uint32Array(n * words);
-      order.forEach(([s, j], i) => {
-        for (let a = j; a >= 0; a = seqs[s].parents[a]) anc[i * words + (a >> 5)] |= 1 << (a & 31);
-      });
-      const committed = Int32Array.from(seqs, (s) => s.committed);
-      const kNew = randF32(n * row);
-      const vNew = randF32(n * row);
-      const q = randF32(n * nHeads * headDim);
-
-      // Each backend writes the batch K/V into its own copy of the planes.
-      const planes = (be: CpuBackend) => {
-        const kp = dev(kPlane);
-        const vp = dev(vPlane);
-        be.kvWrite(dev(kNew), dev(vNew), n, row, dev(seqArr), dev(slotArr), dev(tables), maxBlocks, blockSize, kp, vp);
-        return [kp, vp];
-      };
-      const [ks, vs] = planes(simd);
-      const [kr, vr] = planes(ref);
-      const tp = dev(tables);
-      const sp = dev(seqArr);
-      const cp = dev(committed);
-      const ap = dev(anc);
-      const qp = dev(q);
-      const scale = 1 / Math.sqrt(headDim);
-      const os = zeros(n * nHeads * headDim * 4);
-      const or = zeros(n * nHeads * headDim * 4);
-      simd.attention(qp, n, nHeads, nKv, headDim, ks, vs, tp, maxBlocks, blockSize, sp, cp, ap, words, scale, os.ptr);
-      ref.attention(qp, n, nHeads, nKv, headDim, kr, vr, tp, maxBlocks, blockSize, sp, cp, ap, words, scale, or.ptr);
-
-      // float64: committed slots from the planes, batch slots from kNew/vNew directly.
-      const rowOf = (s: number, slot: number, plane: Float32Array, batch: Float32Array): Float32Array => {
-        const j = slot - seqs[s].committed;
-        if (j >= 0) {
-          const i = order.findIndex(([ss, jj]) => ss === s && jj === j);
-          return batch.subarray(i * row, (i + 1) * row);
+      const poolBlocks = 12;
+      const nPlanes = 3;
+      // Planes need not be packed; an odd f16 stride leaves planes only 2-byte aligned.
+      const planeStride = poolBlocks * blockSize * row + 41;
+      const table = Int32Array.from([7, 2, 10, 0, 5, 11, 1]);
+      const cache = encode(kvDtype, randF32(nPlanes * planeStride), 1).bytes;
+      const c = 6;
+      const src = Int32Array.from([c, c + 2, c + 5, c + 6, c + 9]);
+      const dst = Int32Array.from([c, c + 1, c + 2, c + 3, c + 4]);
+      const cs = dev(cache);
+      const cr = dev(cache);
+      const tp = dev(table);
+      const spp = dev(src);
+      const dp = dev(dst);
+      simd.kvMove(cs, kvDtype, nPlanes, planeStride, row, tp, blockSize, spp, dp, src.length);
+      ref.kvMove(cr, kvDtype, nPlanes, planeStride, row, tp, blockSize, spp, dp, src.length);
+      const want = cache.slice();
+      const off = (slot: number) => (table[Math.floor(slot / blockSize)] * blockSize + (slot % blockSize)) * row;
+      for (let p = 0; p < nPlanes; p++) {
+        for (let i = 0; i < src.length; i++) {
+          const from = (p * planeStride + off(src[i])) * elem;
+          want.copyWithin((p * planeStride + off(dst[i])) * elem, from, from + row * elem);
         }
-        const blk = tables[s * maxBlocks + Math.floor(slot / blockSize)];
-        const o = (blk * blockSize + (slot % blockSize)) * row;
-        return plane.subarray(o, o + row);
-      };
-      const want = new Float64Array(n * nHeads * headDim);
-      order.forEach(([s, j], i) => {
-        const slots: number[] = [];
-        for (let t = 0; t < seqs[s].committed; t++) slots.push(t);
-        for (let a = 0; a <= j; a++) if (anc[i * words + (a >> 5)] & (1 << (a & 31))) slots.push(seqs[s].committed + a);
-        for (let h = 0; h < nHeads; h++) {
-          const kh = Math.floor(h / (nHeads / nKv)) * headDim;
-          const qo = (i * nHeads + h) * headDim;
-          const sc = slots.map((slot) => {
-            const kr0 = rowOf(s, slot, kPlane, kNew);
-            let d = 0;
-            for (let e = 0; e < headDim; e++) d += q[qo + e] * kr0[kh + e];
-            return d * scale;
-          });
-          const mx = Math.max(...sc);
-          const p = sc.map((v) => Math.exp(v - mx));
-          const sum = p.reduce((a, b) => a + b, 0);
-          slots.forEach((slot, si) => {
-            const vr0 = rowOf(s, slot, vPlane, vNew);
-            for (let e = 0; e < headDim; e++) want[qo + e] += (p[si] / sum) * vr0[kh + e];
-          });
-        }
-      });
-      const label = `attention hd=${headDim}`;
-      expectClose(`${label} SIMD vs ref`, f32Of(os), f32Of(or), 1e-5, 1e-6);
-      expectClose(`${label} vs f64`, f32Of(os), want, 1e-5, 1e-6);
+      }
+      expectBytes(`kvMove ${kvName} SIMD`, bytesAt(cs, want.length), want);
+      expectBytes(`kvMove ${kvName} ref`, bytesAt(cr, want.length), want);
     });
   }
 
-  test("kvMove: SIMD == reference == float64 over all planes", () => {
-    const row = 24;
-    const blockSize = 4;
-    const poolBlocks = 12;
-    const nPlanes = 3;
-    const planeStride = poolBlocks * blockSize * row + 40; // planes need not be packed
-    const table = Int32Array.from([7, 2, 10, 0, 5, 11, 1]);
-    const cache = randF32(nPlanes * planeStride);
-    const c = 6;
-    const src = Int32Array.from([c, c + 2, c + 5, c + 6, c + 9]);
-    const dst = Int32Array.from([c, c + 1, c + 2, c + 3, c + 4]);
-    const cs = dev(cache);
-    const cr = dev(cache);
-    const tp = dev(table);
-    const spp = dev(src);
-    const dp = dev(dst);
-    simd.kvMove(cs, nPlanes, planeStride, row, tp, blockSize, spp, dp, src.length);
-    ref.kvMove(cr, nPlanes, planeStride, row, tp, blockSize, spp, dp, src.length);
-    const want = Float64Array.from(cache);
-    const off = (slot: number) => (table[Math.floor(slot / blockSize)] * blockSize + (slot % blockSize)) * row;
-    for (let p = 0; p < nPlanes; p++) {
-      for (let i = 0; i < src.length; i++) {
-        for (let e = 0; e < row; e++) want[p * planeStride + off(dst[i]) + e] = want[p * planeStride + off(src[i]) + e];
+  test("F16 cache: kvWrite rounds to nearest even (ties, subnormals, overflow to inf, -0), SIMD and reference alike", () => {
+    // The oracle: Float16Array rounds to nearest, ties to even (IEEE 754 binary16).
+    expect(f16Bits(1 + 2 ** -11)).toBe(0x3c00); // tie between 1 and 1 + 2^-10: even is 1
+    expect(f16Bits(1 + 3 * 2 ** -11)).toBe(0x3c02); // tie: even is 1 + 2^-9
+    expect(f16Bits(65520)).toBe(0x7c00); // halfway to the next binade rounds to inf
+    const edges = [
+      1 + 2 ** -11, 1 + 3 * 2 ** -11, -(1 + 2 ** -11), 1 + 2 ** -11 + 2 ** -20, 65504, 65519.99, 65520, -65520, 1e6,
+      2 ** -25, 3 * 2 ** -25, 2 ** -24, 2 ** -14, 2 ** -14 - 2 ** -25, -0, 0, 0.1, 1 / 3, -2.5e-6,
+    ].map(Math.fround);
+    // 40 = two 16-lane vectors and an 8-element tail; the edge values land in both.
+    const row = 40;
+    const n = 3;
+    const k = randF32(n * row, 4);
+    const v = randF32(n * row, 4);
+    const at = shuffle(Array.from({ length: n * row }, (_, i) => i)).slice(0, 2 * edges.length);
+    edges.forEach((x, i) => {
+      k[at[i]] = x;
+      v[at[edges.length + i]] = -x;
+    });
+    const blockSize = 2;
+    const table = Int32Array.from([3, 0, 2]);
+    const slots = Int32Array.from([0, 5, 2]);
+    const planeBytes = 4 * blockSize * row * 2;
+    for (const be of [simd, ref]) {
+      const kp = zeros(planeBytes);
+      const vp = zeros(planeBytes);
+      be.kvWrite(dev(k), dev(v), n, row, dev(new Int32Array(n)), dev(slots), dev(table), 3, blockSize, kp.ptr, vp.ptr, DType.F16);
+      for (const [name, src, plane] of [["K", k, kp], ["V", v, vp]] as const) {
+        const got = new Uint16Array(plane.host!);
+        for (let i = 0; i < n; i++) {
+          const o = (table[Math.floor(slots[i] / blockSize)] * blockSize + (slots[i] % blockSize)) * row;
+          for (let e = 0; e < row; e++) {
+            const want = f16Bits(src[i * row + e]);
+            if (got[o + e] !== want) {
+              throw new Error(`${be === simd ? "SIMD" : "reference"} ${name}: ${src[i * row + e]} stored as 0x${got[o + e].toString(16)}, want 0x${want.toString(16)}; SEED=${SEED}`);
+            }
+          }
+        }
       }
     }
-    const gs = new Float32Array(cache.length);
-    const gr = new Float32Array(cache.length);
-    simd.download(gs, cs);
-    simd.download(gr, cr);
-    expectClose("kvMove SIMD", gs, want, 0, 0);
-    expectClose("kvMove ref", gr, want, 0, 0);
   });
 });
 
@@ -671,9 +799,38 @@ describe("bad input", () => {
     const anc = dev(Uint32Array.from([1]));
     const q = dev(randF32(8));
     expect(() =>
-      simd.attention(q, 1, 1, 1, 8, y.ptr, y.ptr, table, 2, 4, one, committed, anc, 1, 1, zeros(32).ptr),
+      simd.attention(q, 1, 1, 1, 8, y.ptr, y.ptr, DType.F32, table, 2, 4, one, committed, anc, 1, 1, zeros(32).ptr),
     ).toThrow(/beyond max_blocks\*block_size=8/);
   });
+
+  for (const [name, be] of [["simd", simd], ["reference", ref]] as const) {
+    test(`${name}: a KV cache dtype other than F32/F16, or a misaligned plane, is refused with a BackendError naming it`, () => {
+      const one = dev(Int32Array.from([0]));
+      const table = dev(Int32Array.from([0, 1]));
+      const plane = zeros(2 * 4 * 8 * 4).ptr;
+      const kv = dev(randF32(8));
+      const write = (dtype: DType, p = plane) => be.kvWrite(kv, kv, 1, 8, one, one, table, 2, 4, p, p, dtype as KVDType);
+      const attend = (dtype: DType, p = plane) =>
+        be.attention(kv, 1, 1, 1, 8, p, p, dtype as KVDType, table, 2, 4, one, one, dev(Uint32Array.from([1])), 1, 1, zeros(32).ptr);
+      const move = (dtype: DType, p = plane) => be.kvMove(p, dtype as KVDType, 2, 64, 8, table, 4, one, one, 1);
+      expect(() => write(DType.Q8_0)).toThrow(BackendError);
+      expect(() => write(DType.Q8_0)).toThrow(/kvWrite failed \(code 1\): si_kv_write: kv_dtype=8 \(Q8_0\) is not a KV cache dtype \(expected F32=0 or F16=1\)/);
+      expect(() => attend(DType.BF16)).toThrow(/si_attention: kv_dtype=30 \(BF16\) is not a KV cache dtype/);
+      expect(() => move(7 as DType)).toThrow(/si_kv_move: kv_dtype=7 \(unknown\) is not a KV cache dtype/);
+      expect(() => write(DType.F32, plane + 2)).toThrow(/si_kv_write: k_plane=0x[0-9a-f]+ is not 4-byte aligned/);
+      expect(() => attend(DType.F16, plane + 1)).toThrow(/si_attention: k_plane=0x[0-9a-f]+ is not 2-byte aligned/);
+      expect(() => move(DType.F16, plane + 1)).toThrow(/si_kv_move: cache=0x[0-9a-f]+ is not 2-byte aligned/);
+      // Nothing was written, and the backend still works with both dtypes.
+      expect(bytesAt(plane, 2 * 4 * 8 * 4).every((b) => b === 0)).toBe(true);
+      const kvValues = new Float32Array(bytesAt(kv, 32).buffer);
+      write(DType.F32);
+      expect(new Float32Array(bytesAt(plane, 32).buffer)).toEqual(kvValues);
+      write(DType.F16);
+      expect(Array.from(new Uint16Array(bytesAt(plane, 16).buffer))).toEqual(Array.from(kvValues, f16Bits));
+      attend(DType.F16);
+      move(DType.F16);
+    });
+  }
 
   test("a closed backend throws instead of crashing", () => {
     const be = CpuBackend.create({ threads: 2 });
