@@ -1,0 +1,371 @@
+"""LLM and SSM shaped like flexflow.serve's, backed by `specinfer serve` over HTTP."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Union
+
+from .config import GenerationConfig, check_positive_int, runtime_setting
+from .errors import ServerError
+from .http import Endpoint, status_of
+from .process import ServerProcess, locate_server_command
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output, with flexflow.serve's field names plus this request's
+    speculation statistics."""
+
+    output_text: str
+    output_tokens: List[int]
+    finish_reason: Optional[str] = None
+    from_draft: List[bool] = field(default_factory=list)
+    prompt_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    mean_accepted_length: float = 0.0
+
+
+class SSM:
+    """A small speculative model (a draft) for an LLM's compile(ssms=[...])."""
+
+    def __init__(self, model_name: str):
+        if not isinstance(model_name, (str, os.PathLike)):
+            raise TypeError(f"SSM model path must be a string, got {type(model_name).__name__}")
+        self.model_name = os.fspath(model_name)
+        self.generation_config: Optional[GenerationConfig] = None
+
+    def compile(self, generation_config: Optional[GenerationConfig] = None, **_sizes: Any) -> None:
+        """Accepted for SpecInfer scripts. Drafts are verified against the LLM's own
+        sampling, so the SSM's settings have no effect here."""
+        self.generation_config = generation_config
+
+
+Prompts = Union[str, Sequence[str]]
+
+# Most requests a list of prompts keeps in flight at once (the server refuses, with 429,
+# more than its --max-queue).
+BATCH_CONCURRENCY = 8
+
+
+class LLM:
+    """The large model, served by a `specinfer serve` child process (started by
+    start_server() or `with llm:`) or, with url=..., a server already running."""
+
+    def __init__(
+        self,
+        model_name: Optional[str] = None,
+        *,
+        url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        timeout: float = 300.0,
+        startup_timeout: float = 120.0,
+        server_command: Optional[Union[str, Sequence[str]]] = None,
+        log: Optional[TextIO] = None,
+    ):
+        """model_name: a local Hugging Face directory or .gguf file (None: the embedded
+        default pair). url: attach to a running server instead, e.g.
+        "http://127.0.0.1:8000/v1". timeout: the longest silence tolerated from the server
+        within a request, in seconds. server_command: what `serve ...` is appended to
+        (default: found, see process.locate_server_command). log: where the child's output
+        goes (default sys.stderr)."""
+        if model_name is not None and url is not None:
+            raise ValueError("pass either a model path (to start a server) or url= (to attach to one), not both")
+        if model_name is not None and not isinstance(model_name, (str, os.PathLike)):
+            raise TypeError(f"LLM model path must be a string, got {type(model_name).__name__}")
+        self.model_name = None if model_name is None else os.fspath(model_name)
+        self.url = None if url is None else url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.startup_timeout = startup_timeout
+        self.server_command = server_command
+        self.log = log
+        self.generation_config = GenerationConfig()
+        self.ssms: Optional[List[SSM]] = None
+        self._server_flags: List[str] = []
+        self._process: Optional[ServerProcess] = None
+        self._endpoint: Optional[Endpoint] = None
+        self._served_model: Optional[str] = None
+
+    # --- setup -------------------------------------------------------------------------
+
+    def compile(
+        self,
+        generation_config: Optional[GenerationConfig] = None,
+        max_requests_per_batch: Optional[int] = None,
+        max_seq_length: Optional[int] = None,
+        max_tokens_per_batch: Optional[int] = None,
+        model_specific_data_parallelism_degree: Optional[int] = None,
+        model_specific_tensor_parallelism_degree: Optional[int] = None,
+        model_specific_pipeline_parallelism_degree: Optional[int] = None,
+        ssms: Optional[Sequence[SSM]] = None,
+    ) -> None:
+        """Settings for the server start_server() launches, with SpecInfer's names:
+        max_requests_per_batch -> --max-seqs, max_seq_length -> --ctx-size, ssms -> --ssm,
+        a tensor parallelism degree above 1 -> --tp. None leaves the server's default.
+        ssms=[] (an explicit empty list) decodes without speculation, as in SpecInfer.
+        max_tokens_per_batch and the data/pipeline degrees are accepted and have no effect.
+        generation_config is the default sampling of every generate() call."""
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
+        sizes = {
+            "max_requests_per_batch": max_requests_per_batch,
+            "max_seq_length": max_seq_length,
+            "max_tokens_per_batch": max_tokens_per_batch,
+            "model_specific_data_parallelism_degree": model_specific_data_parallelism_degree,
+            "model_specific_tensor_parallelism_degree": model_specific_tensor_parallelism_degree,
+            "model_specific_pipeline_parallelism_degree": model_specific_pipeline_parallelism_degree,
+        }
+        for name, value in sizes.items():
+            check_positive_int(name, value)
+        if ssms is not None and not all(isinstance(s, SSM) for s in ssms):
+            raise TypeError("ssms must be a list of SSM objects")
+        if self.url is not None and (ssms or max_requests_per_batch or max_seq_length or model_specific_tensor_parallelism_degree):
+            warnings.warn("attached to a running server (url=...): its own flags decide the SSMs and sizes", stacklevel=2)
+        self.generation_config = generation_config or GenerationConfig()
+        self.ssms = None if ssms is None else list(ssms)
+        tp = model_specific_tensor_parallelism_degree or runtime_setting("tensor_parallelism_degree")
+        self._server_flags = [
+            *_flag("--max-seqs", max_requests_per_batch),
+            *_flag("--ctx-size", max_seq_length),
+            *(_flag("--tp", tp) if tp and tp > 1 else []),
+            *[arg for ssm in self.ssms or [] for arg in ("--ssm", ssm.model_name)],
+        ]
+
+    def start_server(self) -> "LLM":
+        """Starts `specinfer serve` on a free port on 127.0.0.1 and waits until it is ready
+        (with url=..., checks that the server answers). Returns self."""
+        if self._endpoint is not None:
+            return self
+        if self.url is not None:
+            self._attach(self.url)
+            return self
+        for path in [self.model_name, *[s.model_name for s in self.ssms or []]]:
+            if path is not None and not os.path.exists(path):
+                raise FileNotFoundError(f"model path {path!r} does not exist (specinfer serves local Hugging Face directories and .gguf files)")
+        model_flags = [] if self.model_name is None else ["--model", self.model_name]
+        env = None
+        if self.api_key:  # through the environment, not argv, which other users can read
+            env = {**os.environ, "SPECINFER_API_KEY": self.api_key}
+        process = ServerProcess(locate_server_command(self.server_command), [*model_flags, *self._server_flags], env=env, log=self.log)
+        process.start(self.startup_timeout)
+        self._process = process
+        try:
+            self._attach(process.url + "/v1")
+        except BaseException:
+            self.stop_server()
+            raise
+        return self
+
+    def _attach(self, url: str) -> None:
+        endpoint = Endpoint(url, self.api_key, self.timeout)
+        root = url[: -len("/v1")] if url.endswith("/v1") else url
+        if status_of(root + "/health", timeout=min(self.timeout, 10)) != 200:
+            raise ServerError(f"no ready specinfer server at {root} (GET /health did not answer 200)")
+        models = endpoint.get_json("/models").get("data") or []
+        if not models:
+            raise ServerError(f"{url}/models lists no model")
+        self._endpoint = endpoint
+        self._served_model = models[0]["id"]
+
+    def stop_server(self) -> None:
+        """Stops the child server (SIGTERM, then SIGKILL) and waits for it to exit; detaches
+        from a server given by url=... without stopping it."""
+        process, self._process, self._endpoint = self._process, None, None
+        if process is not None:
+            process.stop()
+
+    def __enter__(self) -> "LLM":
+        return self.start_server()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop_server()
+
+    @property
+    def server_pid(self) -> Optional[int]:
+        return self._process.pid if self._process else None
+
+    @property
+    def base_url(self) -> Optional[str]:
+        """The OpenAI-compatible base URL (…/v1) of the server in use, once started."""
+        return self._endpoint.base_url if self._endpoint else None
+
+    # --- generation ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        requests_or_prompts: Prompts,
+        max_new_tokens: int = 128,
+        *,
+        stream: bool = False,
+        stop: Optional[Union[str, Sequence[str]]] = None,
+        seed: Optional[int] = None,
+        speculation: Any = None,
+        generation_config: Optional[GenerationConfig] = None,
+    ) -> Union[GenerationResult, List[GenerationResult], "TextStream"]:
+        """Generates for a prompt (-> GenerationResult) or a list of prompts (-> a list, in
+        order, decoded together by the server's continuous batching). stream=True (one prompt only) returns a
+        TextStream yielding text pieces as the server sends them. stop: strings that end
+        the output (never part of it). speculation: False, "auto" or
+        {"tree": "1,1,3", "ngram": True} for this request only."""
+        endpoint = self._require_endpoint()
+        if isinstance(requests_or_prompts, str):
+            prompts: Union[str, List[str]] = requests_or_prompts
+        elif isinstance(requests_or_prompts, (list, tuple)) and all(isinstance(p, str) for p in requests_or_prompts):
+            prompts = list(requests_or_prompts)
+            if not prompts:
+                return []
+        else:
+            raise TypeError("requests_or_prompts must be a string or a list of strings")
+        if stream:
+            if not isinstance(prompts, str):
+                raise ValueError("stream=True takes one prompt, not a list")
+            body = self._request_body(prompts, max_new_tokens, stop, seed, speculation, generation_config)
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+            return TextStream(self._post_stream(endpoint, body))
+        if isinstance(prompts, str):
+            return self._generate_one(endpoint, prompts, max_new_tokens, stop, seed, speculation, generation_config)
+        # One request per prompt, sent together: the server batches them, and each
+        # answer carries that prompt's own speculation stats.
+        with ThreadPoolExecutor(max_workers=min(len(prompts), BATCH_CONCURRENCY)) as pool:
+            futures = [pool.submit(self._generate_one, endpoint, p, max_new_tokens, stop, seed, speculation, generation_config) for p in prompts]
+            return [f.result() for f in futures]
+
+    def _generate_one(self, endpoint: Endpoint, prompt: str, *settings: Any) -> GenerationResult:
+        return result_from_response(self._post(endpoint, self._request_body(prompt, *settings)))
+
+    def _require_endpoint(self) -> Endpoint:
+        if self._endpoint is None:
+            raise ServerError("no server: call llm.start_server() first (or use `with llm:`)")
+        exited = self._exit_error(wait=0)
+        if exited:
+            raise exited
+        return self._endpoint
+
+    def _exit_error(self, wait: float) -> Optional[ServerError]:
+        """A ServerError naming our child's exit, if it has exited (within `wait` s)."""
+        process = self._process
+        if process is None or process.running_after(wait):
+            return None
+        return ServerError(f"specinfer serve (pid {process.pid}) exited with code {process.returncode}:\n{process.output_tail()}")
+
+    def _explained(self, e: ServerError) -> ServerError:
+        """A lost connection explained by our child's death when that is what happened."""
+        return self._exit_error(wait=1.0) or e
+
+    def _post(self, endpoint: Endpoint, body: Dict[str, Any]) -> Dict[str, Any]:
+        try:
+            return endpoint.post_json("/completions", body)
+        except ServerError as e:
+            raise self._explained(e) from e
+
+    def _post_stream(self, endpoint: Endpoint, body: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+        try:
+            events = endpoint.post_sse("/completions", body)  # sent now: a refusal raises here
+        except ServerError as e:
+            raise self._explained(e) from e
+        return self._explaining_failures(events)
+
+    def _explaining_failures(self, events: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        try:
+            yield from events
+        except ServerError as e:
+            raise self._explained(e) from e
+
+    def _request_body(self, prompt, max_new_tokens, stop, seed, speculation, generation_config) -> Dict[str, Any]:
+        config = generation_config or self.generation_config
+        body: Dict[str, Any] = {"model": self._served_model, "prompt": prompt, "max_tokens": max_new_tokens, **config.request_fields()}
+        if stop is not None:
+            body["stop"] = stop
+        if seed is not None:
+            body["seed"] = seed
+        if speculation is None and self.ssms == []:
+            speculation = False  # compile(ssms=[]): incremental decoding, as in SpecInfer
+        if speculation is not None:
+            body["speculation"] = speculation
+        return body
+
+
+def _flag(name: str, value: Optional[int]) -> List[str]:
+    return [] if value is None else [name, str(value)]
+
+
+# --- responses -------------------------------------------------------------------------
+# A completion choice carries `text`, `finish_reason` and the extensions `from_draft`
+# (per token) and `token_ids`; the response carries `usage` and `speculation`
+# ({draft_tokens, accepted_tokens, mean_accepted_length}, over all its choices, which is
+# why a list of prompts is sent as one request per prompt).
+
+
+def result_from_response(response: Dict[str, Any]) -> GenerationResult:
+    choices = response.get("choices") or []
+    if len(choices) != 1:
+        raise ServerError(f"expected one choice in the response, got {len(choices)}")
+    choice = choices[0]
+    result = GenerationResult(
+        output_text=choice.get("text", ""),
+        output_tokens=list(choice.get("token_ids") or []),
+        finish_reason=choice.get("finish_reason"),
+        from_draft=list(choice.get("from_draft") or []),
+    )
+    _add_usage_and_speculation(result, response)
+    return result
+
+
+def _add_usage_and_speculation(result: GenerationResult, payload: Dict[str, Any]) -> None:
+    usage = payload.get("usage")
+    if usage:
+        result.prompt_tokens = usage.get("prompt_tokens", 0)
+    speculation = payload.get("speculation")
+    if speculation:
+        result.draft_tokens = speculation.get("draft_tokens", 0)
+        result.accepted_tokens = speculation.get("accepted_tokens", 0)
+        result.mean_accepted_length = speculation.get("mean_accepted_length", 0.0)
+
+
+class TextStream:
+    """The text pieces of a streamed generation, as the server sends them. Once iteration
+    ends, .result is the whole GenerationResult. close() (or leaving a `with` block) ends
+    the request early; the server then cancels it."""
+
+    def __init__(self, events: Iterator[Dict[str, Any]]):
+        self.result: Optional[GenerationResult] = None
+        self._events = events
+        self._pieces = self._read()
+
+    def _read(self) -> Iterator[str]:
+        result = GenerationResult(output_text="", output_tokens=[])
+        for chunk in self._events:
+            for choice in chunk.get("choices") or []:
+                text = choice.get("text") or ""
+                result.output_text += text
+                result.output_tokens += choice.get("token_ids") or []
+                result.from_draft += choice.get("from_draft") or []
+                if choice.get("finish_reason"):
+                    result.finish_reason = choice["finish_reason"]
+                if text:
+                    yield text
+            _add_usage_and_speculation(result, chunk)
+        self.result = result
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        close_events = getattr(self._events, "close", None)
+        if close_events:
+            close_events()
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
