@@ -2,15 +2,16 @@
 //  - model "llama": SentencePiece BPE (merge the adjacent pair whose concatenation has
 //    the highest score; characters outside the vocabulary fall back to <0xNN> byte
 //    tokens; a dummy-prefix "▁" and spaces written as "▁").
-//  - model "gpt2": byte-level BPE (bytes mapped to printable characters, split by a
-//    pre-tokenizer regex, merged by the rank in `tokenizer.ggml.merges`). Supported
-//    `tokenizer.ggml.pre` values: absent/"default"/"gpt2" (the GPT-2 regex) and
-//    "llama-bpe"/"llama3"/"llama-v3" (the Llama-3 regex, whole-word vocabulary hits
-//    skip merging). Any other value is refused rather than tokenized wrongly.
+//  - model "gpt2": byte-level BPE (bytes mapped to printable characters, split into
+//    words by the pre-tokenizer `tokenizer.ggml.pre` names (pretokenize.ts), merged by
+//    the rank in `tokenizer.ggml.merges`). An unknown pre-tokenizer is refused rather
+//    than tokenized wrongly.
 // Control, user-defined and unknown tokens written literally in the text are matched
-// as single tokens (leftmost, longest first), as Hugging Face tokenizers do.
+// as single tokens (leftmost, longest first), as Hugging Face tokenizers do; with
+// parseSpecial off only user-defined ones are, as in llama.cpp.
 
 import { mergeSymbols, type PairPriority } from "./bpe.ts";
+import { PRE_TOKENIZERS, splitWords, type PreTokenizer } from "./pretokenize.ts";
 import {
   windowedStreamDecoder,
   type DecodeOptions,
@@ -30,26 +31,6 @@ export enum TokenType {
 }
 
 const SPIECE_SPACE = "\u2581"; // "▁"
-
-const PRE_TOKENIZERS: Record<string, { pattern: RegExp; ignoreMerges: boolean }> = {
-  gpt2: {
-    pattern: /'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+/gu,
-    ignoreMerges: false,
-  },
-  // Llama-3's `(?i:'s|'t|...)` written with explicit case classes.
-  "llama-bpe": {
-    pattern:
-      /'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+/gu,
-    ignoreMerges: true,
-  },
-};
-const PRE_TOKENIZER_ALIASES: Record<string, string> = {
-  default: "gpt2",
-  gpt2: "gpt2",
-  "llama-bpe": "llama-bpe",
-  llama3: "llama-bpe",
-  "llama-v3": "llama-bpe",
-};
 
 /** GPT-2's reversible byte → printable character map: printable Latin-1 bytes map to
  *  themselves, the rest to U+0100 onwards in byte order. */
@@ -127,7 +108,8 @@ class Metadata {
 // --- the shared vocabulary machinery ------------------------------------------------
 
 const utf8Encoder = new TextEncoder();
-const utf8Decoder = new TextDecoder(); // non-fatal: invalid bytes become U+FFFD
+// Non-fatal (invalid bytes become U+FFFD) and keeping a leading U+FEFF: it is text.
+const utf8Decoder = new TextDecoder("utf-8", { ignoreBOM: true });
 
 abstract class GGUFTokenizer implements Tokenizer {
   readonly vocabSize: number;
@@ -141,7 +123,7 @@ abstract class GGUFTokenizer implements Tokenizer {
   /** The id add_eos_token appends, or null when nothing is appended. */
   private readonly appendedEos: number | null;
   /** Literal-text tokens matched before BPE, grouped by first character, longest first. */
-  private readonly literalTokens = new Map<string, { text: string; id: number }[]>();
+  private readonly literalTokens = new Map<string, { text: string; id: number; userDefined: boolean }[]>();
   private readonly templates: Map<string, string>;
   /** Per-id UTF-8 bytes of the token's text, built on first decode. */
   private readonly bytesCache: (Uint8Array | undefined)[] = [];
@@ -180,7 +162,7 @@ abstract class GGUFTokenizer implements Tokenizer {
       if (type !== TokenType.Control && type !== TokenType.UserDefined && type !== TokenType.Unknown) continue;
       const first = text[0];
       const list = this.literalTokens.get(first) ?? [];
-      list.push({ text, id: i });
+      list.push({ text, id: i, userDefined: type === TokenType.UserDefined });
       this.literalTokens.set(first, list);
     }
     for (const list of this.literalTokens.values()) list.sort((a, b) => b.text.length - a.text.length);
@@ -208,13 +190,16 @@ abstract class GGUFTokenizer implements Tokenizer {
 
   encode(text: string, opts: EncodeOptions = {}): number[] {
     const addSpecial = opts.addSpecial ?? true;
+    const parseSpecial = opts.parseSpecial ?? true;
     const ids: number[] = [];
     if (addSpecial && this.addBos) ids.push(this.bosId!);
     let atStart = true;
     let plainFrom = 0;
     let i = 0;
     while (i < text.length) {
-      const literal = this.literalTokens.get(text[i])?.find((t) => text.startsWith(t.text, i));
+      const literal = this.literalTokens
+        .get(text[i])
+        ?.find((t) => (parseSpecial || t.userDefined) && text.startsWith(t.text, i));
       if (!literal) {
         i++;
         continue;
@@ -350,24 +335,20 @@ const MAX_CACHED_WORDS = 50_000;
 
 class ByteLevelBPETokenizer extends GGUFTokenizer {
   protected readonly stripsLeadingSpace = false;
-  private readonly pattern: RegExp;
-  private readonly ignoreMerges: boolean;
+  private readonly pre: PreTokenizer;
   private readonly ranks = new Map<string, number>();
   private readonly priority: PairPriority = (left, right) => this.ranks.get(`${left} ${right}`);
   private readonly wordCache = new Map<string, number[]>();
 
   constructor(meta: Metadata) {
     super(meta, false);
-    const pre = meta.string("tokenizer.ggml.pre") ?? "default";
-    const variant = PRE_TOKENIZER_ALIASES[pre];
-    if (!variant) {
+    const name = meta.string("tokenizer.ggml.pre") ?? "default";
+    this.pre =
+      PRE_TOKENIZERS.get(name) ??
       meta.fail(
-        `tokenizer.ggml.pre = ${JSON.stringify(pre)} is not supported ` +
-          `(supported: ${Object.keys(PRE_TOKENIZER_ALIASES).join(", ")})`,
+        `tokenizer.ggml.pre = ${JSON.stringify(name)} is not supported ` +
+          `(supported: ${[...PRE_TOKENIZERS.keys()].join(", ")})`,
       );
-    }
-    this.pattern = PRE_TOKENIZERS[variant].pattern;
-    this.ignoreMerges = PRE_TOKENIZERS[variant].ignoreMerges;
     const merges = meta.strings("tokenizer.ggml.merges") ?? meta.fail("tokenizer.ggml.merges is missing");
     // Byte-level pieces never contain a real space, so "left right" is unambiguous.
     merges.forEach((m, rank) => {
@@ -376,11 +357,11 @@ class ByteLevelBPETokenizer extends GGUFTokenizer {
   }
 
   protected encodeText(text: string, _atStart: boolean, out: number[]): void {
-    for (const word of text.match(this.pattern) ?? []) {
+    for (const word of splitWords(text, this.pre)) {
       const mapped = Array.from(utf8Encoder.encode(word), (b) => BYTE_CHARS[b]).join("");
       let ids = this.wordCache.get(mapped);
       if (!ids) {
-        const whole = this.ignoreMerges ? this.tokenToId.get(mapped) : undefined;
+        const whole = this.pre.ignoreMerges ? this.tokenToId.get(mapped) : undefined;
         ids =
           whole !== undefined
             ? [whole]

@@ -1,9 +1,12 @@
 // Tokenizer from a Hugging Face tokenizer.json (+ tokenizer_config.json), run by
-// @huggingface/tokenizers.
+// @huggingface/tokenizers. Decoding never applies clean_up_tokenization_spaces: that
+// clean-up deletes spaces the text had ("I 'm" -> "I'm"), so decode(encode(s)) would
+// not give s back and streamed text could not equal the whole decode (llama.cpp does
+// not apply it either).
 
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { Tokenizer as HFTokenizer } from "@huggingface/tokenizers";
+import { ByteFallbackDecoder, SequenceDecoder, Tokenizer as HFTokenizer } from "@huggingface/tokenizers";
 import {
   windowedStreamDecoder,
   type DecodeOptions,
@@ -68,10 +71,14 @@ class HFBackedTokenizer implements Tokenizer {
   /** The id add_eos_token appends, or null when nothing is appended. */
   private readonly appendedEos: number | null;
 
+  /** The same tokenizer with its special added tokens as plain text (parseSpecial off). */
+  private plainSpecials: HFTokenizer | null = null;
+
   constructor(
     private readonly hf: HFTokenizer,
+    private readonly makePlainSpecials: () => HFTokenizer,
     config: HFTokenizerConfig,
-    where: string,
+    private readonly where: string,
     extras: HFTokenizerExtras = {},
   ) {
     let maxId = -1;
@@ -105,11 +112,26 @@ class HFBackedTokenizer implements Tokenizer {
 
   encode(text: string, opts: EncodeOptions = {}): number[] {
     const addSpecial = opts.addSpecial ?? true;
-    if (!this.manualSpecial) return this.hf.encode(text, { add_special_tokens: addSpecial }).ids;
-    const ids = this.hf.encode(text, { add_special_tokens: false }).ids;
+    const postProcess = addSpecial && !this.manualSpecial;
+    const ids =
+      opts.parseSpecial === false
+        ? this.encodeSpecialsAsText(text, postProcess)
+        : this.hf.encode(text, { add_special_tokens: postProcess }).ids;
+    if (!this.manualSpecial) return ids;
     if (addSpecial && this.addBos) ids.unshift(this.bosId!);
     if (addSpecial && this.appendedEos !== null) ids.push(this.appendedEos);
     return ids;
+  }
+
+  /** Encodes with the special added tokens as plain text. Tokens are mapped to ids by the
+   *  full tokenizer, which knows the special tokens its post-processor adds. */
+  private encodeSpecialsAsText(text: string, postProcess: boolean): number[] {
+    this.plainSpecials ??= this.makePlainSpecials();
+    return this.plainSpecials.tokenize(text, { add_special_tokens: postProcess }).map((token) => {
+      const id = this.hf.token_to_id(token);
+      if (id === undefined) throw new Error(`${this.where}: token ${JSON.stringify(token)} has no id`);
+      return id;
+    });
   }
 
   decode(ids: readonly number[], opts: DecodeOptions = {}): string {
@@ -121,7 +143,7 @@ class HFBackedTokenizer implements Tokenizer {
         throw new RangeError(`token id ${id} is outside the vocabulary (${this.vocabSize} tokens)`);
       }
     }
-    return this.hf.decode([...ids], { skip_special_tokens: opts.skipSpecial ?? true });
+    return this.hf.decode([...ids], { skip_special_tokens: opts.skipSpecial ?? true, clean_up_tokenization_spaces: false });
   }
 
   idToToken(id: number): string | undefined {
@@ -148,13 +170,27 @@ export function hfTokenizer(
   extras: HFTokenizerExtras = {},
   where = "tokenizer.json",
 ): Tokenizer {
-  let hf: HFTokenizer;
-  try {
-    hf = new HFTokenizer(tokenizerJson, config);
-  } catch (e) {
-    throw new Error(`${where}: unsupported or malformed tokenizer (${(e as Error).message})`);
-  }
-  return new HFBackedTokenizer(hf, config, where, extras);
+  const build = (json: object): HFTokenizer => {
+    try {
+      const hf = new HFTokenizer(json, config);
+      keepByteOrderMarks(hf.decoder);
+      return hf;
+    } catch (e) {
+      throw new Error(`${where}: unsupported or malformed tokenizer (${(e as Error).message})`);
+    }
+  };
+  const withoutSpecialAddedTokens = (): HFTokenizer => {
+    const added = (tokenizerJson as { added_tokens?: { special?: boolean }[] }).added_tokens ?? [];
+    return build({ ...tokenizerJson, added_tokens: added.filter((t) => !t.special) });
+  };
+  return new HFBackedTokenizer(build(tokenizerJson), withoutSpecialAddedTokens, config, where, extras);
+}
+
+/** The library's byte-fallback decoder drops a U+FEFF that starts a run of byte tokens
+ *  (its TextDecoder's default); that U+FEFF is text, so it is kept. */
+function keepByteOrderMarks(decoder: HFTokenizer["decoder"]): void {
+  if (decoder instanceof ByteFallbackDecoder) decoder.text_decoder = new TextDecoder("utf-8", { ignoreBOM: true });
+  if (decoder instanceof SequenceDecoder) decoder.decoders.forEach(keepByteOrderMarks);
 }
 
 function readJson(path: string): any {

@@ -4,6 +4,10 @@
 export interface EncodeOptions {
   /** Add the model's BOS/EOS (per add_bos_token / add_eos_token). Default true. */
   addSpecial?: boolean;
+  /** Match special (control) tokens written literally in the text, e.g. "<s>". Default
+   *  true. When false they are encoded as plain text, as llama.cpp's parse_special=false
+   *  does; user-defined (non-special) added tokens still match. */
+  parseSpecial?: boolean;
 }
 
 export interface DecodeOptions {
@@ -19,8 +23,8 @@ export interface StreamDecoderOptions extends DecodeOptions {
 }
 
 export interface StreamDecoder {
-  /** Adds one token; returns the text that became final (possibly ""). */
-  push(id: number): string;
+  /** Adds tokens (one or several); returns the text that became final (possibly ""). */
+  push(...ids: number[]): string;
   /** Ends the stream: returns whatever is still held back (an incomplete UTF-8
    *  sequence, as U+FFFD). */
   flush(): string;
@@ -33,24 +37,27 @@ export interface Tokenizer {
   /** Every id that ends generation (EOS, and EOT/EOM where the model has them). */
   readonly eosIds: number[];
   encode(text: string, opts?: EncodeOptions): number[];
+  /** The text of `ids`: their pieces joined, with no clean-up of spaces, so that
+   *  decode(encode(text)) gives back `text` wherever the vocabulary can spell it. */
   decode(ids: readonly number[], opts?: DecodeOptions): string;
   /** The vocabulary string of `id`, or undefined outside the vocabulary. */
   idToToken(id: number): string | undefined;
   isSpecial(id: number): boolean;
+  /** Incremental decode: for any cut of the ids into pushes, the pushes' texts and
+   *  flush() joined equal decode() of all the ids. */
   createStreamDecoder(opts?: StreamDecoderOptions): StreamDecoder;
   /** The chat template called `name` ("default" when omitted), or null. */
   chatTemplate(name?: string): string | null;
 }
 
 /**
- * Incremental decoding on top of a whole-sequence `decode`. Each push decodes a short
- * window twice, with and without the tokens not yet emitted, and emits the difference.
- * The window starts where text was last emitted whole, so it never begins inside a
- * UTF-8 character, and the start-of-text space strip is applied identically to both
- * decodes (hence only once, at the real start). Text ending in U+FFFD is held back: it
- * is an incomplete byte-fallback character until more bytes or flush() arrive.
- * pushes + flush == decode(all ids) holds whenever decode is a plain concatenation of
- * token texts up to that strip (not with clean_up_tokenization_spaces).
+ * Incremental decoding on top of a whole-sequence `decode`, which must be the pieces'
+ * text joined (bytes joined, then UTF-8 decoded), up to dropping a leading space at the
+ * very start. Each push decodes a window of ids from `start` and emits what lies beyond
+ * the `emitted` characters of it. The window starts at the ids of the emission before
+ * the last one: a character boundary, and never an empty text, so a leading-space strip
+ * applies to the whole window text or not at all and cancels out. Text ending in U+FFFD
+ * is held back: it may be an incomplete character until more bytes or flush() arrive.
  */
 export function windowedStreamDecoder(
   decode: (ids: readonly number[]) => string,
@@ -58,30 +65,28 @@ export function windowedStreamDecoder(
 ): StreamDecoder {
   const ids = [...prefix];
   let start = 0; // first id of the decode window
-  let read = ids.length; // ids before this are already emitted (or given as prefix)
-  // A prefix that ends inside a character (at most 3 bytes of 4) leaves those
-  // tokens pending, so the completed character is emitted here.
-  for (let back = 0; back < 3 && read > 0 && decode(ids.slice(0, read)).endsWith("\uFFFD"); back++) read--;
+  let lastEmit = 0; // ids.length at the last emission: the next window's start
+  // The prefix's text up to its last complete character counts as emitted.
+  let emitted = decode(ids).replace(/\uFFFD+$/, "").length;
 
-  const pending = (): string => {
-    const done = decode(ids.slice(start, read));
-    const all = decode(ids.slice(start));
-    return all.slice(done.length);
+  const pending = (): string => decode(ids.slice(start)).slice(emitted);
+  const advance = (): void => {
+    start = lastEmit;
+    lastEmit = ids.length;
+    emitted = decode(ids.slice(start)).length;
   };
 
   return {
-    push(id: number): string {
-      ids.push(id);
+    push(...more: number[]): string {
+      ids.push(...more);
       const text = pending();
       if (text.length === 0 || text.endsWith("\uFFFD")) return "";
-      start = read;
-      read = ids.length;
+      advance();
       return text;
     },
     flush(): string {
       const text = pending();
-      start = read;
-      read = ids.length;
+      if (text.length > 0) advance();
       return text;
     },
   };

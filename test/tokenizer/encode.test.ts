@@ -1,7 +1,7 @@
 // The GGUF SentencePiece implementation against tokenizer.json (@huggingface/tokenizers)
 // and against SentencePiece's own ids (reference-greedy.json).
 
-import { expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { ggufTokenizer, hfTokenizer } from "../../src/tokenizer/index.ts";
 import {
   EDGE_TEXTS,
@@ -13,6 +13,9 @@ import {
   tokenizerConfig,
   tokenizerJson,
 } from "./helpers.ts";
+import { BOM, HARD_TEXTS, sentencePiecePair } from "./builders.ts";
+import { encodeGGUF, gguf } from "../../src/model/write.ts";
+import { readGGUF } from "../../src/model/gguf.ts";
 
 test("the fixtures are what the tests assume", () => {
   expect(evalPrompts.length).toBe(160);
@@ -113,4 +116,56 @@ test("add_bos_token / add_eos_token are honored; without them the post-processor
   }
   const { add_bos_token: _bos, add_eos_token: _eos, ...noFlags } = tokenizerConfig;
   expect(hfTokenizer(tokenizerJson, noFlags).encode("Fair")).toEqual([1, ...body]); // TemplateProcessing adds <s>
+});
+
+describe("SentencePiece vocabulary with a U+FEFF token, GGUF file vs tokenizer.json", () => {
+  const { gguf: fromGGUF, hf, bomId } = sentencePiecePair();
+
+  test("GGUF strings are read byte-exact: values starting with U+FEFF keep it", () => {
+    const bytes = encodeGGUF({ [`${BOM}key`]: gguf.str(`${BOM}value`), list: gguf.strings([BOM, `${BOM}x`, "y"]) }, []);
+    const { metadata } = readGGUF({ path: "bom.gguf", bytes, size: bytes.byteLength, ptr: 0, close() {} });
+    expect([...metadata]).toEqual([
+      [`${BOM}key`, `${BOM}value`],
+      ["list", [BOM, `${BOM}x`, "y"]],
+    ]);
+    expect(fromGGUF.idToToken(bomId)).toBe(BOM);
+  });
+
+  test("U+FEFF in text encodes as its own token, as tokenizer.json does, and decodes back", () => {
+    for (const text of ["a\uFEFFb", "\uFEFF", "\uFEFFhello", "x \uFEFF\uFEFF"]) {
+      const ids = fromGGUF.encode(text, { addSpecial: false });
+      expect(ids).toContain(bomId);
+      expect(ids).toEqual(hf.encode(text, { addSpecial: false }));
+      expect(fromGGUF.decode(ids)).toBe(text);
+      expect(hf.decode(ids)).toBe(text);
+    }
+  });
+
+  test("GGUF encodes like tokenizer.json on hard strings, with special-token matching on and off", () => {
+    for (const text of HARD_TEXTS) {
+      for (const parseSpecial of [true, false]) {
+        for (const addSpecial of [true, false]) {
+          const opts = { parseSpecial, addSpecial };
+          expect({ text, opts, ids: fromGGUF.encode(text, opts) }).toEqual({ text, opts, ids: hf.encode(text, opts) });
+        }
+      }
+    }
+  });
+
+  test("special tokens written in text match only with parseSpecial, and decode back either way", () => {
+    for (const tok of [fromGGUF, hf]) {
+      expect(tok.encode("a</s>", { addSpecial: false })).toContain(2);
+      const plain = tok.encode("a</s><s><unk>", { addSpecial: false, parseSpecial: false });
+      expect(plain.filter((id) => id <= 2)).toEqual([]);
+      expect(tok.decode(plain)).toBe("a</s><s><unk>");
+    }
+  });
+
+  test("decode(encode(x)) == x on hard strings", () => {
+    for (const text of HARD_TEXTS) {
+      for (const tok of [fromGGUF, hf]) {
+        expect(tok.decode(tok.encode(text, { parseSpecial: false }))).toBe(text);
+      }
+    }
+  });
 });

@@ -1,9 +1,10 @@
 // The streaming decoder: its pieces add up to decode(), and it never emits half a
 // UTF-8 character (U+FFFD) while bytes are still arriving.
 
-import { expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import type { StreamDecoderOptions, Tokenizer } from "../../src/tokenizer/index.ts";
-import { EDGE_TEXTS, evalPrompts, ggufTok, hfTok } from "./helpers.ts";
+import { byteLevelPair, sentencePiecePair } from "./builders.ts";
+import { EDGE_TEXTS, evalPrompts, ggufTok, hfTok, tokenizerConfig } from "./helpers.ts";
 
 function stream(tok: Tokenizer, ids: number[], opts: StreamDecoderOptions = {}) {
   const decoder = tok.createStreamDecoder(opts);
@@ -69,3 +70,25 @@ for (const [name, tok] of TOKENIZERS) {
     expect(tail).toContain("\uFFFD");
   });
 }
+
+// Texts where clean_up_tokenization_spaces would delete a space the text has.
+const CLEANUP_TEXTS = ["I 'm here", "😁 ?", "a , b . c ! d ?", "do n't", "it 's", "we 've", "they 're", "' quoted ' x"];
+
+describe("tokenizer.json configs that set clean_up_tokenization_spaces: true", () => {
+  const llama3Like = byteLevelPair("llama-bpe", { clean_up_tokenization_spaces: true }).hf;
+  const { hf: llama2Like } = sentencePiecePair({ ...tokenizerConfig, clean_up_tokenization_spaces: true });
+
+  for (const [name, tok] of [["Llama-3-like", llama3Like], ["Llama-2-like", llama2Like]] as const) {
+    test(`${name}: streaming "I 'm here" one token at a time gives the whole decode, which is the text`, () => {
+      const ids = tok.encode("I 'm here", { addSpecial: false });
+      expect(ids.length).toBeGreaterThan(3);
+      const { pieces, tail } = stream(tok, ids);
+      expect(pieces.join("") + tail).toBe(tok.decode(ids));
+      expect(tok.decode(ids)).toBe("I 'm here");
+    });
+
+    test(`${name}: decode(encode(s)) == s where the clean-up would delete spaces`, () => {
+      for (const text of CLEANUP_TEXTS) expect(tok.decode(tok.encode(text))).toBe(text);
+    });
+  }
+});
