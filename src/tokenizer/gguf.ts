@@ -341,14 +341,9 @@ class ByteLevelBPETokenizer extends GGUFTokenizer {
   private readonly wordCache = new Map<string, number[]>();
 
   constructor(meta: Metadata) {
-    super(meta, false);
-    const name = meta.string("tokenizer.ggml.pre") ?? "default";
-    this.pre =
-      PRE_TOKENIZERS.get(name) ??
-      meta.fail(
-        `tokenizer.ggml.pre = ${JSON.stringify(name)} is not supported ` +
-          `(supported: ${[...PRE_TOKENIZERS.keys()].join(", ")})`,
-      );
+    const pre = preTokenizerOf(meta);
+    super(meta, pre.addBos);
+    this.pre = pre;
     const merges = meta.strings("tokenizer.ggml.merges") ?? meta.fail("tokenizer.ggml.merges is missing");
     // Byte-level pieces never contain a real space, so "left right" is unambiguous.
     merges.forEach((m, rank) => {
@@ -385,6 +380,17 @@ class ByteLevelBPETokenizer extends GGUFTokenizer {
     }
     return Uint8Array.from(bytes);
   }
+}
+
+function preTokenizerOf(meta: Metadata): PreTokenizer {
+  const name = meta.string("tokenizer.ggml.pre") ?? "default";
+  return (
+    PRE_TOKENIZERS.get(name) ??
+    meta.fail(
+      `tokenizer.ggml.pre = ${JSON.stringify(name)} is not supported ` +
+        `(supported: ${[...PRE_TOKENIZERS.keys()].join(", ")})`,
+    )
+  );
 }
 
 /** A tokenizer from GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template*`).

@@ -1,5 +1,5 @@
-// Byte-level BPE pre-tokenizers: the word splits llama.cpp applies for each
-// `tokenizer.ggml.pre` value it writes. A rule set is a list of patterns applied in
+// Byte-level BPE pre-tokenizers: the word split llama.cpp's loader selects for each
+// `tokenizer.ggml.pre` value its converter writes. A rule set is a list of patterns applied in
 // turn: each one splits every piece so far into its matches and the gaps between
 // them (gaps are kept as pieces, as llama.cpp's splitter does).
 //
@@ -11,11 +11,13 @@ const NOT_W = "\\P{White_Space}";
 
 /** GPT-2's split: contractions, letter runs, digit runs, other runs, whitespace. */
 const GPT2 = `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^${W}\\p{L}\\p{N}]+|${W}+(?!${NOT_W})|${W}+`;
-/** Llama-3's split; `digits` is how many digits make one piece at most. */
-const llama3Like = (digits: string) =>
+/** Llama-3's split; `digits` bounds a digit run, `punctuation` is the run of other
+ *  characters (Seed-Coder's leaves line breaks out of it). */
+const llama3Like = (digits: string, punctuation = `[^${W}\\p{L}\\p{N}]+[\\r\\n]*`) =>
   `'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}${digits}` +
-  `| ?[^${W}\\p{L}\\p{N}]+[\\r\\n]*|${W}*[\\r\\n]+|${W}+(?!${NOT_W})|${W}+`;
-/** Mistral Nemo's split: words break where lower case turns to upper case. */
+  `| ?${punctuation}|${W}*[\\r\\n]+|${W}+(?!${NOT_W})|${W}+`;
+/** Mistral Nemo's split: words break where lower case turns to upper case. Written with
+ *  the Unicode classes of Mistral's own pattern, which llama.cpp approximates. */
 const TEKKEN =
   `[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+` +
   `|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*` +
@@ -25,13 +27,16 @@ const BLOOM = ` ?[^(${W}|.,!?…。，、।۔،)]+`;
 
 export interface PreTokenizer {
   patterns: RegExp[];
-  /** A whole word found in the vocabulary is one token, merges or not (Llama-3). */
+  /** A whole word found in the vocabulary is one token, merges or not. */
   ignoreMerges: boolean;
+  /** Whether BOS is added when the file has no tokenizer.ggml.add_bos_token. */
+  addBos: boolean;
 }
 
-const rules = (patterns: string[], ignoreMerges = false): PreTokenizer => ({
+const rules = (patterns: string[], llama3Style = false): PreTokenizer => ({
   patterns: patterns.map((p) => new RegExp(p, "gu")),
-  ignoreMerges,
+  ignoreMerges: llama3Style,
+  addBos: llama3Style,
 });
 
 const RULES = {
@@ -40,6 +45,7 @@ const RULES = {
   llama3: rules([llama3Like("{1,3}")], true),
   llama3Merged: rules([llama3Like("{1,3}")]),
   qwen2: rules([llama3Like("")]),
+  seedCoder: rules([llama3Like("", `[^${W}\\p{L}\\p{N}\\r\\n]+`)]),
   falcon: rules([`[\\p{P}\\$\\+<=>\\^~\\|\`]+`, GPT2, `[0-9][0-9][0-9]`]),
   starcoder: rules([`\\p{N}`, GPT2]),
   deepseekCoder: rules([`[\\r\\n]`, `${W}?\\p{L}+`, `${W}?\\p{P}+`, `[一-龥ࠀ-一가-퟿]+`, `\\p{N}`]),
@@ -87,6 +93,7 @@ export const PRE_TOKENIZERS: ReadonlyMap<string, PreTokenizer> = new Map(Object.
   stablelm2: RULES.qwen2,
   hunyuan: RULES.qwen2,
   "grok-2": RULES.qwen2,
+  "seed-coder": RULES.seedCoder,
   falcon: RULES.falcon,
   starcoder: RULES.starcoder,
   refact: RULES.starcoder,

@@ -109,6 +109,7 @@ export function byteLevelPair(pre: BytePre, config: HFTokenizerConfig = {}, gguf
     "tokenizer.ggml.merges": gguf.strings(merges.map((m) => m.join(" "))),
     "tokenizer.ggml.bos_token_id": gguf.u32(eotId),
     "tokenizer.ggml.eos_token_id": gguf.u32(eotId),
+    "tokenizer.ggml.add_bos_token": gguf.bool(false),
   });
   const added = (id: number, content: string, special: boolean) => ({
     id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special,

@@ -92,6 +92,7 @@ const LLAMA_CPP_PRE_NAMES: Record<string, string[]> = {
   viking: ["viking"],
   tekken: ["tekken"],
   deepseekCoder: ["deepseek-coder"],
+  seedCoder: ["seed-coder"],
 };
 
 // Splits worked out by hand from each group's patterns (llama.cpp applies them in turn,
@@ -108,6 +109,7 @@ const EXPECTED_SPLITS: Record<string, string[]> = {
   viking: ["Hello", ",", " ", "1", "2", "3", "4", " world", "!!", " $x"],
   tekken: ["Hello", ",", " ", "1", "2", "3", "4", " world", "!!", " $", "x"],
   deepseekCoder: ["Hello", ",", " ", "1", "2", "3", "4", " world", "!!", " $", "x"],
+  seedCoder: ["Hello", ",", " ", "1", "2", "3", "4", " world", "!!", " $", "x"],
 };
 
 test("every tokenizer.ggml.pre name llama.cpp writes loads and splits as llama.cpp's rules say", () => {
@@ -132,6 +134,8 @@ test("every tokenizer.ggml.pre name llama.cpp writes loads and splits as llama.c
 
 test("pre-tokenizer rules that differ beyond the sample", () => {
   const split = (name: string, text: string) => splitWords(text, PRE_TOKENIZERS.get(name)!);
+  // Seed-Coder's punctuation runs leave line breaks to the whitespace rule.
+  expect(split("seed-coder", "ok.\n\nx")).toEqual(["ok", ".", "\n\n", "x"]);
   // Mistral Nemo's split breaks words where lower case turns to upper case.
   expect(split("tekken", "HelloWorld ABCdef")).toEqual(["Hello", "World", " ABCdef"]);
   // Llama-3 keeps newlines with the punctuation before them and apostrophes case-free.
@@ -139,6 +143,21 @@ test("pre-tokenizer rules that differ beyond the sample", () => {
   expect(split("gpt-2", "I'LL")).toEqual(["I", "'", "LL"]);
   // U+FEFF is not whitespace (JavaScript's \s says it is); U+0085 is.
   expect(split("gpt-2", "\uFEFF. a\u0085 b")).toEqual(["\uFEFF.", " a", "\u0085", " b"]);
+});
+
+test("without tokenizer.ggml.add_bos_token, BOS is added for Llama-3-style pre-tokenizers only (llama.cpp's defaults)", () => {
+  for (const [pre, addsBos] of [["llama-bpe", true], ["tekken", true], ["gpt-2", false], ["qwen2", false], ["default", false]] as const) {
+    const tok = ggufTokenizer(
+      new Map<string, unknown>([
+        ["tokenizer.ggml.model", "gpt2"],
+        ["tokenizer.ggml.pre", pre],
+        ["tokenizer.ggml.tokens", ["a", "b", "<s>"]],
+        ["tokenizer.ggml.merges", []],
+        ["tokenizer.ggml.bos_token_id", 2],
+      ]),
+    );
+    expect({ pre, ids: tok.encode("ab") }).toEqual({ pre, ids: addsBos ? [2, 0, 1] : [0, 1] });
+  }
 });
 
 test("an unknown pre-tokenizer is refused, listing the known ones", () => {
