@@ -21,7 +21,7 @@ _CONNECTION_ERRORS = (OSError, http.client.HTTPException)
 class Endpoint:
     """A server's base URL (e.g. http://127.0.0.1:8000/v1) plus how to talk to it."""
 
-    def __init__(self, base_url: str, api_key: Optional[str] = None, timeout: float = 300.0):
+    def __init__(self, base_url: str, api_key: Optional[str] = None, timeout: float = 120.0):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url must look like http://HOST:PORT/v1, got {base_url!r}")
@@ -35,7 +35,7 @@ class Endpoint:
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=timeout)
+        return cls(self.host, self.port, timeout=timeout)  # applies to every socket operation
 
     def _headers(self) -> Dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
@@ -43,8 +43,8 @@ class Endpoint:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    def _open(self, method: str, path: str, body: Optional[Dict[str, Any]], timeout: float) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        conn = self._connect(timeout)
+    def _open(self, method: str, path: str, body: Optional[Dict[str, Any]]) -> Tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        conn = self._connect(self.timeout)
         try:
             data = None if body is None else json.dumps(body).encode()
             conn.request(method, self.prefix + path, body=data, headers=self._headers())
@@ -59,14 +59,8 @@ class Endpoint:
                 conn.close()
         return conn, response
 
-    def get_json(self, path: str, timeout: Optional[float] = None) -> Any:
-        return self._request_json("GET", path, None, timeout)
-
-    def post_json(self, path: str, body: Dict[str, Any]) -> Any:
-        return self._request_json("POST", path, body, None)
-
-    def _request_json(self, method: str, path: str, body: Optional[Dict[str, Any]], timeout: Optional[float]) -> Any:
-        conn, response = self._open(method, path, body, timeout or self.timeout)
+    def get_json(self, path: str) -> Any:
+        conn, response = self._open("GET", path, None)
         try:
             return _parse_json(_read_all(response, f"{self.base_url}{path}"), f"{self.base_url}{path}")
         finally:
@@ -76,7 +70,7 @@ class Endpoint:
         """Sends the request at once (so a refused one raises here), then yields each
         event's JSON payload until `data: [DONE]`; an error event raises APIError."""
         where = f"{self.base_url}{path}"
-        conn, response = self._open("POST", path, body, self.timeout)
+        conn, response = self._open("POST", path, body)
         return _payloads(conn, response, where)
 
 

@@ -61,7 +61,7 @@ class LLM:
         *,
         url: Optional[str] = None,
         api_key: Optional[str] = None,
-        timeout: float = 300.0,
+        timeout: float = 120.0,
         startup_timeout: float = 120.0,
         server_command: Optional[Union[str, Sequence[str]]] = None,
         log: Optional[TextIO] = None,
@@ -69,7 +69,7 @@ class LLM:
         """model_name: a local Hugging Face directory or .gguf file (None: the embedded
         default pair). url: attach to a running server instead, e.g.
         "http://127.0.0.1:8000/v1". timeout: the longest silence tolerated from the server
-        within a request, in seconds. server_command: what `serve ...` is appended to
+        between two pieces of a response, in seconds. server_command: what `serve ...` is appended to
         (default: found, see process.locate_server_command). log: where the child's output
         goes (default sys.stderr)."""
         if model_name is not None and url is not None:
@@ -207,8 +207,8 @@ class LLM:
         generation_config: Optional[GenerationConfig] = None,
     ) -> Union[GenerationResult, List[GenerationResult], "TextStream"]:
         """Generates for a prompt (-> GenerationResult) or a list of prompts (-> a list, in
-        order, decoded together by the server's continuous batching). stream=True (one prompt only) returns a
-        TextStream yielding text pieces as the server sends them. stop: strings that end
+        order, decoded together by the server's continuous batching). stream=True (one
+        prompt only) returns a TextStream yielding text pieces as the server sends them. stop: strings that end
         the output (never part of it). speculation: False, "auto" or
         {"tree": "1,1,3", "ngram": True} for this request only."""
         endpoint = self._require_endpoint()
@@ -220,23 +220,30 @@ class LLM:
                 return []
         else:
             raise TypeError("requests_or_prompts must be a string or a list of strings")
+        settings = (max_new_tokens, stop, seed, speculation, generation_config)
         if stream:
             if not isinstance(prompts, str):
                 raise ValueError("stream=True takes one prompt, not a list")
-            body = self._request_body(prompts, max_new_tokens, stop, seed, speculation, generation_config)
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-            return TextStream(self._post_stream(endpoint, body))
+            return self._stream(endpoint, prompts, *settings)
         if isinstance(prompts, str):
-            return self._generate_one(endpoint, prompts, max_new_tokens, stop, seed, speculation, generation_config)
+            return self._stream(endpoint, prompts, *settings).finish()
         # One request per prompt, sent together: the server batches them, and each
         # answer carries that prompt's own speculation stats.
         with ThreadPoolExecutor(max_workers=min(len(prompts), BATCH_CONCURRENCY)) as pool:
-            futures = [pool.submit(self._generate_one, endpoint, p, max_new_tokens, stop, seed, speculation, generation_config) for p in prompts]
+            futures = [pool.submit(lambda p: self._stream(endpoint, p, *settings).finish(), p) for p in prompts]
             return [f.result() for f in futures]
 
-    def _generate_one(self, endpoint: Endpoint, prompt: str, *settings: Any) -> GenerationResult:
-        return result_from_response(self._post(endpoint, self._request_body(prompt, *settings)))
+    def _stream(self, endpoint: Endpoint, prompt: str, *settings: Any) -> "TextStream":
+        """Every request streams, so `timeout` bounds the silence between tokens rather
+        than a whole generation, and a server that dies is noticed at once."""
+        body = self._request_body(prompt, *settings)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        try:
+            events = endpoint.post_sse("/completions", body)  # sent now: a refusal raises here
+        except ServerError as e:
+            raise self._explained(e) from e
+        return TextStream(self._explaining_failures(events))
 
     def _require_endpoint(self) -> Endpoint:
         if self._endpoint is None:
@@ -256,19 +263,6 @@ class LLM:
     def _explained(self, e: ServerError) -> ServerError:
         """A lost connection explained by our child's death when that is what happened."""
         return self._exit_error(wait=1.0) or e
-
-    def _post(self, endpoint: Endpoint, body: Dict[str, Any]) -> Dict[str, Any]:
-        try:
-            return endpoint.post_json("/completions", body)
-        except ServerError as e:
-            raise self._explained(e) from e
-
-    def _post_stream(self, endpoint: Endpoint, body: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
-        try:
-            events = endpoint.post_sse("/completions", body)  # sent now: a refusal raises here
-        except ServerError as e:
-            raise self._explained(e) from e
-        return self._explaining_failures(events)
 
     def _explaining_failures(self, events: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
         try:
@@ -295,25 +289,9 @@ def _flag(name: str, value: Optional[int]) -> List[str]:
 
 
 # --- responses -------------------------------------------------------------------------
-# A completion choice carries `text`, `finish_reason` and the extensions `from_draft`
-# (per token) and `token_ids`; the response carries `usage` and `speculation`
-# ({draft_tokens, accepted_tokens, mean_accepted_length}, over all its choices, which is
-# why a list of prompts is sent as one request per prompt).
-
-
-def result_from_response(response: Dict[str, Any]) -> GenerationResult:
-    choices = response.get("choices") or []
-    if len(choices) != 1:
-        raise ServerError(f"expected one choice in the response, got {len(choices)}")
-    choice = choices[0]
-    result = GenerationResult(
-        output_text=choice.get("text", ""),
-        output_tokens=list(choice.get("token_ids") or []),
-        finish_reason=choice.get("finish_reason"),
-        from_draft=list(choice.get("from_draft") or []),
-    )
-    _add_usage_and_speculation(result, response)
-    return result
+# Each streamed chunk's choice carries `text` and the extensions `from_draft` (per token)
+# and `token_ids`; the last one `finish_reason` and, beside it, `speculation`
+# ({draft_tokens, accepted_tokens, mean_accepted_length}); a final chunk carries `usage`.
 
 
 def _add_usage_and_speculation(result: GenerationResult, payload: Dict[str, Any]) -> None:
@@ -357,6 +335,12 @@ class TextStream:
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    def finish(self) -> GenerationResult:
+        """Reads the rest of the stream and returns the whole result."""
+        for _ in self._pieces:
+            pass
+        return self.result
 
     def close(self) -> None:
         self._pieces.close()

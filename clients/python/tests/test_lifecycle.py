@@ -82,6 +82,16 @@ class ServerLifetime(unittest.TestCase):
             llm.stop_server()
 
 
+class ApiKey(unittest.TestCase):
+    def test_a_started_server_gets_the_key_and_a_client_without_it_gets_a_401(self):
+        with ff.LLM(api_key="sesame", server_command=SERVER_COMMAND, log=io.StringIO()) as llm:
+            self.assertEqual(llm.generate("ROMEO:", max_new_tokens=4).finish_reason, "length")
+            self.assertNotIn("sesame", Path(f"/proc/{llm.server_pid}/cmdline").read_text())
+            with self.assertRaises(ff.APIError) as caught:
+                ff.LLM(url=llm.base_url).start_server()
+            self.assertEqual((caught.exception.status, caught.exception.type), (401, "authentication_error"))
+
+
 class StartingErrors(unittest.TestCase):
     def test_a_missing_model_path_is_named_before_anything_starts(self):
         with self.assertRaisesRegex(FileNotFoundError, "/no/such/model"):
