@@ -179,9 +179,11 @@ export function hfTokenizer(
       throw new Error(`${where}: unsupported or malformed tokenizer (${(e as Error).message})`);
     }
   };
+  // Encode-only (encodeSpecialsAsText gives its tokens their ids), built once the full
+  // tokenizer has accepted the same json.
   const withoutSpecialAddedTokens = (): HFTokenizer => {
     const added = (tokenizerJson as { added_tokens?: { special?: boolean }[] }).added_tokens ?? [];
-    return build({ ...tokenizerJson, added_tokens: added.filter((t) => !t.special) });
+    return new HFTokenizer({ ...tokenizerJson, added_tokens: added.filter((t) => !t.special) }, config);
   };
   return new HFBackedTokenizer(build(tokenizerJson), withoutSpecialAddedTokens, config, where, extras);
 }
