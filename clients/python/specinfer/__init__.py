@@ -6,7 +6,7 @@
     llm = ff.LLM()                                  # the embedded default pair
     llm.compile(ff.GenerationConfig(do_sample=False), max_requests_per_batch=8)
     with llm:                                       # starts and stops `specinfer serve`
-        print(llm.generate("ROMEO:", max_new_tokens=32).output_text)
+        print(llm.generate("ROMEO:", max_new_tokens=32)[0].output_text)
 
 Standard library only; talks to the server's OpenAI-compatible HTTP API.
 """

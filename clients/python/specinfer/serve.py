@@ -6,7 +6,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
 from .config import GenerationConfig, check_positive_int, runtime_setting
 from .errors import ServerError
@@ -44,7 +44,8 @@ class SSM:
         self.generation_config = generation_config
 
 
-Prompts = Union[str, Sequence[str]]
+Message = Dict[str, Any]
+Prompts = Union[str, Sequence[str], Sequence[Message], Sequence[Sequence[Message]]]
 
 # Most requests a list of prompts keeps in flight at once (the server refuses, with 429,
 # more than its --max-queue).
@@ -205,42 +206,37 @@ class LLM:
         seed: Optional[int] = None,
         speculation: Any = None,
         generation_config: Optional[GenerationConfig] = None,
-    ) -> Union[GenerationResult, List[GenerationResult], "TextStream"]:
-        """Generates for a prompt (-> GenerationResult) or a list of prompts (-> a list, in
-        order, decoded together by the server's continuous batching). stream=True (one
-        prompt only) returns a TextStream yielding text pieces as the server sends them. stop: strings that end
-        the output (never part of it). speculation: False, "auto" or
-        {"tree": "1,1,3", "ngram": True} for this request only."""
+    ) -> Union[List[GenerationResult], "TextStream"]:
+        """Generates for a prompt, a list of prompts, a conversation (a list of
+        {"role", "content"} dicts, through the model's chat template) or a list of
+        conversations. Returns a list of GenerationResult in the order given, as
+        flexflow.serve does; the server decodes them together (continuous batching).
+
+        stream=True (one prompt or conversation) returns a TextStream that yields text
+        pieces as the server sends them. stop: strings that end the output (never part
+        of it). speculation: False, "auto" or {"tree": "1,1,3", "ngram": True} for these
+        requests only. generation_config: instead of the one given to compile()."""
         endpoint = self._require_endpoint()
-        if isinstance(requests_or_prompts, str):
-            prompts: Union[str, List[str]] = requests_or_prompts
-        elif isinstance(requests_or_prompts, (list, tuple)) and all(isinstance(p, str) for p in requests_or_prompts):
-            prompts = list(requests_or_prompts)
-            if not prompts:
-                return []
-        else:
-            raise TypeError("requests_or_prompts must be a string or a list of strings")
-        settings = (max_new_tokens, stop, seed, speculation, generation_config)
+        requests = _as_requests(requests_or_prompts)
+        body = self._settings(max_new_tokens, stop, seed, speculation, generation_config)
         if stream:
-            if not isinstance(prompts, str):
-                raise ValueError("stream=True takes one prompt, not a list")
-            return self._stream(endpoint, prompts, *settings)
-        if isinstance(prompts, str):
-            return self._stream(endpoint, prompts, *settings).finish()
+            if len(requests) != 1:
+                raise ValueError(f"stream=True takes one prompt or conversation, got {len(requests)}")
+            return self._stream(endpoint, *requests[0], body)
+        if not requests:
+            return []
         # One request per prompt, sent together: the server batches them, and each
         # answer carries that prompt's own speculation stats.
-        with ThreadPoolExecutor(max_workers=min(len(prompts), BATCH_CONCURRENCY)) as pool:
-            futures = [pool.submit(lambda p: self._stream(endpoint, p, *settings).finish(), p) for p in prompts]
+        with ThreadPoolExecutor(max_workers=min(len(requests), BATCH_CONCURRENCY)) as pool:
+            futures = [pool.submit(lambda r: self._stream(endpoint, *r, body).finish(), r) for r in requests]
             return [f.result() for f in futures]
 
-    def _stream(self, endpoint: Endpoint, prompt: str, *settings: Any) -> "TextStream":
+    def _stream(self, endpoint: Endpoint, route: str, fields: Dict[str, Any], settings: Dict[str, Any]) -> "TextStream":
         """Every request streams, so `timeout` bounds the silence between tokens rather
         than a whole generation, and a server that dies is noticed at once."""
-        body = self._request_body(prompt, *settings)
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        body = {**settings, **fields, "stream": True, "stream_options": {"include_usage": True}}
         try:
-            events = endpoint.post_sse("/completions", body)  # sent now: a refusal raises here
+            events = endpoint.post_sse(route, body)  # sent now: a refusal raises here
         except ServerError as e:
             raise self._explained(e) from e
         return TextStream(self._explaining_failures(events))
@@ -270,9 +266,10 @@ class LLM:
         except ServerError as e:
             raise self._explained(e) from e
 
-    def _request_body(self, prompt, max_new_tokens, stop, seed, speculation, generation_config) -> Dict[str, Any]:
+    def _settings(self, max_new_tokens, stop, seed, speculation, generation_config) -> Dict[str, Any]:
+        """The request fields every prompt of one generate() call shares."""
         config = generation_config or self.generation_config
-        body: Dict[str, Any] = {"model": self._served_model, "prompt": prompt, "max_tokens": max_new_tokens, **config.request_fields()}
+        body: Dict[str, Any] = {"model": self._served_model, "max_tokens": max_new_tokens, **config.request_fields()}
         if stop is not None:
             body["stop"] = stop
         if seed is not None:
@@ -284,12 +281,28 @@ class LLM:
         return body
 
 
+def _as_requests(requests_or_prompts: Prompts) -> List[Tuple[str, Dict[str, Any]]]:
+    """(route, input fields) per request: a text prompt goes to /completions, a
+    conversation to /chat/completions."""
+    x = requests_or_prompts
+    if isinstance(x, str):
+        return [("/completions", {"prompt": x})]
+    if isinstance(x, (list, tuple)):
+        if all(isinstance(p, str) for p in x):
+            return [("/completions", {"prompt": p}) for p in x]
+        if all(isinstance(m, dict) for m in x):
+            return [("/chat/completions", {"messages": list(x)})]
+        if all(isinstance(c, (list, tuple)) and all(isinstance(m, dict) for m in c) for c in x):
+            return [("/chat/completions", {"messages": list(c)}) for c in x]
+    raise TypeError("requests_or_prompts must be a string, a list of strings, a conversation (list of dicts) or a list of conversations")
+
+
 def _flag(name: str, value: Optional[int]) -> List[str]:
     return [] if value is None else [name, str(value)]
 
 
 # --- responses -------------------------------------------------------------------------
-# Each streamed chunk's choice carries `text` and the extensions `from_draft` (per token)
+# Each streamed chunk's choice carries `text` (chat: `delta.content`) and the extensions `from_draft` (per token)
 # and `token_ids`; the last one `finish_reason` and, beside it, `speculation`
 # ({draft_tokens, accepted_tokens, mean_accepted_length}); a final chunk carries `usage`.
 
@@ -319,7 +332,7 @@ class TextStream:
         result = GenerationResult(output_text="", output_tokens=[])
         for chunk in self._events:
             for choice in chunk.get("choices") or []:
-                text = choice.get("text") or ""
+                text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                 result.output_text += text
                 result.output_tokens += choice.get("token_ids") or []
                 result.from_draft += choice.get("from_draft") or []

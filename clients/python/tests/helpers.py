@@ -34,6 +34,21 @@ def ts_generate(prompt: str, max_tokens: int, *extra: str) -> Dict:
     return json.loads(out.stdout)
 
 
+def ts_chat(user_message: str, max_tokens: int) -> str:
+    """The assistant's greedy reply to one user turn through `specinfer chat`."""
+    out = subprocess.run(
+        [*SERVER_COMMAND, "chat", "--temperature", "0", "--max-tokens", str(max_tokens)],
+        input=user_message + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    if not out.stdout.endswith("\n"):
+        raise AssertionError(f"specinfer chat printed {out.stdout!r}")
+    return out.stdout[:-1]
+
+
 def process_gone(pid: int) -> bool:
     """True once pid no longer runs (absent, or a zombie waiting for its new parent)."""
     try:

@@ -39,7 +39,7 @@ class ServerLifetime(unittest.TestCase):
         with ff.LLM(server_command=SERVER_COMMAND, log=io.StringIO()) as llm:
             pid = llm.server_pid
             self.assertFalse(process_gone(pid))
-            self.assertEqual(llm.generate("ROMEO:", max_new_tokens=4).finish_reason, "length")
+            self.assertEqual(llm.generate("ROMEO:", max_new_tokens=4)[0].finish_reason, "length")
         self.assertTrue(process_gone(pid))
         self.assertIsNone(llm.server_pid)
 
@@ -85,7 +85,7 @@ class ServerLifetime(unittest.TestCase):
 class ApiKey(unittest.TestCase):
     def test_a_started_server_gets_the_key_and_a_client_without_it_gets_a_401(self):
         with ff.LLM(api_key="sesame", server_command=SERVER_COMMAND, log=io.StringIO()) as llm:
-            self.assertEqual(llm.generate("ROMEO:", max_new_tokens=4).finish_reason, "length")
+            self.assertEqual(llm.generate("ROMEO:", max_new_tokens=4)[0].finish_reason, "length")
             self.assertNotIn("sesame", Path(f"/proc/{llm.server_pid}/cmdline").read_text())
             with self.assertRaises(ff.APIError) as caught:
                 ff.LLM(url=llm.base_url).start_server()

@@ -11,7 +11,7 @@ import unittest
 
 import specinfer as ff
 
-from .helpers import SERVER_COMMAND, ts_generate
+from .helpers import SERVER_COMMAND, ts_chat, ts_generate
 
 PROMPT = "ROMEO:"
 
@@ -30,14 +30,14 @@ class ServedEmbeddedPair(unittest.TestCase):
 
     def test_greedy_generate_equals_the_typescript_api(self):
         expected = ts_generate(PROMPT, 32)
-        result = self.llm.generate(PROMPT, max_new_tokens=32)
+        result = self.llm.generate(PROMPT, max_new_tokens=32)[0]
         self.assertEqual(result.output_text, expected["text"])
         self.assertEqual(result.output_tokens, expected["tokens"])
         self.assertEqual(result.finish_reason, "length")
         self.assertEqual(result.prompt_tokens, expected["stats"]["promptTokens"])
 
     def test_speculation_stats_agree_with_the_per_token_draft_flags(self):
-        result = self.llm.generate(PROMPT, max_new_tokens=48)
+        result = self.llm.generate(PROMPT, max_new_tokens=48)[0]
         self.assertEqual(len(result.from_draft), 48)
         # Tokens a step accepted past max_new_tokens count as accepted but are not emitted.
         self.assertLessEqual(sum(result.from_draft), result.accepted_tokens)
@@ -46,8 +46,8 @@ class ServedEmbeddedPair(unittest.TestCase):
         self.assertGreaterEqual(result.mean_accepted_length, 1.0)
 
     def test_without_speculation_no_token_comes_from_a_draft_and_the_text_is_the_same(self):
-        speculative = self.llm.generate(PROMPT, max_new_tokens=32)
-        plain = self.llm.generate(PROMPT, max_new_tokens=32, speculation=False)
+        speculative = self.llm.generate(PROMPT, max_new_tokens=32)[0]
+        plain = self.llm.generate(PROMPT, max_new_tokens=32, speculation=False)[0]
         self.assertEqual(plain.output_text, speculative.output_text)
         self.assertEqual((plain.draft_tokens, sum(plain.from_draft)), (0, 0))
 
@@ -59,8 +59,16 @@ class ServedEmbeddedPair(unittest.TestCase):
             alone = ts_generate(prompt, 24)
             self.assertEqual((result.output_text, result.output_tokens), (alone["text"], alone["tokens"]), prompt)
 
+    def test_a_conversation_goes_through_the_chat_template_as_in_the_typescript_chat(self):
+        expected = ts_chat("Who art thou?", 24)
+        conversation = [{"role": "user", "content": "Who art thou?"}]
+        results = self.llm.generate(conversation, max_new_tokens=24)
+        self.assertEqual([r.output_text for r in results], [expected])
+        self.assertEqual("".join(self.llm.generate(conversation, max_new_tokens=24, stream=True)), expected)
+        self.assertEqual([r.output_text for r in self.llm.generate([conversation, conversation], max_new_tokens=24)], [expected, expected])
+
     def test_streamed_pieces_arrive_one_by_one_and_join_to_the_unstreamed_text(self):
-        whole = self.llm.generate(PROMPT, max_new_tokens=32)
+        whole = self.llm.generate(PROMPT, max_new_tokens=32)[0]
         stream = self.llm.generate(PROMPT, max_new_tokens=32, stream=True)
         pieces = list(stream)
         self.assertGreater(len(pieces), 1)
@@ -72,10 +80,10 @@ class ServedEmbeddedPair(unittest.TestCase):
         self.assertEqual(stream.result.from_draft, whole.from_draft)
 
     def test_a_stop_string_ends_the_output_before_its_first_occurrence(self):
-        full = self.llm.generate(PROMPT, max_new_tokens=48).output_text
+        full = self.llm.generate(PROMPT, max_new_tokens=48)[0].output_text
         stop = next(w for w in full.split() if len(w) >= 3 and full.index(w) > 0)
         expected = full[: full.index(stop)]
-        result = self.llm.generate(PROMPT, max_new_tokens=48, stop=stop)
+        result = self.llm.generate(PROMPT, max_new_tokens=48, stop=stop)[0]
         self.assertEqual(result.output_text, expected)
         self.assertEqual(result.finish_reason, "stop")
         self.assertEqual("".join(self.llm.generate(PROMPT, max_new_tokens=48, stop=[stop], stream=True)), expected)
@@ -96,10 +104,10 @@ class ServedEmbeddedPair(unittest.TestCase):
     def test_attaching_by_url_gives_the_same_output_and_leaves_the_server_running(self):
         attached = ff.LLM(url=self.llm.base_url)
         with attached:
-            result = attached.generate(PROMPT, max_new_tokens=16)
-        self.assertEqual(result.output_text, self.llm.generate(PROMPT, max_new_tokens=16).output_text)
+            result = attached.generate(PROMPT, max_new_tokens=16)[0]
+        self.assertEqual(result.output_text, self.llm.generate(PROMPT, max_new_tokens=16)[0].output_text)
         self.assertIsNone(attached.server_pid)
-        self.assertEqual(self.llm.generate(PROMPT, max_new_tokens=4).finish_reason, "length")
+        self.assertEqual(self.llm.generate(PROMPT, max_new_tokens=4)[0].finish_reason, "length")
 
     def test_a_frozen_server_makes_requests_fail_after_the_timeout_not_hang(self):
         attached = ff.LLM(url=self.llm.base_url, timeout=1.0).start_server()
