@@ -34,7 +34,8 @@ const TRICKY = [
   "\u0085", "\u00a0", "\u3000", "1", "23", "x", "Zebra", " zebra", "<s>", EOT, TOOL,
 ];
 
-/** Any code points (fast-check's "binary" strings cost seconds to set up). */
+/** Text of any code points; surrogates, which text cannot hold alone, move below U+0800.
+ *  (fast-check's "binary" strings cost seconds to set up.) */
 const codePointsToText = (cps: number[]) =>
   String.fromCodePoint(...cps.map((cp) => (cp >= 0xd800 && cp <= 0xdfff ? cp - 0xd800 : cp)));
 
