@@ -82,6 +82,7 @@ export function respond(c: Context, deps: Deps, job: Job): Response | Promise<Re
             ...job.shape.whole(r.text, r.logprobs ? tokenNamer(llm.tokenizer, choices[i].prompt.at(-1))(r.logprobs) : null),
             finish_reason: finishReason(r.finishReason),
             from_draft: r.fromDraft,
+            token_ids: r.tokens,
           })),
           usage: usage(promptTokens, done.reduce((a, r) => a + r.tokens.length, 0)),
           speculation: speculationStats(done.map((r) => r.stats)),
@@ -110,7 +111,7 @@ export function respond(c: Context, deps: Deps, job: Job): Response | Promise<Re
           const result = await run(ch, signal, (piece) => {
             if (piece.tokens.length === 0 && piece.text === "") return;
             const named: NamedLogprob[] | null = piece.logprobs ? name(piece.logprobs) : null;
-            send(chunk(ch.index, { ...job.shape.delta(piece.text, named, offset), finish_reason: null, from_draft: piece.fromDraft }));
+            send(chunk(ch.index, { ...job.shape.delta(piece.text, named, offset), finish_reason: null, from_draft: piece.fromDraft, token_ids: piece.tokens }));
             offset += named?.reduce((a, e) => a + e.text.length, 0) ?? 0;
           });
           if (!result) return;
