@@ -112,11 +112,11 @@ int32_t si_add(si_ctx *ctx, float *x, const float *y, int64_t count);
  *
  * A cache plane is [n_blocks][block_size][row] elements of kv_dtype, with
  * row = n_kv_heads * head_dim. kv_dtype is SI_F32 or SI_F16 (any other value is
- * refused with SI_ERR_ARG); it is the same for every op on one cache. K and V are
+ * refused with SI_ERR_ARG); it is the same for every op on one cache. With SI_F16, K/V are
  * rounded to f16 on write (round to nearest, ties to even; a value beyond the f16
  * range becomes +-inf, as in a plain conversion), and attention converts them back
  * to f32 and accumulates in f32, so an f16 cache changes only the stored values.
- * Planes are 2-byte aligned at least for SI_F16, 4-byte for SI_F32.
+ * Plane pointers must be aligned to their element (2 bytes for SI_F16, 4 for SI_F32).
  * A model's cache is planes laid out as [layer][K, V], plane_stride elements (of
  * kv_dtype, not bytes) apart.
  * block_tables[s * max_blocks + b] is the pool block holding logical slots
