@@ -14,6 +14,8 @@ import specinfer as ff
 from .helpers import SERVER_COMMAND, ts_chat, ts_generate
 
 PROMPT = "ROMEO:"
+# A fixed tree, so the requests speculate whatever the server's cost model would choose.
+TREE = {"tree": "1,1,3"}
 
 
 class ServedEmbeddedPair(unittest.TestCase):
@@ -37,12 +39,12 @@ class ServedEmbeddedPair(unittest.TestCase):
         self.assertEqual(result.prompt_tokens, expected["stats"]["promptTokens"])
 
     def test_speculation_stats_agree_with_the_per_token_draft_flags(self):
-        result = self.llm.generate(PROMPT, max_new_tokens=48)[0]
+        result = self.llm.generate(PROMPT, max_new_tokens=48, speculation=TREE)[0]
         self.assertEqual(len(result.from_draft), 48)
         # Tokens a step accepted past max_new_tokens count as accepted but are not emitted.
         self.assertLessEqual(sum(result.from_draft), result.accepted_tokens)
         self.assertLessEqual(result.accepted_tokens, result.draft_tokens)
-        self.assertGreater(sum(result.from_draft), 0, "the embedded pair speculates by default")
+        self.assertGreater(sum(result.from_draft), 0, "a fixed tree on the embedded pair accepts some drafts")
         self.assertGreaterEqual(result.mean_accepted_length, 1.0)
 
     def test_without_speculation_no_token_comes_from_a_draft_and_the_text_is_the_same(self):
@@ -68,8 +70,8 @@ class ServedEmbeddedPair(unittest.TestCase):
         self.assertEqual([r.output_text for r in self.llm.generate([conversation, conversation], max_new_tokens=24)], [expected, expected])
 
     def test_streamed_pieces_arrive_one_by_one_and_join_to_the_unstreamed_text(self):
-        whole = self.llm.generate(PROMPT, max_new_tokens=32)[0]
-        stream = self.llm.generate(PROMPT, max_new_tokens=32, stream=True)
+        whole = self.llm.generate(PROMPT, max_new_tokens=32, speculation=TREE)[0]
+        stream = self.llm.generate(PROMPT, max_new_tokens=32, speculation=TREE, stream=True)
         pieces = list(stream)
         self.assertGreater(len(pieces), 1)
         self.assertEqual("".join(pieces), whole.output_text)
