@@ -1,9 +1,9 @@
 import { basename } from "node:path";
-import { LLM } from "../index";
+import { DEFAULT_MODEL } from "../index";
 import { createApp } from "../server/app";
 import { listen } from "../server/listen";
 import { intFlag, parse, UsageError } from "./args";
-import { loadOptions, MODEL_FLAGS } from "./generate";
+import { ENGINE_FLAGS, loadForGeneration, MODEL_FLAGS, SAMPLING_FLAGS } from "./generate";
 
 export const SERVE_HELP = `specinfer serve [--model PATH] [--ssm PATH ...] [--tree SHAPE] [options]
 
@@ -13,9 +13,11 @@ and loads the model in the background: /health answers 503 until it is ready.
 Without --model it serves the embedded default pair.
 
   --model PATH               HF model directory or .gguf file (default: embedded model)
-  --ssm PATH                 a draft model (repeatable)
+  --ssm PATH                 a draft model (repeatable; default with the embedded model:
+                             its draft)
   --tree SHAPE               tree of requests asking for a fixed one ("1,1,3", "dynamic:32")
   --ngram                    also draft by prompt lookup
+  --no-spec                  no drafters: plain decoding for every request
   --host HOST                address to bind (default 127.0.0.1)
   --port N                   port (default 8000; 0 picks a free one)
   --api-key KEY              require Authorization: Bearer KEY on every route but
@@ -25,7 +27,10 @@ Without --model it serves the embedded default pair.
   --max-queue N              most generations waiting beyond the running ones; more get
                              a 429 (default: no limit)
   --served-model-name NAME   the model id clients use (default: the model's file name)
-  --threads N  --backend cpu|cuda
+  --kv-dtype f16|f32  --threads N  --backend cpu|cuda
+
+Requests choose speculation per request with the extension field "speculation":
+false, "auto" (default) or {"tree": "1,1,3", "ngram": true}.
 `;
 
 const LOOPBACK = new Set(["127.0.0.1", "localhost", "::1"]);
@@ -33,14 +38,14 @@ const LOOPBACK = new Set(["127.0.0.1", "localhost", "::1"]);
 export async function serveCommand(argv: string[]): Promise<void> {
   const { values } = parse(argv, {
     ...MODEL_FLAGS,
-    ssm: { type: "string", multiple: true },
-    tree: { type: "string" },
-    ngram: { type: "boolean" },
+    ...ENGINE_FLAGS,
+    ssm: SAMPLING_FLAGS.ssm,
+    tree: SAMPLING_FLAGS.tree,
+    ngram: SAMPLING_FLAGS.ngram,
+    "no-spec": SAMPLING_FLAGS["no-spec"],
     host: { type: "string" },
     port: { type: "string" },
     "api-key": { type: "string" },
-    "max-seqs": { type: "string" },
-    "ctx-size": { type: "string" },
     "max-queue": { type: "string" },
     "served-model-name": { type: "string" },
   });
@@ -56,32 +61,27 @@ export async function serveCommand(argv: string[]): Promise<void> {
     process.stderr.write(`specinfer: warning: serving on ${host} without --api-key: anyone who can reach this port can use the model\n`);
   }
 
-  const loading = LLM.load(model, {
-    ...loadOptions(values),
-    ssms: values.ssm as string[] | undefined,
-    tree: values.tree as string | undefined,
-    ngram: values.ngram as boolean | undefined,
-    maxRequestsPerBatch: maxSeqs,
-    maxSeqLength: intFlag(values, "ctx-size", 1),
-  });
+  const loading = loadForGeneration(values);
   const app = createApp(loading, {
-    servedModelName: (values["served-model-name"] as string | undefined) ?? basename(model ?? "llama-shakespeare-8m").replace(/\.gguf$/, ""),
+    servedModelName: (values["served-model-name"] as string | undefined) ?? basename(model ?? DEFAULT_MODEL).replace(/\.gguf$/, ""),
     apiKey,
     maxInFlight: maxQueue === undefined ? undefined : maxSeqs + maxQueue,
   });
   const server = listen(app, { hostname: host, port });
   process.stderr.write(`specinfer: listening on http://${host}:${server.port}/v1 (loading the model)\n`);
 
-  const stopped = new Promise<void>((resolve) => {
+  let llm;
+  try {
+    llm = await loading;
+  } catch (e) {
+    server.stop(true);
+    throw e;
+  }
+  process.stderr.write("specinfer: model loaded, ready\n");
+  await new Promise<void>((resolve) => {
     process.once("SIGINT", resolve);
     process.once("SIGTERM", resolve);
   });
-  try {
-    const llm = await loading;
-    process.stderr.write("specinfer: model loaded, ready\n");
-    await stopped;
-    await llm.close();
-  } finally {
-    server.stop(true);
-  }
+  server.stop(true);
+  await llm.close();
 }

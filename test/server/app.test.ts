@@ -28,7 +28,7 @@ async function chat(body: Json): Promise<Json> {
 }
 
 describe("completions", () => {
-  test("the text is the model's continuation, with usage, finish reason and one draft flag per token", async () => {
+  test("the text is the model's continuation, with usage, finish reason, token ids and one draft flag per token", async () => {
     const body = await completion({ prompt: PROMPT, ...greedy });
     const ref = await llm.generate(PROMPT, { temperature: 0, maxNewTokens: 24 });
     expect(body.object).toBe("text_completion");
@@ -40,6 +40,7 @@ describe("completions", () => {
     expect(body.choices[0].logprobs).toBeNull();
     expect(body.choices[0].finish_reason).toBe("length");
     expect(body.choices[0].from_draft).toHaveLength(24);
+    expect(body.choices[0].token_ids).toEqual(ref.tokens);
     const promptTokens = llm.tokenizer.encode(PROMPT).length;
     expect(body.usage).toEqual({ prompt_tokens: promptTokens, completion_tokens: 24, total_tokens: promptTokens + 24 });
   });
@@ -78,7 +79,8 @@ describe("completions", () => {
     const chunks = events.slice(0, -1);
     expect(chunks.every((e) => e.object === "text_completion" && e.usage === null && e.id === chunks[0].id)).toBe(true);
     expect(chunks.map((e) => e.choices[0].text).join("")).toBe(whole.choices[0].text);
-    expect(chunks.flatMap((e) => e.choices[0].from_draft ?? [])).toEqual(whole.choices[0].from_draft);
+    expect(chunks.flatMap((e) => e.choices[0].token_ids ?? [])).toEqual(whole.choices[0].token_ids);
+    expect(chunks.flatMap((e) => e.choices[0].from_draft ?? [])).toHaveLength(24);
     const last = chunks.at(-1);
     expect(last.choices[0].finish_reason).toBe("length");
     expect(last.speculation.accepted_tokens).toBeGreaterThanOrEqual(chunks.flatMap((e) => e.choices[0].from_draft ?? []).filter((d) => d).length);
@@ -166,7 +168,7 @@ describe("sampling parameters", () => {
     const messages = [{ role: "user", content: "Speak." }];
     const body = await chat({ messages, temperature: 0, max_tokens: 5, ignore_eos: true, logprobs: true, top_logprobs: 3 });
     const prompt = llm.chatPrompt(messages);
-    const ids = (await llm.generate(prompt, { temperature: 0, maxNewTokens: 5, ignoreEos: true })).tokens;
+    const ids: number[] = body.choices[0].token_ids;
     const content = body.choices[0].logprobs.content;
     expect(content).toHaveLength(5);
     const refs = await Promise.all(ids.map((_, k) => targetLogSoftmax([...prompt, ...ids.slice(0, k)])));
