@@ -1,11 +1,12 @@
 #!/usr/bin/env bun
-// specinfer command line: generate, chat, info, logits.
+// specinfer command line: generate, chat, info, logits, serve.
 
 import { UsageError } from "./cli/args";
 import { chatCommand } from "./cli/chat";
 import { generateCommand } from "./cli/generate";
 import { infoCommand } from "./cli/info";
 import { logitsCommand } from "./cli/logits";
+import { serveCommand } from "./cli/serve";
 import { ConfigError } from "./engine/config";
 import { ModelFormatError } from "./model/errors";
 
@@ -17,6 +18,7 @@ usage: specinfer <command> [options]   (specinfer <command> --help for details)
   chat       interactive chat with the model's chat template
   info       describe a model file or directory
   logits     top logits and a greedy continuation from raw token ids (parity checks)
+  serve      OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)
 `;
 
 const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
@@ -24,6 +26,7 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   chat: chatCommand,
   info: infoCommand,
   logits: logitsCommand,
+  serve: serveCommand,
 };
 
 /** Errors that are the caller's to fix (flags, paths, files): exit 2, one line. */
