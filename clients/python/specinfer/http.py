@@ -90,7 +90,8 @@ def _payloads(conn: http.client.HTTPConnection, response: http.client.HTTPRespon
 def status_of(url: str, timeout: float) -> Optional[int]:
     """The HTTP status of GET url, or None when nothing answers."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=timeout)
     try:
         conn.request("GET", parts.path or "/")
         response = conn.getresponse()

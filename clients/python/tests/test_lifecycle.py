@@ -101,6 +101,17 @@ class StartingErrors(unittest.TestCase):
         with self.assertRaisesRegex(FileNotFoundError, "/no/such/draft"):
             llm.start_server()
 
+    def test_a_model_the_server_cannot_load_raises_with_the_servers_own_message(self):
+        model = Path(tempfile.mkdtemp()) / "broken-model"
+        model.mkdir()
+        (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]')
+        started = time.monotonic()
+        with self.assertRaises(ff.ServerError) as caught:
+            ff.LLM(str(model), server_command=SERVER_COMMAND, log=io.StringIO()).start_server()
+        self.assertRegex(str(caught.exception), r"exited with code [12] before it was ready")
+        self.assertIn(str(model), str(caught.exception))
+        self.assertLess(time.monotonic() - started, 30)
+
     def test_settings_become_serve_flags_and_a_failing_server_reports_its_output(self):
         tmp = Path(tempfile.mkdtemp())
         argv_file = tmp / "argv"
