@@ -16,7 +16,7 @@ export async function infoCommand(argv: string[]): Promise<void> {
   if (values.help) return void process.stdout.write(INFO_HELP);
   if (positionals.length !== 1) throw new UsageError("info takes exactly one PATH (see specinfer info --help)");
   const backend = await createBackend({ threads: 1 });
-  const files = loadModelFiles(positionals[0], (p) => backend.mapFile(p));
+  const files = loadModelFiles(positionals[0], (p) => backend.mapFile(p), { checkMemory: false }); // headers only
   try {
     const c = files.config;
     let parameters = 0;

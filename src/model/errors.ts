@@ -9,3 +9,17 @@ export class ModelFormatError extends Error {
     this.name = "ModelFormatError";
   }
 }
+
+/** A model that cannot fit the memory available, refused before anything is allocated.
+ *  The message starts with the model's path and gives both sizes. */
+export class ModelTooLargeError extends Error {
+  constructor(
+    readonly file: string,
+    readonly neededBytes: number,
+    readonly availableBytes: number,
+    detail: string,
+  ) {
+    super(`${file}: ${detail}`);
+    this.name = "ModelTooLargeError";
+  }
+}

@@ -3,11 +3,12 @@
 // into the mappings (nothing is copied), named and shaped the HF way.
 
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { freemem } from "node:os";
 import { basename, join } from "node:path";
 import { DType, DTYPE_NAMES, type MappedFile, RopeLayout } from "../backend/backend.ts";
 import { expectedTensors, hfNameFromGGUF } from "./arch.ts";
 import { configFromGGUF, configFromHF, type ModelConfig } from "./config.ts";
-import { ModelFormatError } from "./errors.ts";
+import { ModelFormatError, ModelTooLargeError } from "./errors.ts";
 import { readGGUF } from "./gguf.ts";
 import { parseSafetensorsIndex, readSafetensors } from "./safetensors.ts";
 
@@ -38,22 +39,36 @@ export interface LoadedModel {
 
 export type MapFile = (path: string) => MappedFile;
 
+export interface LoadOptions {
+  /** Refuse a model that cannot fit memory (default true); false for readers of headers only. */
+  checkMemory?: boolean;
+  /** Memory the model may use, in bytes; default $SPECINFER_MEMORY_LIMIT, else the
+   *  host's available memory. */
+  memoryLimitBytes?: number;
+  /** Tokens per forward the caller sizes its buffers for (LlamaModel's maxBatchTokens). */
+  maxBatchTokens?: number;
+}
+
 const NORM_DTYPES = new Set([DType.F32, DType.F16, DType.BF16]);
 
-export function loadModelFiles(path: string, mapFile: MapFile): LoadedModel {
+/** Maps and validates the model at `path`. Unless opts.checkMemory is false, a model
+ *  that cannot fit the memory available is refused before the caller allocates
+ *  anything: one whose files alone exceed it before they are mapped; one whose
+ *  buffers do not fit once its validated shape is known (and its files unmapped). */
+export function loadModelFiles(path: string, mapFile: MapFile, opts: LoadOptions = {}): LoadedModel {
   if (!existsSync(path)) throw new ModelFormatError(path, "no such file or directory");
   if (!statSync(path).isDirectory()) {
     if (/(\.safetensors|config\.json)$/.test(path)) {
       throw new ModelFormatError(path, "pass the model's directory, not one of its files");
     }
-    return loadGGUF(path, mapFile);
+    return loadGGUF(path, mapFile, opts);
   }
 
   const entries = readdirSync(path);
   const safetensors = entries.filter((f) => f.endsWith(".safetensors"));
   const ggufs = entries.filter((f) => f.endsWith(".gguf"));
-  if (entries.includes("config.json") || safetensors.length > 0) return loadHF(path, entries, safetensors, mapFile);
-  if (ggufs.length === 1) return loadGGUF(join(path, ggufs[0]!), mapFile);
+  if (entries.includes("config.json") || safetensors.length > 0) return loadHF(path, entries, safetensors, mapFile, opts);
+  if (ggufs.length === 1) return loadGGUF(join(path, ggufs[0]!), mapFile, opts);
   throw new ModelFormatError(
     path,
     ggufs.length > 1
@@ -62,7 +77,7 @@ export function loadModelFiles(path: string, mapFile: MapFile): LoadedModel {
   );
 }
 
-function loadHF(dir: string, entries: string[], safetensors: string[], mapFile: MapFile): LoadedModel {
+function loadHF(dir: string, entries: string[], safetensors: string[], mapFile: MapFile, opts: LoadOptions): LoadedModel {
   const configPath = join(dir, "config.json");
   if (!entries.includes("config.json")) throw new ModelFormatError(configPath, "no such file or directory");
   const config = configFromHF(configPath, readFileSync(configPath, "utf8"));
@@ -84,34 +99,40 @@ function loadHF(dir: string, entries: string[], safetensors: string[], mapFile: 
     );
   }
 
+  const indexName = basename(indexPath);
+  const shardBytes = shardNames.reduce((sum, shard) => sum + fileSize(join(dir, shard)), 0);
+  checkMemory(dir, shardBytes, 0, opts);
   return withFiles((files) => {
     const found = new Map<string, TensorRef>();
     for (const shard of shardNames) {
       const shardPath = join(dir, shard);
-      const file = mapChecked(shardPath, mapFile);
+      const file = mapChecked(shardPath, mapFile, weightMap ? ` (a shard ${indexName} lists)` : "");
       files.push(file);
       for (const t of readSafetensors(file).tensors) {
         if (found.has(t.name)) {
           throw new ModelFormatError(shardPath, `tensor ${t.name} is also in ${basename(found.get(t.name)!.file.path)}`);
         }
-        if (weightMap && weightMap.get(t.name) !== undefined && weightMap.get(t.name) !== shard) {
-          throw new ModelFormatError(shardPath, `tensor ${t.name} is listed in ${weightMap.get(t.name)} by the index`);
+        const listedIn = weightMap?.get(t.name);
+        if (listedIn !== undefined && listedIn !== shard) {
+          throw new ModelFormatError(shardPath, `tensor ${t.name} is in this shard, but ${indexName} lists it in ${listedIn}`);
         }
         found.set(t.name, { ...t, file });
       }
     }
     if (weightMap) {
       for (const [name, shard] of weightMap) {
-        if (!found.has(name)) throw new ModelFormatError(join(dir, shard), `missing tensor ${name} (listed in the index)`);
+        if (!found.has(name)) throw new ModelFormatError(join(dir, shard), `missing tensor ${name} (${indexName} lists it here)`);
       }
     }
     const where = weightMap ? indexPath : files[0]!.path;
     const tensors = validate(config, found, where, "config.json");
+    checkMemory(dir, shardBytes, bufferBytes(config, opts.maxBatchTokens), opts);
     return { path: dir, format: "safetensors", config, ropeLayout: RopeLayout.Half, tensors, files, close: closer(files) };
   });
 }
 
-function loadGGUF(path: string, mapFile: MapFile): LoadedModel {
+function loadGGUF(path: string, mapFile: MapFile, opts: LoadOptions): LoadedModel {
+  checkMemory(path, fileSize(path), 0, opts);
   return withFiles((files) => {
     const file = mapChecked(path, mapFile);
     files.push(file);
@@ -127,6 +148,7 @@ function loadGGUF(path: string, mapFile: MapFile): LoadedModel {
       if (name) found.set(name, { name, dtype: t.dtype, shape: [...t.dims].reverse(), file, offset: t.offset, bytes: t.bytes });
     }
     const tensors = validate(config, found, path, "GGUF metadata");
+    checkMemory(path, file.size, bufferBytes(config, opts.maxBatchTokens), opts);
     // llama.cpp's converters permute q/k rows for the adjacent-pair RoPE of its llama
     // graph; qwen2 GGUFs keep the HF rows and rotate halves (NEOX).
     const ropeLayout = config.arch === "qwen2" ? RopeLayout.Half : RopeLayout.Interleaved;
@@ -154,10 +176,17 @@ function ropeFreqFactors(file: MappedFile, t: { dims: number[]; dtype: DType; of
 function validate(
   config: ModelConfig, found: Map<string, TensorRef>, where: string, configSource: string,
 ): Map<string, TensorRef> {
+  const missing = (name: string) => new ModelFormatError(where, `missing tensor ${name} (${configSource} asks for it)`);
+  // Layers first, one tensor each: a damaged layer count (say 2^27) must not make
+  // expectedTensors list a billion tensors before the first is found missing.
+  for (let l = 0; l < config.numLayers; l++) {
+    const name = `model.layers.${l}.input_layernorm.weight`;
+    if (!found.has(name)) throw missing(name);
+  }
   const tensors = new Map<string, TensorRef>();
   for (const want of expectedTensors(config)) {
     const t = found.get(want.name);
-    if (!t) throw new ModelFormatError(where, `missing tensor ${want.name}`);
+    if (!t) throw missing(want.name);
     if (t.shape.length !== want.shape.length || t.shape.some((d, i) => d !== want.shape[i])) {
       throw new ModelFormatError(
         t.file.path,
@@ -175,10 +204,62 @@ function validate(
   return tensors;
 }
 
-/** Maps a file after checking it is there and not empty (mmap refuses empty files). */
-function mapChecked(path: string, mapFile: MapFile): MappedFile {
-  if (!existsSync(path)) throw new ModelFormatError(path, "no such file or directory");
-  if (statSync(path).size === 0) throw new ModelFormatError(path, "empty file (0 bytes)");
+// ---- memory ---------------------------------------------------------------------------
+
+/** Bytes a model needs beside its weights: LlamaModel's activation and batch buffers for
+ *  `maxBatchTokens` tokens (its logits capped at 64 MB as it caps them) and the
+ *  smallest KV cache, one 16-slot f32 block per layer. An estimate kept a little above
+ *  what the forward allocates (test/model/bad-files.test.ts checks it). */
+export function bufferBytes(c: ModelConfig, maxBatchTokens = 512): number {
+  const n = maxBatchTokens;
+  const logitRows = Math.max(1, Math.min(n, Math.floor((64 << 20) / (4 * c.vocabSize))));
+  const qDim = c.numHeads * c.headDim;
+  const kvDim = c.numKvHeads * c.headDim;
+  const activations = n * (2 * c.hiddenSize + 2 * qDim + 2 * kvDim + 2 * c.intermediateSize) + logitRows * (c.hiddenSize + c.vocabSize);
+  const batch = n * (4 + Math.max(64, Math.ceil(n / 32))) + logitRows;
+  // Norm weights and biases converted to f32 (each with a one-float index), and RoPE's
+  // inverse frequencies.
+  const vectors = c.numLayers * (2 * c.hiddenSize + qDim + 2 * kvDim + 5) + c.hiddenSize + 1 + c.headDim / 2;
+  const kv = 2 * c.numLayers * 16 * kvDim;
+  return 4 * (activations + batch + vectors + kv);
+}
+
+/** The memory figure a load is held to, and where it came from. */
+function memoryLimit(opts: LoadOptions): { bytes: number; source: string } {
+  if (opts.memoryLimitBytes !== undefined) return { bytes: opts.memoryLimitBytes, source: "the memoryLimitBytes option" };
+  const env = process.env.SPECINFER_MEMORY_LIMIT;
+  if (env) {
+    const bytes = Number(env);
+    if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new Error(`SPECINFER_MEMORY_LIMIT must be a positive number of bytes, got ${env}`);
+    return { bytes, source: "SPECINFER_MEMORY_LIMIT" };
+  }
+  // MemAvailable counts the page cache the kernel can reclaim (where mapped weights
+  // live); os.freemem does not, so it is only the fallback where /proc is absent.
+  const meminfo = existsSync("/proc/meminfo") ? /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync("/proc/meminfo", "utf8")) : null;
+  return meminfo ? { bytes: Number(meminfo[1]) * 1024, source: "MemAvailable in /proc/meminfo" } : { bytes: freemem(), source: "os.freemem()" };
+}
+
+function checkMemory(path: string, weightBytes: number, buffers: number, opts: LoadOptions): void {
+  if (opts.checkMemory === false) return;
+  const limit = memoryLimit(opts);
+  const needed = weightBytes + buffers;
+  if (needed <= limit.bytes) return;
+  const what = buffers > 0 ? `${size(weightBytes)} of weights + ${size(buffers)} of buffers` : "its weights alone";
+  throw new ModelTooLargeError(
+    path, needed, limit.bytes,
+    `the model needs ${size(needed)}: ${what}; only ${size(limit.bytes)} of memory is available (${limit.source})`,
+  );
+}
+
+const size = (bytes: number) => `${bytes} bytes (${(bytes / 2 ** 20).toFixed(1)} MiB)`;
+
+const fileSize = (path: string) => (existsSync(path) ? statSync(path).size : 0);
+
+/** Maps a file after checking it is there and not empty (mmap refuses empty files);
+ *  `why` says who named the file, for the error. */
+function mapChecked(path: string, mapFile: MapFile, why = ""): MappedFile {
+  if (!existsSync(path)) throw new ModelFormatError(path, `no such file or directory${why}`);
+  if (statSync(path).size === 0) throw new ModelFormatError(path, `empty file (0 bytes)${why}`);
   return mapFile(path);
 }
 

@@ -170,10 +170,12 @@ export function hfTokenizer(
   extras: HFTokenizerExtras = {},
   where = "tokenizer.json",
 ): Tokenizer {
+  checkTokenIds(tokenizerJson, where);
   const build = (json: object): HFTokenizer => {
     try {
       const hf = new HFTokenizer(json, config);
       keepByteOrderMarks(hf.decoder);
+      hf.decode(hf.encode("a b").ids); // parts the library checks only when used
       return hf;
     } catch (e) {
       throw new Error(`${where}: unsupported or malformed tokenizer (${(e as Error).message})`);
@@ -193,6 +195,32 @@ export function hfTokenizer(
 function keepByteOrderMarks(decoder: HFTokenizer["decoder"]): void {
   if (decoder instanceof ByteFallbackDecoder) decoder.text_decoder = new TextDecoder("utf-8", { ignoreBOM: true });
   if (decoder instanceof SequenceDecoder) decoder.decoders.forEach(keepByteOrderMarks);
+}
+
+/** Ids beyond this are refused: the library keeps tokens in arrays indexed by id and
+ *  walks them whole, so one huge id would cost a walk that long (no vocabulary is near it). */
+const MAX_TOKEN_ID = 1 << 24;
+
+/** The vocabulary's and added tokens' ids must be integers in [0, MAX_TOKEN_ID). */
+function checkTokenIds(json: object, where: string): void {
+  const { model, added_tokens } = json as { model?: { vocab?: unknown }; added_tokens?: unknown };
+  const vocab = model?.vocab;
+  const ids = [
+    ...(vocab !== null && typeof vocab === "object" && !Array.isArray(vocab) ? Object.values(vocab) : []),
+    ...(Array.isArray(added_tokens) ? added_tokens.map((t) => t?.id) : []),
+  ];
+  for (const id of ids) {
+    if (!Number.isInteger(id) || id < 0 || id >= MAX_TOKEN_ID) {
+      throw new Error(`${where}: token id ${JSON.stringify(id)} is not an integer in [0, ${MAX_TOKEN_ID})`);
+    }
+  }
+}
+
+/** A JSON file that must hold an object. */
+function readJsonObject(path: string): any {
+  const value = readJson(path);
+  if (value === null || typeof value !== "object" || Array.isArray(value)) throw new Error(`${path}: not a JSON object`);
+  return value;
 }
 
 function readJson(path: string): any {
@@ -215,14 +243,15 @@ export function loadHFTokenizer(dir: string): Tokenizer {
   const tokenizerPath = join(dir, "tokenizer.json");
   if (!existsSync(tokenizerPath)) throw new Error(`no tokenizer.json in ${dir}`);
   const configPath = join(dir, "tokenizer_config.json");
-  const config: HFTokenizerConfig = existsSync(configPath) ? readJson(configPath) : {};
+  const config: HFTokenizerConfig = existsSync(configPath) ? readJsonObject(configPath) : {};
+  chatTemplatesFromConfig(config.chat_template, configPath); // a bad template is refused naming its file
   const extras: HFTokenizerExtras = {};
   const generationPath = join(dir, "generation_config.json");
   if (existsSync(generationPath)) {
-    const eos = readJson(generationPath).eos_token_id;
+    const eos = readJsonObject(generationPath).eos_token_id;
     if (typeof eos === "number" || Array.isArray(eos)) extras.eosTokenId = eos;
   }
   const templatePath = join(dir, "chat_template.jinja");
   if (existsSync(templatePath)) extras.chatTemplate = readFileSync(templatePath, "utf8");
-  return hfTokenizer(readJson(tokenizerPath), config, extras, tokenizerPath);
+  return hfTokenizer(readJsonObject(tokenizerPath), config, extras, tokenizerPath);
 }

@@ -2,13 +2,16 @@
 // naming the file and the problem, never a crash, a RangeError or a hang.
 
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { DType } from "../../src/backend/backend.ts";
-import { ModelFormatError } from "../../src/model/errors.ts";
+import { DType, type Backend, type MappedFile } from "../../src/backend/backend.ts";
+import { createBackend } from "../../src/backend/index.ts";
+import { createKVCache } from "../../src/kv/cache.ts";
+import { ModelFormatError, ModelTooLargeError } from "../../src/model/errors.ts";
 import { GGUFValueType, readGGUF } from "../../src/model/gguf.ts";
-import { loadModelFiles } from "../../src/model/load.ts";
+import { loadLlama } from "../../src/model/llama.ts";
+import { bufferBytes, loadModelFiles } from "../../src/model/load.ts";
 import { readSafetensors } from "../../src/model/safetensors.ts";
 import { bytesMapped, readMapped } from "../helpers/mapped.ts";
 import { encodeGGUF, encodeSafetensors, ggufValue as gv } from "../../src/model/write.ts";
@@ -119,7 +122,7 @@ describe("safetensors", () => {
     const index = JSON.parse(readFileSync(indexPath, "utf8"));
     index.weight_map["model.extra.weight"] = "model-00002-of-00002.safetensors";
     writeFileSync(indexPath, JSON.stringify(index));
-    expectRefused(() => load(dir), join(dir, "model-00002-of-00002.safetensors"), "missing tensor model.extra.weight (listed in the index)");
+    expectRefused(() => load(dir), join(dir, "model-00002-of-00002.safetensors"), "missing tensor model.extra.weight (model.safetensors.index.json lists it here)");
   });
 
   test("config.json without a required key", () => {
@@ -280,5 +283,126 @@ describe("paths", () => {
     expectRefused(() => load(join(dir, "x.safetensors")), join(dir, "x.safetensors"), "no such file or directory");
     unlinkSync(join(dir, "b.gguf"));
     expectRefused(() => load(dir), join(dir, "a.gguf"), "missing key general.architecture");
+  });
+});
+
+describe("memory", () => {
+  /** A mapFile that records what it maps and unmaps. */
+  function spyMapper() {
+    const mapped: string[] = [];
+    const closed: string[] = [];
+    const mapFile = (path: string): MappedFile => {
+      mapped.push(path);
+      return { ...readMapped(path), close: () => void closed.push(path) };
+    };
+    return { mapped, closed, mapFile };
+  }
+
+  function refusal(fn: () => unknown): ModelTooLargeError {
+    try {
+      fn();
+    } catch (e) {
+      expect(e).toBeInstanceOf(ModelTooLargeError);
+      return e as ModelTooLargeError;
+    }
+    throw new Error("expected a ModelTooLargeError");
+  }
+
+  test("HF weights over the limit are refused before any file is mapped; buffers that do not fit, before returning", () => {
+    const dir = writeTinyModel(freshDir(), { seed: 1, dims: DIMS, dtype: "F32", format: "safetensors", shards: 2 }).path;
+    const shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"];
+    const weightBytes = shards.reduce((sum, f) => sum + statSync(join(dir, f)).size, 0);
+    const spy = spyMapper();
+    const weights = refusal(() => loadModelFiles(dir, spy.mapFile, { memoryLimitBytes: weightBytes - 1 }));
+    expect(weights.message).toContain(`needs ${weightBytes} bytes (0.1 MiB): its weights alone; only ${weightBytes - 1} bytes`);
+    expect(spy.mapped).toEqual([]);
+    const e = refusal(() => loadModelFiles(dir, spy.mapFile, { memoryLimitBytes: weightBytes }));
+    expect(spy.closed).toEqual(spy.mapped);
+    expect(e.availableBytes).toBe(weightBytes);
+    expect(e.neededBytes).toBeGreaterThan(weightBytes);
+    const mib = "bytes \\(\\d+\\.\\d MiB\\)";
+    expect(e.message).toMatch(new RegExp(
+      `^${dir}: the model needs ${e.neededBytes} ${mib}: ${weightBytes} ${mib} of weights \\+ \\d+ ${mib} of buffers; ` +
+        `only ${weightBytes} ${mib} of memory is available \\(the memoryLimitBytes option\\)$`,
+    ));
+    // Exactly enough loads.
+    loadModelFiles(dir, spy.mapFile, { memoryLimitBytes: e.neededBytes }).close();
+  });
+
+  test("a GGUF bigger than the limit is never mapped; one whose buffers do not fit is unmapped again", () => {
+    const { path } = writeTinyModel(freshDir(), { seed: 1, dims: DIMS, dtype: "Q8_0", format: "gguf" });
+    const fileBytes = statSync(path).size;
+    const spy = spyMapper();
+    const weights = refusal(() => loadModelFiles(path, spy.mapFile, { memoryLimitBytes: fileBytes - 1 }));
+    expect(weights.message).toContain(`needs ${fileBytes} bytes (0.0 MiB): its weights alone; only ${fileBytes - 1} bytes`);
+    expect(spy.mapped).toEqual([]);
+    const buffers = refusal(() => loadModelFiles(path, spy.mapFile, { memoryLimitBytes: fileBytes }));
+    expect(buffers.neededBytes).toBeGreaterThan(fileBytes);
+    expect(spy.mapped).toEqual([path]);
+    expect(buffers.message).toContain(`: ${fileBytes} bytes (0.0 MiB) of weights + `);
+    expect(spy.closed).toEqual([path]);
+    loadModelFiles(path, spy.mapFile, { memoryLimitBytes: buffers.neededBytes }).close();
+  });
+
+  test("checkMemory: false reads a model whatever the limit", () => {
+    const { path } = writeTinyModel(freshDir(), { seed: 1, dims: DIMS, dtype: "F16", format: "gguf" });
+    loadModelFiles(path, readMapped, { memoryLimitBytes: 1, checkMemory: false }).close();
+  });
+
+  /** A backend that counts the bytes allocated and the files mapped through it. */
+  function countingBackend(backend: Backend) {
+    const counts = { allocated: 0, allocations: 0, mapped: 0 };
+    const proxy = new Proxy(backend, {
+      get(target, prop) {
+        if (prop === "alloc") {
+          return (bytes: number) => {
+            counts.allocated += bytes;
+            counts.allocations++;
+            return target.alloc(bytes);
+          };
+        }
+        if (prop === "mapFile") {
+          return (path: string, populate?: boolean) => {
+            counts.mapped++;
+            return target.mapFile(path, populate);
+          };
+        }
+        const value = Reflect.get(target, prop);
+        return typeof value === "function" ? value.bind(target) : value;
+      },
+    });
+    return { backend: proxy, counts };
+  }
+
+  test("SPECINFER_MEMORY_LIMIT refuses a model in loadLlama before the backend maps or allocates anything", async () => {
+    const dir = writeTinyModel(freshDir(), { seed: 1, dims: DIMS, dtype: "F32", format: "safetensors" }).path;
+    const { backend, counts } = countingBackend(await createBackend({ threads: 1 }));
+    try {
+      process.env.SPECINFER_MEMORY_LIMIT = "1000";
+      const e = refusal(() => loadLlama(dir, backend));
+      expect(e.message).toContain("only 1000 bytes (0.0 MiB) of memory is available (SPECINFER_MEMORY_LIMIT)");
+      expect(counts).toEqual({ allocated: 0, allocations: 0, mapped: 0 });
+      process.env.SPECINFER_MEMORY_LIMIT = "12 GB";
+      expect(() => loadLlama(dir, backend)).toThrow("SPECINFER_MEMORY_LIMIT must be a positive number of bytes, got 12 GB");
+    } finally {
+      delete process.env.SPECINFER_MEMORY_LIMIT;
+      backend.close();
+    }
+  });
+
+  test("bufferBytes covers what the forward and the smallest KV cache allocate, within 10%", async () => {
+    // BF16 with q/k/v biases: every norm and bias is converted to f32 in its own buffer.
+    for (const maxBatchTokens of [16, 512]) {
+      const dir = writeTinyModel(freshDir(), { seed: 1, dims: DIMS, dtype: "BF16", format: "safetensors", attentionBias: true }).path;
+      const { backend, counts } = countingBackend(await createBackend({ threads: 1 }));
+      const model = loadLlama(dir, backend, { maxBatchTokens });
+      const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: 16 });
+      const estimate = bufferBytes(model.config, maxBatchTokens);
+      expect(counts.allocated).toBeLessThanOrEqual(estimate);
+      expect(estimate).toBeLessThan(1.1 * counts.allocated);
+      kv.close();
+      model.close();
+      backend.close();
+    }
   });
 });

@@ -1,0 +1,161 @@
+// The model-file fuzzer's driver: fast-check generates mutation cases (seeded, shrunk
+// on failure), each is written to disk and run by fuzz-worker.ts in a child process,
+// and its outcome is judged: a load + forward, or an error naming a mutated file. A
+// crash (signal or exit), a hang past the time limit or memory growth past the case's
+// file size fails the property, with the seed and path that replay it.
+
+import fc from "fast-check";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { writeSeedModels } from "./fuzz-corpus.ts";
+import { caseArb, materialize, type FuzzCase, type Materialized } from "./fuzz-mutate.ts";
+import type { WorkerReply } from "./fuzz-worker.ts";
+
+const WORKER = join(import.meta.dir, "fuzz-worker.ts");
+export const CASE_TIME_LIMIT_MS = 5000;
+/** Peak RSS growth allowed beyond the case's file bytes: the model's buffers and the
+ *  JS heap's own noise (measured at a few MB on the seed models). */
+const MEMORY_SLACK_BYTES = 48 << 20;
+
+type RunResult = WorkerReply | { outcome: "crashed"; detail: string } | { outcome: "hung" };
+
+/** One worker process, restarted after a crash or a hang. */
+class Worker {
+  private proc: ReturnType<typeof spawnWorker> | null = null;
+  private lines: AsyncIterator<string> | null = null;
+  private stderr = "";
+
+  async run(path: string): Promise<RunResult> {
+    if (!this.proc) await this.start();
+    const proc = this.proc!;
+    proc.stdin.write(JSON.stringify({ path }) + "\n");
+    proc.stdin.flush();
+    let timer: Timer | undefined;
+    const timeout = new Promise<"hung">((resolve) => (timer = setTimeout(() => resolve("hung"), CASE_TIME_LIMIT_MS)));
+    const next = await Promise.race([this.lines!.next(), timeout]);
+    clearTimeout(timer);
+    if (next === "hung") {
+      this.stop();
+      return { outcome: "hung" };
+    }
+    if (next.done) {
+      const code = await proc.exited;
+      const detail = `worker died (exit ${code}${proc.signalCode ? `, signal ${proc.signalCode}` : ""}): ${this.stderr.slice(-2000)}`;
+      this.proc = null;
+      return { outcome: "crashed", detail };
+    }
+    return JSON.parse(next.value) as WorkerReply;
+  }
+
+  private async start(): Promise<void> {
+    this.stderr = "";
+    this.proc = spawnWorker();
+    void this.collectStderr(this.proc.stderr);
+    this.lines = readLines(this.proc.stdout);
+    const first = await this.lines.next();
+    if (first.done || first.value !== "ready") throw new Error(`fuzz worker did not start: ${this.stderr}`);
+  }
+
+  private async collectStderr(stream: ReadableStream<Uint8Array>): Promise<void> {
+    const decoder = new TextDecoder();
+    for await (const chunk of stream) this.stderr = (this.stderr + decoder.decode(chunk)).slice(-8000);
+  }
+
+  stop(): void {
+    this.proc?.kill(9);
+    this.proc = null;
+  }
+}
+
+function spawnWorker() {
+  return Bun.spawn([process.execPath, WORKER], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+}
+
+async function* readLines(stream: ReadableStream<Uint8Array>): AsyncGenerator<string> {
+  const decoder = new TextDecoder();
+  let pending = "";
+  for await (const chunk of stream) {
+    pending += decoder.decode(chunk, { stream: true });
+    let nl: number;
+    while ((nl = pending.indexOf("\n")) >= 0) {
+      yield pending.slice(0, nl);
+      pending = pending.slice(nl + 1);
+    }
+  }
+}
+
+/** Why a case's outcome breaks the promise, or null when it keeps it. */
+export function verdict(files: Materialized, r: RunResult): string | null {
+  if (r.outcome === "hung") return `no answer within ${CASE_TIME_LIMIT_MS} ms`;
+  if (r.outcome === "crashed") return r.detail;
+  if (r.peakGrowth > files.bytes + MEMORY_SLACK_BYTES) {
+    return `memory grew by ${r.peakGrowth} bytes for ${files.bytes} bytes of files`;
+  }
+  if (r.outcome === "loaded") return null;
+  const what = `${r.errorName} in ${r.stage}: ${r.message}`;
+  // A vocabulary may lack what the sample text needs (no unknown token): that is
+  // refused at encode, which is fine when the error says where, as at load.
+  if (r.stage === "forward") return `loaded, then failed: ${what}`;
+  if (r.stage === "model" && r.errorName !== "ModelFormatError") return `not a ModelFormatError: ${what}`;
+  if (!files.mutated.some((name) => r.message!.includes(name))) return `error does not name ${files.mutated.join(" or ")}: ${what}`;
+  return null;
+}
+
+export interface FuzzStats {
+  cases: number;
+  loaded: number;
+  refused: number;
+  /** Refusals by their message's first words (after the path), to see what was reached. */
+  reasons: Map<string, number>;
+  /** With keepGoing: every failing case and why (without it the first one throws). */
+  failures: { case: FuzzCase; why: string }[];
+}
+
+export interface FuzzOptions {
+  seed: number;
+  cases: number;
+  /** Record failures and go on instead of stopping (and shrinking) at the first. */
+  keepGoing?: boolean;
+  /** Called after each case (progress for the CLI). */
+  onCase?(done: number): void;
+}
+
+/** Runs `cases` fuzz cases; throws fast-check's report (seed, path, shrunk case) on failure. */
+export async function runFuzz(opts: FuzzOptions): Promise<FuzzStats> {
+  const root = mkdtempSync(join(tmpdir(), "specinfer-fuzz-"));
+  const worker = new Worker();
+  const stats: FuzzStats = { cases: 0, loaded: 0, refused: 0, reasons: new Map(), failures: [] };
+  try {
+    const seeds = writeSeedModels(join(root, "seeds"));
+    const caseDir = join(root, "case");
+    await fc.assert(
+      fc.asyncProperty(caseArb(), async (c: FuzzCase) => {
+        const files = materialize(c, seeds, caseDir);
+        const result = await worker.run(files.path);
+        const why = verdict(files, result);
+        const failure = why && `${seeds[c.seed % seeds.length]!.name}: ${why}`;
+        if (failure && !opts.keepGoing) throw new Error(failure);
+        if (failure) stats.failures.push({ case: c, why: failure });
+        else count(stats, result as WorkerReply);
+        opts.onCase?.(stats.cases);
+      }),
+      { seed: opts.seed, numRuns: opts.cases, includeErrorInReport: true },
+    );
+    return stats;
+  } finally {
+    worker.stop();
+    rmSync(root, { recursive: true, force: true });
+  }
+}
+
+function count(stats: FuzzStats, r: WorkerReply): void {
+  stats.cases++;
+  if (r.outcome === "loaded") {
+    stats.loaded++;
+    return;
+  }
+  stats.refused++;
+  const reason = r.message!.replace(/^\S*: /, "").split(/[\s:(]+/).slice(0, 3).join(" ");
+  stats.reasons.set(reason, (stats.reasons.get(reason) ?? 0) + 1);
+}
