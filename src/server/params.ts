@@ -36,7 +36,7 @@ const common = {
   logit_bias: z.record(z.string().regex(/^\d+$/, "keys must be token ids"), z.number().min(-100).max(100)).nullish(),
   user: z.string().nullish(),
   // Extensions (vLLM / llama.cpp names), and this engine's speculation switch.
-  top_k: z.int().min(0).nullish(),
+  top_k: z.int().min(-1).nullish(), // -1 = off, as in vLLM
   min_p: z.number().min(0).max(1).nullish(),
   repetition_penalty: z.number().gt(0).max(100).nullish(),
   ignore_eos: z.boolean().nullish(),
@@ -98,7 +98,7 @@ export function generationSettings(body: CommonRequest, logprobs: number | undef
     maxNewTokens: ("max_completion_tokens" in body ? body.max_completion_tokens : undefined) ?? body.max_tokens ?? undefined,
     temperature: body.temperature ?? undefined,
     topP: body.top_p ?? undefined,
-    topK: body.top_k ?? undefined,
+    topK: body.top_k === -1 ? 0 : (body.top_k ?? undefined),
     minP: body.min_p ?? undefined,
     repetitionPenalty: body.repetition_penalty ?? undefined,
     presencePenalty: body.presence_penalty ?? undefined,

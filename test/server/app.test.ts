@@ -135,6 +135,28 @@ describe("sampling parameters", () => {
     expect(body.usage.completion_tokens).toBe(48);
   });
 
+  test("streamed n > 1: each choice's chunks add up to that choice of the non-streamed answer", async () => {
+    const req = { prompt: PROMPT, temperature: 0.9, max_tokens: 12, seed: 9, n: 2, speculation: false };
+    const whole = await completion(req);
+    const { events } = await readSse(await post(app, "/v1/completions", { ...req, stream: true }));
+    for (const i of [0, 1]) {
+      const mine = events.filter((e) => e.choices[0].index === i);
+      expect(mine.map((e) => e.choices[0].text).join("")).toBe(whole.choices[i].text);
+      expect(mine.at(-1).choices[0].finish_reason).toBe(whole.choices[i].finish_reason);
+    }
+  });
+
+  test("top_k 1 and min_p 1 sample the greedy token; repetition_penalty reaches the engine", async () => {
+    const greedyText = (await completion({ prompt: PROMPT, ...greedy })).choices[0].text;
+    for (const cut of [{ top_k: 1 }, { min_p: 1 }]) {
+      expect((await completion({ prompt: PROMPT, temperature: 1.5, max_tokens: 24, seed: 4, ...cut })).choices[0].text).toBe(greedyText);
+    }
+    const penalized = await completion({ prompt: PROMPT, ...greedy, repetition_penalty: 1.8 });
+    const ref = await llm.generate(PROMPT, { temperature: 0, maxNewTokens: 24, repetitionPenalty: 1.8 });
+    expect(penalized.choices[0].text).toBe(ref.text);
+    expect(penalized.choices[0].text).not.toBe(greedyText);
+  });
+
   test("the same seed gives the same sample; n > 1 without a seed gives different ones", async () => {
     const req = { prompt: PROMPT, temperature: 1, max_tokens: 16, seed: 11, speculation: false };
     expect((await completion(req)).choices[0].text).toBe((await completion(req)).choices[0].text);

@@ -4,7 +4,7 @@
 
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
 import { Hono } from "hono";
-import OpenAI, { APIError, AuthenticationError, BadRequestError, NotFoundError, RateLimitError } from "openai";
+import OpenAI, { APIError, APIUserAbortError, AuthenticationError, BadRequestError, NotFoundError, RateLimitError } from "openai";
 import { LLM } from "../../src/index";
 import { createApp } from "../../src/server/app";
 import { listen } from "../../src/server/listen";
@@ -148,6 +148,20 @@ describe("openai client against a real server", () => {
       const text = await scrape();
       return metric(text, "specinfer_kv_cache_blocks_used") === 0 && metric(text, "specinfer_num_requests_running") === 0;
     })).toBe(true);
+  });
+  test("a client that gives up on a non-streamed request cancels it too", async () => {
+    const before = (await llm.stats()).generatedTokens;
+    const gone = new AbortController();
+    const body = { model: SERVED, prompt: PROMPT, max_tokens: 250, ignore_eos: true, n: 8, speculation: false };
+    const request = client.completions.create(body as OpenAI.CompletionCreateParamsNonStreaming, { signal: gone.signal }).then(
+      () => "answered",
+      (e: unknown) => e,
+    );
+    expect(await eventually(async () => (await llm.stats()).running === 8)).toBe(true);
+    gone.abort();
+    expect(await request).toBeInstanceOf(APIUserAbortError);
+    await expectPoolFull(llm);
+    expect((await llm.stats()).generatedTokens - before).toBeLessThan(8 * 250);
   });
 });
 
