@@ -1,12 +1,14 @@
 // specinfer native build (Zig 0.11 only: the build API changed in every later release).
 //
-//   zig build -Doptimize=ReleaseFast   -> zig-out/lib/libspecinfer_cpu.so
+//   zig build -Doptimize=ReleaseFast   -> zig-out/lib/libspecinfer_cpu.so (for -Dcpu, default this CPU)
+//                                        + libspecinfer_cpu_v3.so (portable: any x86-64-v3 CPU)
 //                                        (+ libspecinfer_cuda.so when nvcc and cuda/specinfer.cu exist)
 //   zig build test                      -> Zig unit tests of ffi/
 //   zig build peak -- 2                 -> peak VNNI/FMA rates on 2 threads (bench:cpu)
 //
 // The default target is the build machine's CPU with all its features; pass
-// -Dcpu=x86_64_v3 (or baseline) for a library meant for other machines.
+// -Dcpu=x86_64_v4+avx512vnni (scripts/compile.mjs does) for a library meant for other
+// AVX-512 machines. src/backend/native.ts picks one of the two CPU builds at run time.
 const std = @import("std");
 const builtin = @import("builtin");
 
@@ -20,14 +22,8 @@ pub fn build(b: *std.Build) void {
     const target = b.standardTargetOptions(.{});
     const optimize = b.standardOptimizeOption(.{});
 
-    const cpu = b.addSharedLibrary(.{
-        .name = "specinfer_cpu",
-        .root_source_file = .{ .path = "ffi/lib.zig" },
-        .target = target,
-        .optimize = optimize,
-    });
-    cpu.linkLibC();
-    b.installArtifact(cpu);
+    addCpuLibrary(b, "specinfer_cpu", target, optimize);
+    if (target.getCpuArch() == .x86_64) addCpuLibrary(b, "specinfer_cpu_v3", portable(target), optimize);
 
     const tests = b.addTest(.{
         .root_source_file = .{ .path = "ffi/lib.zig" },
@@ -46,6 +42,27 @@ pub fn build(b: *std.Build) void {
     b.step("peak", "Print the CPU's peak int8 VNNI and f32 FMA rates as JSON").dependOn(&run_peak.step);
 
     addCuda(b, target, optimize);
+}
+
+fn addCpuLibrary(b: *std.Build, name: []const u8, target: std.zig.CrossTarget, optimize: std.builtin.OptimizeMode) void {
+    const lib = b.addSharedLibrary(.{
+        .name = name,
+        .root_source_file = .{ .path = "ffi/lib.zig" },
+        .target = target,
+        .optimize = optimize,
+    });
+    lib.linkLibC();
+    b.installArtifact(lib);
+}
+
+/// `target` with the CPU set to plain x86-64-v3 (AVX2, FMA, F16C, BMI2): the build that
+/// runs on any x86-64-v3 CPU (Intel Haswell, AMD Zen and later), whatever -Dcpu says.
+fn portable(target: std.zig.CrossTarget) std.zig.CrossTarget {
+    var t = target;
+    t.cpu_model = .{ .explicit = &std.Target.x86.cpu.x86_64_v3 };
+    t.cpu_features_add = std.Target.Cpu.Feature.Set.empty;
+    t.cpu_features_sub = std.Target.Cpu.Feature.Set.empty;
+    return t;
 }
 
 /// libspecinfer_cuda.so: nvcc object + static cudart, so the .so needs no libcudart at
@@ -76,9 +93,11 @@ fn addCuda(b: *std.Build, target: std.zig.CrossTarget, optimize: std.builtin.Opt
     // Rebuild when the kernel source or the shared header changes.
     cc.extra_file_dependencies = b.allocator.dupe([]const u8, &.{ cu_path, b.pathFromRoot("ffi/specinfer.h") }) catch @panic("OOM");
 
+    // The host side is only nvcc's launchers: build it portable, so the executable's
+    // copy (scripts/compile.mjs) loads on any x86-64-v3 GPU host.
     const lib = b.addSharedLibrary(.{
         .name = "specinfer_cuda",
-        .target = target,
+        .target = if (target.getCpuArch() == .x86_64) portable(target) else target,
         .optimize = optimize,
     });
     lib.addObjectFile(obj);

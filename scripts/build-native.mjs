@@ -1,6 +1,8 @@
 #!/usr/bin/env node
-// Builds the native libraries (zig-out/lib/libspecinfer_cpu.so, and
-// libspecinfer_cuda.so where nvcc exists). Runs as npm `postinstall` and `npm run build`.
+// Builds the native libraries (zig-out/lib/libspecinfer_cpu.so for this CPU,
+// libspecinfer_cpu_v3.so for any x86-64-v3 CPU, and libspecinfer_cuda.so where nvcc
+// exists). Runs as npm `postinstall` and `npm run build`; extra arguments go to
+// `zig build` (scripts/compile.mjs passes a CPU target and a prefix).
 // `node scripts/build-native.mjs test` runs the Zig unit tests of ffi/ instead (Debug,
 // with Zig's safety checks); test/backend/zig-unit.test.ts calls it.
 //

@@ -5,18 +5,22 @@
 
 import { dlopen, ptr, toArrayBuffer } from "bun:ffi";
 import { existsSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
+import { NATIVE_LIB_DIR } from "../runtime/paths.ts";
 import { NativeOps, SYMBOLS, type NativeSymbols } from "./abi.ts";
 import { BackendError, type DeviceBuffer, type MappedFile, type Ptr } from "./backend.ts";
+import { cpuVariant } from "./variant.ts";
 
-/** $`envVar`, the repo's zig-out/lib, or next to a `bun build --compile` executable
- *  (import.meta.dir then starts with /$bunfs/). */
+/** Libraries built twice (build.zig): name -> its portable x86-64-v3 build. */
+const PORTABLE_BUILDS: Record<string, string> = { "libspecinfer_cpu.so": "libspecinfer_cpu_v3.so" };
+
+/** $`envVar`, else `name` in zig-out/lib (lib/ beside a compiled executable); for a
+ *  library built twice, the build this CPU runs (variant.ts). */
 export function libraryPath(envVar: string, name: string): string {
   const env = process.env[envVar];
   if (env) return env;
-  const inRepo = join(import.meta.dir, "..", "..", "zig-out", "lib", name);
-  if (existsSync(inRepo) || !import.meta.dir.startsWith("/$bunfs/")) return inRepo;
-  return join(dirname(process.execPath), name);
+  const portable = PORTABLE_BUILDS[name];
+  return join(NATIVE_LIB_DIR, portable && cpuVariant() === "portable" ? portable : name);
 }
 
 const loaded = new Map<string, NativeSymbols>();
