@@ -2,7 +2,7 @@
 // JSON body or as an SSE stream of chunks. Shared by /completions and /chat/completions.
 
 import type { Context } from "hono";
-import type { ServingLLM, GenerationResult, GenerationSettings, StreamPiece } from "./client";
+import type { ServingLLM, GenerationResult, GenerateOptions, StreamPiece } from "./client";
 import { ApiError } from "./errors";
 import type { ServerMetrics } from "./metrics";
 import { choiceSeeds } from "./params";
@@ -44,7 +44,7 @@ export interface Job {
   prompts: number[][];
   n: number;
   seed: number | null | undefined;
-  settings: GenerationSettings;
+  settings: GenerateOptions;
   stream: boolean;
   includeUsage: boolean;
   shape: Shape;
@@ -53,7 +53,7 @@ export interface Job {
 interface Choice {
   index: number;
   prompt: number[];
-  settings: GenerationSettings;
+  settings: GenerateOptions;
 }
 
 export function respond(c: Context, deps: Deps, job: Job): Response | Promise<Response> {

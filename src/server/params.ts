@@ -4,7 +4,7 @@
 
 import { z } from "zod";
 import { ApiError, badRequest } from "./errors";
-import type { ServingLLM, GenerationSettings } from "./client";
+import type { ServingLLM, GenerateOptions } from "./client";
 
 /** Most choices one request may ask for (each is its own generation). */
 export const MAX_N = 16;
@@ -93,7 +93,7 @@ export function checkModel(requested: string | null | undefined, served: string)
 }
 
 /** Generation settings of one choice, before its seed (see choiceSeeds). */
-export function generationSettings(body: CommonRequest, logprobs: number | undefined, vocabSize: number): GenerationSettings {
+export function generationSettings(body: CommonRequest, logprobs: number | undefined, vocabSize: number): GenerateOptions {
   return {
     maxNewTokens: ("max_completion_tokens" in body ? body.max_completion_tokens : undefined) ?? body.max_tokens ?? undefined,
     temperature: body.temperature ?? undefined,
@@ -119,6 +119,16 @@ function logitBias(bias: Record<string, number>, vocabSize: number): Record<numb
     out[id] = value;
   }
   return out;
+}
+
+/** How many choices, their seed, and how the answer is sent. */
+export function choiceOptions(body: CommonRequest) {
+  return {
+    n: body.n ?? 1,
+    seed: body.seed,
+    stream: body.stream ?? false,
+    includeUsage: body.stream_options?.include_usage ?? false,
+  };
 }
 
 /** `n` choices per prompt: seed + i when a seed is given, else a fresh random seed each

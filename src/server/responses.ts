@@ -1,7 +1,7 @@
 // How /completions and /chat/completions answers look: choices, log-probabilities,
 // usage, and the speculation extension fields.
 
-import type { ServingLLM, GenerationResult, RequestStatsSummary, TokenLogprob } from "./client";
+import type { GenerationResult, ServingLLM, TokenLogprob } from "./client";
 
 /** One emitted token's log-probability with the texts of it and its alternatives. */
 export interface NamedLogprob {
@@ -88,8 +88,8 @@ export function usage(promptTokens: number, completionTokens: number) {
 }
 
 /** This engine's extension: how speculation went for the generations in a response. */
-export function speculationStats(stats: RequestStatsSummary[]) {
-  const sum = (f: (s: RequestStatsSummary) => number) => stats.reduce((a, s) => a + f(s), 0);
+export function speculationStats(stats: GenerationResult["stats"][]) {
+  const sum = (f: (s: GenerationResult["stats"]) => number) => stats.reduce((a, s) => a + f(s), 0);
   const steps = sum((s) => s.decodeSteps);
   const accepted = sum((s) => s.acceptedTokens);
   return {

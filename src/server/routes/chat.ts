@@ -3,7 +3,7 @@
 import { Hono } from "hono";
 import { requireJson, validated } from "../validate";
 import { respond, type Deps } from "../generation";
-import { chatMessages, ChatBody, checkContext, checkModel, generationSettings } from "../params";
+import { chatMessages, ChatBody, checkContext, checkModel, choiceOptions, generationSettings } from "../params";
 import { chatShape } from "../responses";
 
 export function chatRoute(deps: Deps): Hono {
@@ -18,12 +18,9 @@ export function chatRoute(deps: Deps): Hono {
     checkContext([prompt], settings.maxNewTokens, llm.info, { prompt: "messages", maxTokens });
     return respond(c, deps, {
       prompts: [prompt],
-      n: body.n ?? 1,
-      seed: body.seed,
       settings,
-      stream: body.stream ?? false,
-      includeUsage: body.stream_options?.include_usage ?? false,
       shape: chatShape,
+      ...choiceOptions(body),
     });
   });
 }

@@ -3,7 +3,7 @@
 import { Hono } from "hono";
 import { requireJson, validated } from "../validate";
 import { respond, type Deps } from "../generation";
-import { checkContext, checkModel, CompletionBody, completionPrompts, generationSettings } from "../params";
+import { checkContext, checkModel, choiceOptions, CompletionBody, completionPrompts, generationSettings } from "../params";
 import { completionShape } from "../responses";
 
 export function completionsRoute(deps: Deps): Hono {
@@ -16,12 +16,9 @@ export function completionsRoute(deps: Deps): Hono {
     checkContext(prompts, settings.maxNewTokens, llm.info, { prompt: "prompt", maxTokens: "max_tokens" });
     return respond(c, deps, {
       prompts,
-      n: body.n ?? 1,
-      seed: body.seed,
       settings,
-      stream: body.stream ?? false,
-      includeUsage: body.stream_options?.include_usage ?? false,
       shape: completionShape,
+      ...choiceOptions(body),
     });
   });
 }
