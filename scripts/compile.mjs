@@ -67,7 +67,10 @@ try {
     writeFileSync(entry, `import ${JSON.stringify(join(root, w))};\n`);
     return entry;
   });
-  run(bun, ["build", "--compile", main, ...workers, "--outfile", join(dist, "specinfer")]);
+  // The executable behaves the same in every folder: no .env or bunfig.toml (whose
+  // preload could run code) is read from where it is started.
+  const noAutoload = ["--no-compile-autoload-dotenv", "--no-compile-autoload-bunfig"];
+  run(bun, ["build", "--compile", ...noAutoload, main, ...workers, "--outfile", join(dist, "specinfer")]);
 } finally {
   rmSync(entries, { recursive: true, force: true });
 }

@@ -4,7 +4,7 @@
 
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
 import { chooseCpuVariant, readCpuFlags } from "../src/backend/variant.ts";
@@ -52,8 +52,8 @@ afterAll(() => {
 });
 
 /** Runs the copied executable to completion; a hang fails with a message, not a timeout. */
-function runExe(args: string[], extraEnv: Record<string, string> = {}) {
-  const r = spawnSync(exe, args, { cwd: home, env: { ...env, ...extraEnv }, encoding: "utf8", timeout: RUN_LIMIT_MS });
+function runExe(args: string[], extraEnv: Record<string, string> = {}, cwd = home) {
+  const r = spawnSync(exe, args, { cwd, env: { ...env, ...extraEnv }, encoding: "utf8", timeout: RUN_LIMIT_MS });
   if (r.error || r.signal) {
     throw new Error(`specinfer ${args[0]} did not finish within ${RUN_LIMIT_MS / 1000} s (${r.error?.message ?? r.signal}): ${r.stderr}`);
   }
@@ -98,6 +98,18 @@ describe("the copied executable", () => {
     const r = runExe(["generate", "--prompt", "ROMEO:", "--max-tokens", "2"], { SPECINFER_CPU_VARIANT: "sse2" });
     expect(r.status).not.toBe(0);
     expect(r.stderr).toContain("SPECINFER_CPU_VARIANT=sse2 is not one of auto, portable, avx512");
+  });
+
+  test("ignores a .env and a bunfig.toml (preload) in the folder it is started from", () => {
+    const elsewhere = join(home, "elsewhere");
+    mkdirSync(elsewhere);
+    writeFileSync(join(elsewhere, ".env"), "SPECINFER_CPU_VARIANT=sse2\n");
+    writeFileSync(join(elsewhere, "preload.ts"), 'console.log("preloaded");\n');
+    writeFileSync(join(elsewhere, "bunfig.toml"), 'preload = ["./preload.ts"]\n');
+    const r = runExe(["generate", "--prompt", "ROMEO:", "--max-tokens", "2", "--temperature", "0"], {}, elsewhere);
+    expect(r.stderr).toBe("");
+    expect(r.status).toBe(0);
+    expect(r.stdout).not.toContain("preloaded");
   });
 
   test("serve answers /health and a completion, with its library and weights mapped from the copy", async () => {
