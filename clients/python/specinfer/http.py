@@ -87,6 +87,7 @@ def _payloads(conn: http.client.HTTPConnection, response: http.client.HTTPRespon
     finally:
         conn.close()
 
+
 def status_of(url: str, timeout: float) -> Optional[int]:
     """The HTTP status of GET url, or None when nothing answers."""
     parts = urlsplit(url)

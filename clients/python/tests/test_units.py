@@ -148,6 +148,10 @@ class MisbehavingServer:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
             event = b'data: {"choices":[{"index":0,"text":"Hi"}]}\n\n'
             conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+        if self.behaviour == "error-event":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            conn.sendall(b'data: {"choices":[{"index":0,"text":"Hi"}]}\n\n')
+            conn.sendall(b'data: {"error":{"message":"engine step failed","type":"server_error","param":null,"code":null}}\n\n')
         if self.behaviour == "silent":
             self.release.wait(10)
         conn.close()
@@ -173,6 +177,13 @@ class RequestsNeverHang(unittest.TestCase):
         self.assertEqual(next(events)["choices"][0]["text"], "Hi")
         with self.assertRaises(ff.ServerError):
             next(events)
+
+    def test_an_error_event_mid_stream_raises_api_error_after_the_pieces_received(self):
+        events = self.serve("error-event").post_sse("/completions", {"prompt": "x"})
+        self.assertEqual(next(events)["choices"][0]["text"], "Hi")
+        with self.assertRaises(ff.APIError) as caught:
+            next(events)
+        self.assertEqual((caught.exception.message, caught.exception.type), ("engine step failed", "server_error"))
 
     def test_a_silent_server_raises_after_the_timeout(self):
         started = time.monotonic()
