@@ -94,6 +94,14 @@ describe("the copied executable", () => {
     if (existsSync(cuda)) expect(avx512InstructionCount(cuda)).toBe(0);
   });
 
+  const hasNvcc = spawnSync("nvcc", ["--version"]).status === 0;
+  test.skipIf(!hasNvcc)("--backend cuda loads the CUDA library from the copy: PyTorch's continuation on a GPU, else a CUDA error (needs nvcc at compile time)", () => {
+    const args = ["generate", "--backend", "cuda", "--prompt", reference.prompt, "--temperature", "0", "--max-tokens", "32", "--ignore-eos", "--json"];
+    const r = runExe(args);
+    if (r.status === 0) expect(JSON.parse(r.stdout).tokens).toEqual(reference.target_greedy);
+    else expect(r.stderr).toMatch(/^specinfer: create failed .*CUDA/);
+  });
+
   test("an unknown SPECINFER_CPU_VARIANT stops it with a message naming the variable", () => {
     const r = runExe(["generate", "--prompt", "ROMEO:", "--max-tokens", "2"], { SPECINFER_CPU_VARIANT: "sse2" });
     expect(r.status).not.toBe(0);
