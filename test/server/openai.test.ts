@@ -234,29 +234,54 @@ describe("errors surface as the SDK's error classes", () => {
   });
 });
 
-test("a stream silent for longer than the idle timeout (a long prefill) survives under listen(), and not under a bare Bun.serve", async () => {
-  // Headers at once, the first event 6 s later (Bun checks idle sockets every few seconds): what a long prefill looks like.
-  const silent = new Hono().post("/silent", () => {
-    const body = new ReadableStream({
-      start: (out) =>
-        void setTimeout(() => {
-          try {
-            out.enqueue(new TextEncoder().encode("data: late\n\n"));
-            out.close();
-          } catch {
-            // the bare server already dropped the connection
-          }
-        }, 6000),
+/** Sends one keep-alive request on a raw socket; resolves with ms until the server
+ *  closed the connection, or -1 if it was still open after `waitMs`. */
+function closedAfter(port: number, request: string, waitMs: number): Promise<number> {
+  const t0 = performance.now();
+  return new Promise((resolve) => {
+    void Bun.connect({
+      hostname: "127.0.0.1",
+      port,
+      socket: {
+        open: (socket) => void socket.write(request),
+        data: () => {},
+        close: () => resolve(performance.now() - t0),
+      },
     });
-    return new Response(body, { headers: { "Content-Type": "text/event-stream" } });
+    setTimeout(() => resolve(-1), waitMs);
   });
+}
+
+test("a silent stream (a long prefill) outlives the idle timeout under listen(), not under a bare Bun.serve; after a POST the connection idles out again", async () => {
+  // Headers at once, the first event 6 s later (Bun checks idle sockets every few seconds).
+  const silent = new Hono()
+    .post("/quick", (c) => c.json({ ok: true }))
+    .post("/silent", () => {
+      const body = new ReadableStream({
+        start: (out) =>
+          void setTimeout(() => {
+            try {
+              out.enqueue(new TextEncoder().encode("data: late\n\n"));
+              out.close();
+            } catch {
+              // the bare server already dropped the connection
+            }
+          }, 6000),
+      });
+      return new Response(body, { headers: { "Content-Type": "text/event-stream" } });
+    });
   const ours = listen(silent, { hostname: "127.0.0.1", port: 0, idleTimeout: 1 });
   const bare = Bun.serve({ hostname: "127.0.0.1", port: 0, idleTimeout: 1, fetch: silent.fetch });
   try {
     const read = (port: number) => fetch(`http://127.0.0.1:${port}/silent`, { method: "POST" }).then((r) => r.text());
-    const [kept, dropped] = await Promise.allSettled([read(ours.port!), read(bare.port!)]);
+    const [kept, dropped, idleAfterPost] = await Promise.allSettled([
+      read(ours.port!),
+      read(bare.port!),
+      closedAfter(ours.port!, "POST /quick HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 9000),
+    ]);
     expect(kept).toEqual({ status: "fulfilled", value: "data: late\n\n" });
     expect(dropped.status).toBe("rejected");
+    expect(idleAfterPost.status === "fulfilled" && idleAfterPost.value > 0).toBe(true);
   } finally {
     ours.stop(true);
     bare.stop(true);
