@@ -36,6 +36,7 @@ describe("400 names the parameter", () => {
     ["echo", "/v1/completions", { prompt: "x", echo: true }, "echo", /not supported/],
     ["top_logprobs without logprobs", "/v1/chat/completions", { ...chatBody, top_logprobs: 2 }, "top_logprobs", /logprobs/],
     ["a bad speculation value", "/v1/completions", { prompt: "x", speculation: "sometimes" }, "speculation", /speculation/],
+    ["a tree shape the engine rejects", "/v1/completions", { prompt: "x", speculation: { tree: "bad" } }, "speculation", /tree shape/],
     ["a logit_bias token outside the vocabulary", "/v1/completions", { prompt: "x", logit_bias: { "999999": 5 } }, "logit_bias", /outside the vocabulary/],
     ["prompt token ids outside the vocabulary", "/v1/completions", { prompt: [1, 999999] }, "prompt", /outside the vocabulary/],
     ["a bad stop list", "/v1/completions", { prompt: "x", stop: [""] }, "stop[0]", /stop/],
@@ -59,6 +60,10 @@ describe("400 names the parameter", () => {
     const long = await post(app, "/v1/completions", { prompt: Array(context()).fill(5), max_tokens: 1 });
     expect(long.status).toBe(400);
     expectError((await long.json()) as Json, "prompt", /context/);
+    // Room for the prompt but not for one speculative step: the engine refuses it.
+    const noTreeRoom = await post(app, "/v1/completions", { prompt: Array(context() - 2).fill(5), speculation: { tree: "1,1,3" } });
+    expect(noTreeRoom.status).toBe(400);
+    expectError((await noTreeRoom.json()) as Json, "prompt", /speculative step/);
   });
 
   test("malformed JSON and a body not labelled JSON are 400s", async () => {
