@@ -70,8 +70,11 @@ export function respond(c: Context, deps: Deps, job: Job): Response | Promise<Re
 
   if (!job.stream) {
     return (async () => {
+      // Ends the siblings of a choice that failed, as well as all when the client leaves.
+      const over = new AbortController();
+      const signal = AbortSignal.any([c.req.raw.signal, over.signal]);
       try {
-        const results = await Promise.all(choices.map((ch) => run(ch, c.req.raw.signal)));
+        const results = await Promise.all(choices.map((ch) => run(ch, signal)));
         if (results.some((r) => r === null)) throw new ApiError(400, "the client closed the request");
         const done = results as GenerationResult[];
         return c.json({
@@ -88,6 +91,7 @@ export function respond(c: Context, deps: Deps, job: Job): Response | Promise<Re
           speculation: speculationStats(done.map((r) => r.stats)),
         });
       } finally {
+        over.abort();
         release();
       }
     })();

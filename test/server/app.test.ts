@@ -284,6 +284,15 @@ describe("streams and the engine", () => {
     expect((await completion({ prompt: PROMPT, ...greedy })).choices[0].text.length).toBeGreaterThan(0);
   });
 
+  test("an engine failure in a non-streamed request is a 500 in OpenAI's shape", async () => {
+    llm.injectFault("injected step failure");
+    const res = await post(app, "/v1/completions", { prompt: PROMPT, max_tokens: 50, n: 2 });
+    expect(res.status).toBe(500);
+    const body = (await res.json()) as Json;
+    expect(body.error.message).toContain("injected step failure");
+    expect(body.error.type).toBe("server_error");
+  });
+
   test("/metrics counts tokens, latencies and speculation as Prometheus text", async () => {
     const before = await (await app.request("/metrics")).text();
     const body = await completion({ prompt: PROMPT, ...greedy, speculation: { tree: "1,1,1" } });
