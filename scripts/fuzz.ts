@@ -27,7 +27,7 @@ try {
     },
   });
   const seconds = (performance.now() - started) / 1000;
-  console.log(`${stats.cases} cases in ${seconds.toFixed(1)} s: ${stats.loaded} loaded and ran, ${stats.refused} refused`);
+  console.log(`${stats.cases} cases in ${seconds.toFixed(1)} s: ${stats.loaded} loaded and ran, ${stats.refused} refused; peak memory at most ${stats.maxExcessGrowth} bytes beyond a case's files`);
   const reasons = [...stats.reasons].sort((a, b) => b[1] - a[1]);
   for (const [reason, n] of reasons.slice(0, 40)) console.log(`  ${String(n).padStart(6)}  ${reason}`);
   for (const f of stats.failures) console.log(`FAILED ${JSON.stringify(f.case, (_, v) => (typeof v === "bigint" ? `${v}n` : v))}\n  ${f.why}`);

@@ -41,7 +41,7 @@ interface Layout {
   fields: Field[];
   /** Offsets where one structure ends and the next begins. */
   boundaries: number[];
-  /** Where the header ends (bit flips are aimed there mostly). */
+  /** Where the header ends (half the bit flips land before it). */
   headerEnd: number;
   /** GGUF tensor names as [offset, length]. */
   names: [number, number][];
@@ -109,7 +109,7 @@ export function ggufLayout(bytes: Uint8Array): Layout {
 }
 
 /** A safetensors file's header length field, JSON structure and tensor data boundaries. */
-export function safetensorsLayout(bytes: Uint8Array): Layout {
+function safetensorsLayout(bytes: Uint8Array): Layout {
   const headerLen = Number(new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(0, true));
   const headerEnd = 8 + headerLen;
   const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, headerEnd))) as Record<string, { data_offsets?: number[] }>;
@@ -127,7 +127,8 @@ function jsonBoundaries(text: Uint8Array): number[] {
   return out;
 }
 
-function layoutOf(name: string, bytes: Uint8Array): Layout {
+/** The fields and boundaries of a file, by its kind (name). */
+export function layoutOf(name: string, bytes: Uint8Array): Layout {
   if (name.endsWith(".gguf")) return ggufLayout(bytes);
   if (name.endsWith(".safetensors")) return safetensorsLayout(bytes);
   return { fields: [], boundaries: [0, ...jsonBoundaries(bytes), bytes.byteLength], headerEnd: bytes.byteLength, names: [] };
@@ -190,6 +191,7 @@ function copyEntry(text: string, from: number, to: number): string {
   } catch {
     return text;
   }
+  if (header === null || typeof header !== "object") return text;
   const names = Object.keys(header).filter((k) => k !== "__metadata__");
   const a = pick(names, from);
   const b = pick(names, to);
@@ -244,7 +246,6 @@ function apply(name: string, bytes: Uint8Array, layout: Layout, m: Mutation): Ui
 export interface Materialized {
   /** What the loaders are given. */
   path: string;
-  dir: string;
   /** Names of the files the mutations changed. */
   mutated: string[];
   /** Bytes of all the case's files. */
@@ -282,7 +283,7 @@ export function materialize(c: FuzzCase, seeds: SeedModel[], dir: string): Mater
     bytes += (changed ?? seedFile(join(seed.dir, name)).bytes).byteLength;
   }
   const path = seed.path === seed.dir ? dir : join(dir, basename(seed.path));
-  return { path, dir, mutated: [...contents.keys()], bytes };
+  return { path, mutated: [...contents.keys()], bytes };
 }
 
 // ---- generators -----------------------------------------------------------------------

@@ -2,7 +2,7 @@
 // and the faults it found, each kept as a named case with the smallest input.
 
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ModelFormatError } from "../../src/model/errors.ts";
@@ -10,7 +10,7 @@ import { loadModelFiles } from "../../src/model/load.ts";
 import { loadTokenizer } from "../../src/tokenizer/index.ts";
 import { readMapped } from "../helpers/mapped.ts";
 import { writeSeedModels, type SeedModel } from "./fuzz-corpus.ts";
-import { ggufLayout } from "./fuzz-mutate.ts";
+import { ggufLayout, layoutOf, materialize } from "./fuzz-mutate.ts";
 import { CASE_TIME_LIMIT_MS, runFuzz, verdict } from "./fuzz-runner.ts";
 
 const tmp = mkdtempSync(join(tmpdir(), "specinfer-fuzz-test-"));
@@ -24,7 +24,7 @@ describe("fuzzer", () => {
   test("3000 mutated model files each load and run a forward, or are refused naming the file", async () => {
     const started = performance.now();
     const stats = await runFuzz({ seed: 20261203, cases: 3000 });
-    console.log(`fuzz: ${stats.cases} cases in ${((performance.now() - started) / 1000).toFixed(1)} s, ${stats.loaded} loaded, ${stats.refused} refused, ${stats.reasons.size} kinds of refusal`);
+    console.log(`fuzz: ${stats.cases} cases in ${((performance.now() - started) / 1000).toFixed(1)} s, ${stats.loaded} loaded, ${stats.refused} refused, ${stats.reasons.size} kinds of refusal, peak memory at most ${stats.maxExcessGrowth} bytes beyond the files`);
     // Both outcomes are common and the refusals varied: the mutations reach past the
     // first check of each format.
     expect(stats.loaded).toBeGreaterThan(300);
@@ -32,7 +32,36 @@ describe("fuzzer", () => {
     expect(stats.reasons.size).toBeGreaterThan(40);
   }, 240_000);
 
-  const files = { path: "/m", dir: "/m", mutated: ["config.json"], bytes: 1000 };
+  test("every cut at a structural boundary of every seed file is refused, naming the file", () => {
+    const seeds = writeSeedModels(join(tmp, "cuts"));
+    let cuts = 0;
+    seeds.forEach((seed, s) => {
+      seed.files.forEach((name, f) => {
+        const { boundaries } = layoutOf(name, new Uint8Array(readFileSync(join(seed.dir, name))));
+        const size = statSync(join(seed.dir, name)).size;
+        for (const at of new Set(boundaries)) {
+          if (at >= size) continue;
+          const truncate = { op: "truncate" as const, file: f, boundary: boundaries.indexOf(at), delta: 0 };
+          const { path } = materialize({ seed: s, mutations: [truncate] }, seeds, join(tmp, "cut"));
+          const isTokenizer = name.startsWith("tokenizer");
+          let error: unknown;
+          try {
+            if (isTokenizer) loadTokenizer({ path });
+            else loadModelFiles(path, readMapped).close();
+          } catch (e) {
+            error = e;
+          }
+          const where = `${seed.name}/${name} cut at ${at}`;
+          expect(error, where).toBeInstanceOf(isTokenizer ? Error : ModelFormatError);
+          expect((error as Error).message, where).toContain(name);
+          cuts++;
+        }
+      });
+    });
+    expect(cuts).toBeGreaterThan(2000);
+  });
+
+  const files = { path: "/m", mutated: ["config.json"], bytes: 1000 };
   test("the judge fails crashes, hangs, memory growth and vague errors", () => {
     expect(verdict(files, { outcome: "crashed", detail: "worker died (exit 139, signal SIGSEGV)" })).toContain("SIGSEGV");
     expect(verdict(files, { outcome: "hung" })).toContain(`${CASE_TIME_LIMIT_MS} ms`);
