@@ -30,9 +30,16 @@ try {
   console.log(`${stats.cases} cases in ${seconds.toFixed(1)} s: ${stats.loaded} loaded and ran, ${stats.refused} refused; peak memory at most ${stats.maxExcessGrowth} bytes beyond a case's files`);
   const reasons = [...stats.reasons].sort((a, b) => b[1] - a[1]);
   for (const [reason, n] of reasons.slice(0, 40)) console.log(`  ${String(n).padStart(6)}  ${reason}`);
-  for (const f of stats.failures) console.log(`FAILED ${JSON.stringify(f.case, (_, v) => (typeof v === "bigint" ? `${v}n` : v))}\n  ${f.why}`);
+  for (const f of stats.failures) console.log(`FAILED ${JSON.stringify(f.case, compact)}\n  ${f.why.slice(0, 1000)}`);
   if (stats.failures.length > 0) process.exit(1);
 } catch (e) {
   console.error((e as Error).message);
   process.exit(1);
+}
+
+/** JSON.stringify replacer: bigints as "123n", long strings cut (the case stays readable). */
+function compact(_key: string, v: unknown): unknown {
+  if (typeof v === "bigint") return `${v}n`;
+  if (typeof v === "string" && v.length > 100) return `${v.slice(0, 60)}...(${v.length} chars)`;
+  return v;
 }

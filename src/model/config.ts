@@ -2,7 +2,7 @@
 // a Hugging Face config.json or from GGUF metadata, so the forward never looks at
 // either format.
 
-import { ModelFormatError } from "./errors.ts";
+import { ModelFormatError, shown } from "./errors.ts";
 
 export type Arch = "llama" | "mistral" | "qwen2";
 
@@ -60,27 +60,28 @@ export function configFromHF(path: string, text: string): ModelConfig {
   if (typeof raw !== "object" || raw === null || Array.isArray(raw)) return fail("not a JSON object");
   const j = raw as Record<string, unknown>;
 
-  const archName = Array.isArray(j.architectures) ? String(j.architectures[0]) : undefined;
-  const arch = (archName && HF_ARCHITECTURES[archName]) ||
+  const first: unknown = Array.isArray(j.architectures) ? j.architectures[0] : undefined;
+  const arch = (typeof first === "string" && Object.hasOwn(HF_ARCHITECTURES, first) ? HF_ARCHITECTURES[first] : undefined) ??
     (Object.values(HF_ARCHITECTURES).find((a) => a === j.model_type) as Arch | undefined);
   if (!arch) {
-    fail(`unsupported architecture ${archName ?? String(j.model_type)} (supported: ${Object.keys(HF_ARCHITECTURES).join(", ")})`);
+    const named = first ?? j.model_type;
+    fail(`unsupported architecture ${typeof named === "string" ? named : shown(named)} (supported: ${Object.keys(HF_ARCHITECTURES).join(", ")})`);
   }
   const defaults = HF_DEFAULTS[arch!];
 
   const int = (key: string, fallback?: number): number => {
     const v = j[key] ?? fallback;
     if (v === undefined) return fail(`missing key ${key}`);
-    if (!Number.isSafeInteger(v) || (v as number) <= 0) return fail(`${key} must be a positive integer, got ${JSON.stringify(v)}`);
+    if (!Number.isSafeInteger(v) || (v as number) <= 0) return fail(`${key} must be a positive integer, got ${shown(v)}`);
     return v as number;
   };
   const num = (key: string, fallback: number): number => {
     const v = j[key] ?? fallback;
-    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`${key} must be a positive number, got ${JSON.stringify(v)}`);
+    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`${key} must be a positive number, got ${shown(v)}`);
     return v;
   };
 
-  if (j.hidden_act !== undefined && j.hidden_act !== "silu") fail(`unsupported hidden_act ${JSON.stringify(j.hidden_act)} (only silu)`);
+  if (j.hidden_act !== undefined && j.hidden_act !== "silu") fail(`unsupported hidden_act ${shown(j.hidden_act)} (only silu)`);
   if (j.mlp_bias === true) fail("mlp_bias is not supported");
   // Llama/Mistral's attention_bias also adds an o_proj bias, which the forward lacks.
   if (arch !== "qwen2" && j.attention_bias === true) fail("attention_bias (with o_proj bias) is not supported for " + arch);
@@ -111,12 +112,12 @@ export function configFromHF(path: string, text: string): ModelConfig {
 
 function hfRopeScaling(raw: unknown, fail: (d: string) => never): RopeScaling {
   if (raw === null || raw === undefined) return null;
-  if (typeof raw !== "object") return fail(`rope_scaling must be an object, got ${JSON.stringify(raw)}`);
+  if (typeof raw !== "object") return fail(`rope_scaling must be an object, got ${shown(raw)}`);
   const s = raw as Record<string, unknown>;
   const type = s.rope_type ?? s.type;
   const field = (key: string): number => {
     const v = s[key];
-    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`rope_scaling.${key} must be a positive number, got ${JSON.stringify(v)}`);
+    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`rope_scaling.${key} must be a positive number, got ${shown(v)}`);
     return v;
   };
   switch (type) {
@@ -133,13 +134,13 @@ function hfRopeScaling(raw: unknown, fail: (d: string) => never): RopeScaling {
         originalMaxPositionEmbeddings: field("original_max_position_embeddings"),
       };
     default:
-      return fail(`unsupported rope_scaling type ${JSON.stringify(type)} (supported: linear, llama3)`);
+      return fail(`unsupported rope_scaling type ${shown(type)} (supported: linear, llama3)`);
   }
 }
 
 function tokenId(v: unknown, key: string, fail: (d: string) => never): number | null {
   if (v === null || v === undefined) return null;
-  if (!Number.isSafeInteger(v) || (v as number) < 0) return fail(`${key} must be a token id, got ${JSON.stringify(v)}`);
+  if (!Number.isSafeInteger(v) || (v as number) < 0) return fail(`${key} must be a token id, got ${shown(v)}`);
   return v as number;
 }
 
@@ -172,13 +173,13 @@ export function configFromGGUF(path: string, metadata: Map<string, unknown>, ten
   const int = (suffix: string, fallback?: number): number => {
     const v = get(suffix) ?? fallback;
     if (v === undefined) return fail(`missing key ${arch}.${suffix}`);
-    if (!Number.isSafeInteger(v) || (v as number) <= 0) return fail(`${arch}.${suffix} must be a positive integer, got ${String(v)}`);
+    if (!Number.isSafeInteger(v) || (v as number) <= 0) return fail(`${arch}.${suffix} must be a positive integer, got ${shown(v)}`);
     return v as number;
   };
   const num = (suffix: string, fallback?: number): number => {
     const v = get(suffix) ?? fallback;
     if (v === undefined) return fail(`missing key ${arch}.${suffix}`);
-    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`${arch}.${suffix} must be a positive number, got ${String(v)}`);
+    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`${arch}.${suffix} must be a positive number, got ${shown(v)}`);
     return shortestF32Decimal(v);
   };
 
@@ -187,7 +188,7 @@ export function configFromGGUF(path: string, metadata: Map<string, unknown>, ten
   const headDim = int("attention.key_length", (get("rope.dimension_count") as number | undefined) ?? hiddenSize / numHeads);
   const ropeDims = get("rope.dimension_count");
   if (ropeDims !== undefined && ropeDims !== headDim) {
-    fail(`${arch}.rope.dimension_count ${String(ropeDims)} differs from the head dimension ${headDim} (partial rotary is not supported)`);
+    fail(`${arch}.rope.dimension_count ${shown(ropeDims)} differs from the head dimension ${headDim} (partial rotary is not supported)`);
   }
 
   const tokens = metadata.get("tokenizer.ggml.tokens");
@@ -199,7 +200,7 @@ export function configFromGGUF(path: string, metadata: Map<string, unknown>, ten
     arch,
     vocabSize: Number.isSafeInteger(vocabSize) && (vocabSize as number) > 0
       ? (vocabSize as number)
-      : fail(`${arch}.vocab_size must be a positive integer, got ${String(vocabSize)}`),
+      : fail(`${arch}.vocab_size must be a positive integer, got ${shown(vocabSize)}`),
     hiddenSize,
     intermediateSize: int("feed_forward_length"),
     numLayers: int("block_count"),
@@ -226,7 +227,7 @@ function ggufRopeScaling(arch: Arch, metadata: Map<string, unknown>, fail: (d: s
   const type = metadata.get(`${prefix}type`);
   const field = (key: string): number => {
     const v = metadata.get(prefix + key);
-    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`${prefix}${key} must be a positive number, got ${String(v)}`);
+    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`${prefix}${key} must be a positive number, got ${shown(v)}`);
     return shortestF32Decimal(v);
   };
   switch (type) {
@@ -244,7 +245,7 @@ function ggufRopeScaling(arch: Arch, metadata: Map<string, unknown>, fail: (d: s
         originalMaxPositionEmbeddings: field("original_context_length"),
       };
     default:
-      return fail(`unsupported ${prefix}type ${JSON.stringify(type)} (supported: none, linear, llama3)`);
+      return fail(`unsupported ${prefix}type ${shown(type)} (supported: none, linear, llama3)`);
   }
 }
 

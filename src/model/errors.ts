@@ -23,3 +23,19 @@ export class ModelTooLargeError extends Error {
     this.name = "ModelTooLargeError";
   }
 }
+
+/** A value read from a file as an error message shows it: JSON cut to 80 characters
+ *  (a hostile value may be megabytes long or nested thousands deep). */
+export function shown(value: unknown): string {
+  let text: string;
+  if (ArrayBuffer.isView(value)) text = `${value.constructor.name}(${(value as unknown as ArrayLike<unknown>).length})`;
+  else if (typeof value === "bigint") text = String(value);
+  else {
+    try {
+      text = JSON.stringify(value) ?? String(value);
+    } catch {
+      text = Array.isArray(value) ? "[...]" : typeof value;
+    }
+  }
+  return text.length > 80 ? `${text.slice(0, 77)}...` : text;
+}

@@ -3,7 +3,7 @@
 // read past the mapping. Tensor data is not touched: tensors are (offset, bytes) refs.
 
 import { DType, dtypeBytes, type MappedFile } from "../backend/backend.ts";
-import { ModelFormatError } from "./errors.ts";
+import { ModelFormatError, shown } from "./errors.ts";
 
 const GGUF_MAGIC = 0x46554747; // "GGUF" read as a little-endian u32
 const DEFAULT_ALIGNMENT = 32;
@@ -309,7 +309,7 @@ export function readGGUF(file: MappedFile): GGUFFile {
 function readAlignment(r: Reader, value: unknown): number {
   if (value === undefined) return DEFAULT_ALIGNMENT;
   if (typeof value !== "number" || !Number.isInteger(value) || value <= 0 || value > 1 << 20) {
-    r.fail(`invalid general.alignment ${String(value)}`);
+    r.fail(`invalid general.alignment ${shown(value)}`);
   }
   return value;
 }

@@ -3,7 +3,7 @@
 // truncated or inconsistent file is refused before any weight is read.
 
 import { DType, type MappedFile } from "../backend/backend.ts";
-import { ModelFormatError } from "./errors.ts";
+import { ModelFormatError, shown } from "./errors.ts";
 
 const DTYPES: Record<string, DType> = { F32: DType.F32, F16: DType.F16, BF16: DType.BF16 };
 const ELEMENT_BYTES: Record<string, number> = {
@@ -58,7 +58,11 @@ export function readSafetensors(file: MappedFile): SafetensorsFile {
   const tensors: SafetensorsTensor[] = [];
   for (const [name, entry] of Object.entries(header)) {
     if (name === "__metadata__") {
-      if (isObject(entry)) for (const [k, v] of Object.entries(entry)) metadata[k] = String(v);
+      if (!isObject(entry)) return fail(`__metadata__ is not an object`);
+      for (const [k, v] of Object.entries(entry)) {
+        if (typeof v !== "string") return fail(`__metadata__.${k} is not a string: ${shown(v)}`);
+        metadata[k] = v;
+      }
       continue;
     }
     if (!isObject(entry)) fail(`tensor ${name}: header entry is not an object`);
@@ -67,14 +71,14 @@ export function readSafetensors(file: MappedFile): SafetensorsFile {
     if (typeof dtypeName !== "string") return fail(`tensor ${name}: missing dtype`);
     const shape = e.shape;
     if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-      return fail(`tensor ${name}: bad shape ${JSON.stringify(shape)}`);
+      return fail(`tensor ${name}: bad shape ${shown(shape)}`);
     }
     const range = e.data_offsets;
     if (
       !Array.isArray(range) || range.length !== 2 ||
       !range.every((o) => Number.isSafeInteger(o) && o >= 0) || range[0] > range[1]
     ) {
-      return fail(`tensor ${name}: bad data_offsets ${JSON.stringify(range)}`);
+      return fail(`tensor ${name}: bad data_offsets ${shown(range)}`);
     }
     const [begin, end] = range as [number, number];
     if (end > dataSize) {
@@ -83,10 +87,8 @@ export function readSafetensors(file: MappedFile): SafetensorsFile {
           `(${dataSize} bytes; file has ${size} bytes)`,
       );
     }
-    const dtype = DTYPES[dtypeName];
-    if (dtype === undefined) {
-      fail(`tensor ${name}: unsupported dtype ${dtypeName} (supported: F32, F16, BF16)`);
-    }
+    const dtype = Object.hasOwn(DTYPES, dtypeName) ? DTYPES[dtypeName] : undefined;
+    if (dtype === undefined) return fail(`tensor ${name}: unsupported dtype ${dtypeName} (supported: F32, F16, BF16)`);
     const count = (shape as number[]).reduce((a, b) => a * b, 1);
     const expectedBytes = count * ELEMENT_BYTES[dtypeName]!;
     if (end - begin !== expectedBytes) {
@@ -124,7 +126,7 @@ export function parseSafetensorsIndex(path: string, text: string): Map<string, s
   const map = new Map<string, string>();
   for (const [name, shard] of Object.entries(weightMap)) {
     if (typeof shard !== "string" || shard.includes("/") || shard.includes("\\")) {
-      throw new ModelFormatError(path, `weight_map entry ${name}: bad shard file name ${JSON.stringify(shard)}`);
+      throw new ModelFormatError(path, `weight_map entry ${name}: bad shard file name ${shown(shard)}`);
     }
     map.set(name, shard);
   }

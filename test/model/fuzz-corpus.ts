@@ -46,14 +46,22 @@ const TOKENIZER_CONFIG = {
   chat_template: "{% for m in messages %}{{ m.content }}{% endfor %}",
 };
 
-/** The same vocabulary as GGUF metadata (SentencePiece-style: later merges score lower). */
-function ggufTokenizerKeys(): TinyModelOptions["ggufMetadata"] {
+/** The same vocabulary as GGUF metadata: SentencePiece-style ("llama": later merges
+ *  score lower) or byte-level BPE ("gpt2": "Ġ" marks a space, merges listed). */
+function ggufTokenizerKeys(model: "llama" | "gpt2"): TinyModelOptions["ggufMetadata"] {
+  const types = Int32Array.from(VOCAB, (_, i) => (i === 0 ? 2 : i < 3 ? 3 : 1));
+  const common = { "tokenizer.ggml.token_type": types, "tokenizer.chat_template": TOKENIZER_CONFIG.chat_template };
+  if (model === "llama") {
+    const scores = Float32Array.from(VOCAB, (_, i) => (i < 30 ? 0 : -(i - 29)));
+    return { "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": VOCAB, "tokenizer.ggml.scores": scores, ...common };
+  }
+  const byteLevel = (t: string) => t.replaceAll("▁", "Ġ");
   return {
-    "tokenizer.ggml.model": "llama",
-    "tokenizer.ggml.tokens": VOCAB,
-    "tokenizer.ggml.scores": Float32Array.from(VOCAB, (_, i) => (i < 30 ? 0 : -(i - 29))),
-    "tokenizer.ggml.token_type": Int32Array.from(VOCAB, (_, i) => (i === 0 ? 2 : i < 3 ? 3 : 1)),
-    "tokenizer.chat_template": TOKENIZER_CONFIG.chat_template,
+    "tokenizer.ggml.model": "gpt2",
+    "tokenizer.ggml.pre": "qwen2",
+    "tokenizer.ggml.tokens": VOCAB.map(byteLevel),
+    "tokenizer.ggml.merges": MERGES.map((m) => m.map(byteLevel).join(" ")),
+    ...common,
   };
 }
 
@@ -67,22 +75,21 @@ export interface SeedModel {
   files: string[];
 }
 
-const SEEDS: { name: string; opts: Omit<TinyModelOptions, "seed" | "dims"> }[] = [
-  { name: "gguf-llama-q8", opts: { dtype: "Q8_0", format: "gguf" } },
-  { name: "gguf-llama-q4-tied-ropefreqs", opts: { dtype: "Q4_0", format: "gguf", tied: true, ropeFreqFactors: Float32Array.from({ length: 8 }, (_, i) => 1 + i / 8) } },
-  { name: "gguf-qwen2-bf16", opts: { dtype: "BF16", format: "gguf", attentionBias: true } },
+const SEEDS: { name: string; opts: Omit<TinyModelOptions, "seed" | "dims">; vocab?: "llama" | "gpt2" }[] = [
+  { name: "gguf-llama-q8", opts: { dtype: "Q8_0", format: "gguf" }, vocab: "llama" },
+  { name: "gguf-llama-q4-tied-ropefreqs", opts: { dtype: "Q4_0", format: "gguf", tied: true, ropeFreqFactors: Float32Array.from({ length: 8 }, (_, i) => 1 + i / 8) }, vocab: "llama" },
+  { name: "gguf-qwen2-bf16-gpt2-vocab", opts: { dtype: "BF16", format: "gguf", attentionBias: true }, vocab: "gpt2" },
   { name: "hf-llama-f32", opts: { dtype: "F32", format: "safetensors" } },
   { name: "hf-qwen2-f16-sharded-tied", opts: { dtype: "F16", format: "safetensors", attentionBias: true, tied: true, shards: 2 } },
 ];
 
 /** Writes every seed model under `root`. */
 export function writeSeedModels(root: string): SeedModel[] {
-  return SEEDS.map(({ name, opts }, i) => {
+  return SEEDS.map(({ name, opts, vocab }, i) => {
     const dir = join(root, name);
     mkdirSync(dir, { recursive: true });
-    const gguf = opts.format === "gguf";
-    const model = writeTinyModel(dir, { seed: 100 + i, dims: DIMS, ...opts, ...(gguf ? { ggufMetadata: ggufTokenizerKeys() } : {}) });
-    if (gguf) return { name, path: model.path, dir, files: ["model.gguf"] };
+    const model = writeTinyModel(dir, { seed: 100 + i, dims: DIMS, ...opts, ...(vocab ? { ggufMetadata: ggufTokenizerKeys(vocab) } : {}) });
+    if (opts.format === "gguf") return { name, path: model.path, dir, files: ["model.gguf"] };
     writeFileSync(join(dir, "tokenizer.json"), JSON.stringify(tokenizerJson()));
     writeFileSync(join(dir, "tokenizer_config.json"), JSON.stringify(TOKENIZER_CONFIG));
     const weights = opts.shards

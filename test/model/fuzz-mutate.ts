@@ -301,7 +301,7 @@ const EDGE_JSON = [
   "0", "1", "-1", "2", "16", "32", "0.5", "-0.0", "1e-320", "1e308", "1e400", "-1e400", "2147483648", "4294967296",
   "9007199254740993", "18446744073709551616", "-9223372036854775809", "null", "true", "false", '""', '"x"',
   '"silu"', '"gelu"', '"F32"', '"F64"', '"I8"', '"BF16"', '"Q8_0"', '"LlamaForCausalLM"', '"MistralForCausalLM"',
-  '"Qwen2ForCausalLM"', '"../model.safetensors"', '"model.safetensors"', '"\\ud800"', '"<s>"', '"▁"',
+  '"Qwen2ForCausalLM"', '"constructor"', '"__proto__"', '"toString"', '"../model.safetensors"', '"model.safetensors"', '"\\ud800"', '"<s>"', '"▁"',
   "[]", "{}", "[-1]", "[0, 0]", "[1, 2, 3]", "[4294967296, 4294967296]", "[9007199254740992, 9007199254740992]",
   "[32, 32, 32, 32, 32]", '{"a": 1}', '{"content": 5}', '[{"name": 1}]', '{"type": "BPE"}',
   "[".repeat(5000) + "]".repeat(5000), JSON.stringify("a".repeat(1 << 20)),

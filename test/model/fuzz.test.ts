@@ -7,8 +7,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ModelFormatError } from "../../src/model/errors.ts";
 import { loadModelFiles } from "../../src/model/load.ts";
+import { readSafetensors } from "../../src/model/safetensors.ts";
+import { encodeSafetensors } from "../../src/model/write.ts";
 import { loadTokenizer } from "../../src/tokenizer/index.ts";
-import { readMapped } from "../helpers/mapped.ts";
+import { bytesMapped, readMapped } from "../helpers/mapped.ts";
 import { writeSeedModels, type SeedModel } from "./fuzz-corpus.ts";
 import { ggufLayout, layoutOf, materialize } from "./fuzz-mutate.ts";
 import { CASE_TIME_LIMIT_MS, runFuzz, verdict } from "./fuzz-runner.ts";
@@ -142,6 +144,44 @@ describe("faults the fuzzer found", () => {
     const renamed = Object.fromEntries(Object.entries(index.weight_map).map(([t, shard]) => [t, String(shard).replace("-of", "=of")]));
     writeFileSync(indexPath, JSON.stringify({ ...index, weight_map: renamed }));
     expectRefusedQuickly(() => loadFiles(seed.path), "model-00001=of-00002.safetensors", "no such file or directory (a shard model.safetensors.index.json lists)");
+  });
+
+  test("a config.json value nested 5000 deep or 1 MB long is refused with a short message, not a stack overflow", () => {
+    const seed = freshSeeds()["hf-llama-f32"]!;
+    const configPath = join(seed.dir, "config.json");
+    const config = JSON.parse(readFileSync(configPath, "utf8"));
+    const deep = "[".repeat(5000) + "]".repeat(5000);
+    for (const key of ["architectures", "hidden_act", "vocab_size", "rope_scaling"]) {
+      writeFileSync(configPath, JSON.stringify({ ...config, model_type: "none", [key]: "MARK" }).replace('"MARK"', deep));
+      const e = expectRefusedQuickly(() => loadFiles(seed.path), configPath, /unsupported|must be/);
+      expect(e.message.length).toBeLessThan(configPath.length + 200);
+    }
+    writeFileSync(configPath, JSON.stringify({ ...config, hidden_act: "x".repeat(1 << 20) }));
+    const e = expectRefusedQuickly(() => loadFiles(seed.path), configPath, 'unsupported hidden_act "xxx');
+    expect(e.message.length).toBeLessThan(configPath.length + 200);
+  });
+
+  test('names like "constructor" are not taken for architectures or dtypes (object prototype keys)', () => {
+    const seed = freshSeeds()["hf-llama-f32"]!;
+    const configPath = join(seed.dir, "config.json");
+    const config = JSON.parse(readFileSync(configPath, "utf8"));
+    writeFileSync(configPath, JSON.stringify({ ...config, architectures: ["constructor"], model_type: "toString" }));
+    expectRefusedQuickly(() => loadFiles(seed.path), configPath, "unsupported architecture constructor");
+    for (const dtype of ["constructor", "toString", "__proto__"]) {
+      const bytes = encodeSafetensors([{ name: "w", dtype, shape: [2], data: new Uint8Array(8) }]);
+      expectRefusedQuickly(() => readSafetensors(bytesMapped("p.safetensors", bytes)), "p.safetensors", `tensor w: unsupported dtype ${dtype}`);
+    }
+  });
+
+  test("safetensors __metadata__ values must be strings (a nested one once overflowed the stack)", () => {
+    const good = encodeSafetensors([{ name: "w", dtype: "F32", shape: [2], data: new Uint8Array(8) }]);
+    const header = JSON.parse(new TextDecoder().decode(good.subarray(8, 8 + Number(new DataView(good.buffer).getBigUint64(0, true)))));
+    const text = JSON.stringify({ __metadata__: { format: "MARK" }, ...header }).replace('"MARK"', "[".repeat(5000) + "]".repeat(5000));
+    const body = new TextEncoder().encode(text);
+    const bytes = new Uint8Array(8 + body.byteLength + 8);
+    new DataView(bytes.buffer).setBigUint64(0, BigInt(body.byteLength), true);
+    bytes.set(body, 8);
+    expectRefusedQuickly(() => readSafetensors(bytesMapped("m.safetensors", bytes)), "m.safetensors", "__metadata__.format is not a string: [[[[");
   });
 
   describe("tokenizer files", () => {
