@@ -62,7 +62,7 @@ const entries = mkdtempSync(join(tmpdir(), "specinfer-compile-"));
 try {
   const main = join(entries, "specinfer.ts");
   writeFileSync(main, `import ${JSON.stringify(join(root, "src", "cli.ts"))};\n`);
-  const workers = WORKERS.filter((w) => existsSync(join(root, w))).map((w) => {
+  const workers = WORKERS.map((w) => {
     const entry = join(entries, basename(w));
     writeFileSync(entry, `import ${JSON.stringify(join(root, w))};\n`);
     return entry;
