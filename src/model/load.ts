@@ -259,7 +259,9 @@ const fileSize = (path: string) => (existsSync(path) ? statSync(path).size : 0);
  *  `why` says who named the file, for the error. */
 function mapChecked(path: string, mapFile: MapFile, why = ""): MappedFile {
   if (!existsSync(path)) throw new ModelFormatError(path, `no such file or directory${why}`);
-  if (statSync(path).size === 0) throw new ModelFormatError(path, `empty file (0 bytes)${why}`);
+  const stat = statSync(path);
+  if (!stat.isFile()) throw new ModelFormatError(path, `not a regular file${why}`);
+  if (stat.size === 0) throw new ModelFormatError(path, `empty file (0 bytes)${why}`);
   return mapFile(path);
 }
 

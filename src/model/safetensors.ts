@@ -125,7 +125,7 @@ export function parseSafetensorsIndex(path: string, text: string): Map<string, s
   if (!isObject(weightMap)) throw new ModelFormatError(path, "missing weight_map object");
   const map = new Map<string, string>();
   for (const [name, shard] of Object.entries(weightMap)) {
-    if (typeof shard !== "string" || shard.includes("/") || shard.includes("\\")) {
+    if (typeof shard !== "string" || shard === "" || shard === "." || shard === ".." || shard.includes("/") || shard.includes("\\")) {
       throw new ModelFormatError(path, `weight_map entry ${name}: bad shard file name ${shown(shard)}`);
     }
     map.set(name, shard);

@@ -170,7 +170,7 @@ export function hfTokenizer(
   extras: HFTokenizerExtras = {},
   where = "tokenizer.json",
 ): Tokenizer {
-  checkTokenIds(tokenizerJson, where);
+  checkVocabulary(tokenizerJson, where);
   const build = (json: object): HFTokenizer => {
     try {
       const hf = new HFTokenizer(json, config);
@@ -201,18 +201,21 @@ function keepByteOrderMarks(decoder: HFTokenizer["decoder"]): void {
  *  walks them whole, so one huge id would cost a walk that long (no vocabulary is near it). */
 const MAX_TOKEN_ID = 1 << 24;
 
-/** The vocabulary's and added tokens' ids must be integers in [0, MAX_TOKEN_ID). */
-function checkTokenIds(json: object, where: string): void {
-  const { model, added_tokens } = json as { model?: { vocab?: unknown }; added_tokens?: unknown };
-  const vocab = model?.vocab;
-  const ids = [
-    ...(vocab !== null && typeof vocab === "object" && !Array.isArray(vocab) ? Object.values(vocab) : []),
-    ...(Array.isArray(added_tokens) ? added_tokens.map((t) => t?.id) : []),
-  ];
-  for (const id of ids) {
+/** The vocabulary's and added tokens' ids must be integers in [0, MAX_TOKEN_ID), and
+ *  the unknown token must be one of them (else the library encodes unknown text as
+ *  undefined ids). */
+function checkVocabulary(json: object, where: string): void {
+  const { model, added_tokens } = json as { model?: { vocab?: unknown; unk_token?: unknown }; added_tokens?: unknown };
+  const vocab = model?.vocab !== null && typeof model?.vocab === "object" && !Array.isArray(model.vocab) ? (model.vocab as Record<string, unknown>) : null;
+  const added = Array.isArray(added_tokens) ? added_tokens : [];
+  for (const id of [...Object.values(vocab ?? {}), ...added.map((t) => t?.id)]) {
     if (!Number.isInteger(id) || id < 0 || id >= MAX_TOKEN_ID) {
       throw new Error(`${where}: token id ${JSON.stringify(id)} is not an integer in [0, ${MAX_TOKEN_ID})`);
     }
+  }
+  const unk = model?.unk_token;
+  if (vocab && typeof unk === "string" && !Object.hasOwn(vocab, unk) && !added.some((t) => t?.content === unk)) {
+    throw new Error(`${where}: unk_token ${JSON.stringify(unk)} is not in the vocabulary`);
   }
 }
 

@@ -303,6 +303,7 @@ const EDGE_JSON = [
   '"silu"', '"gelu"', '"F32"', '"F64"', '"I8"', '"BF16"', '"Q8_0"', '"LlamaForCausalLM"', '"MistralForCausalLM"',
   '"Qwen2ForCausalLM"', '"constructor"', '"__proto__"', '"toString"', '"../model.safetensors"', '"model.safetensors"', '"\\ud800"', '"<s>"', '"▁"',
   "[]", "{}", "[-1]", "[0, 0]", "[1, 2, 3]", "[4294967296, 4294967296]", "[9007199254740992, 9007199254740992]",
+  "[0, 18446744073709551615]", "[18446744073709551615, 0]", "[0, 9007199254740993]",
   "[32, 32, 32, 32, 32]", '{"a": 1}', '{"content": 5}', '[{"name": 1}]', '{"type": "BPE"}',
   "[".repeat(5000) + "]".repeat(5000), JSON.stringify("a".repeat(1 << 20)),
 ];

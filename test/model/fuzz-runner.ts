@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { writeSeedModels } from "./fuzz-corpus.ts";
 import { caseArb, materialize, type FuzzCase, type Materialized } from "./fuzz-mutate.ts";
-import type { WorkerReply } from "./fuzz-worker.ts";
+import type { WorkerFault, WorkerReply, WorkerRequest } from "./fuzz-worker.ts";
 
 const WORKER = join(import.meta.dir, "fuzz-worker.ts");
 export const CASE_TIME_LIMIT_MS = 5000;
@@ -18,21 +18,33 @@ export const CASE_TIME_LIMIT_MS = 5000;
  *  JS heap's own noise (at most 5.4 MB over 20000 cases of seed 11). */
 const MEMORY_SLACK_BYTES = 16 << 20;
 
-type RunResult = WorkerReply | { outcome: "crashed"; detail: string } | { outcome: "hung" };
+export type RunResult = WorkerReply | { outcome: "crashed"; detail: string } | { outcome: "hung" };
 
 /** One worker process, restarted after a crash or a hang. */
-class Worker {
+export class FuzzWorker {
   private proc: ReturnType<typeof spawnWorker> | null = null;
   private lines: AsyncIterator<string> | null = null;
   private stderr = "";
 
-  async run(path: string): Promise<RunResult> {
+  constructor(private readonly timeLimitMs = CASE_TIME_LIMIT_MS) {}
+
+  /** Loads and runs the model at `path` in the worker. */
+  run(path: string): Promise<RunResult> {
+    return this.send({ path });
+  }
+
+  /** Makes the worker crash (SIGSEGV) or spin, to show both are caught. */
+  selfTest(fault: WorkerFault): Promise<RunResult> {
+    return this.send({ fault });
+  }
+
+  private async send(request: WorkerRequest): Promise<RunResult> {
     if (!this.proc) await this.start();
     const proc = this.proc!;
-    proc.stdin.write(JSON.stringify({ path }) + "\n");
+    proc.stdin.write(JSON.stringify(request) + "\n");
     proc.stdin.flush();
     let timer: Timer | undefined;
-    const timeout = new Promise<"hung">((resolve) => (timer = setTimeout(() => resolve("hung"), CASE_TIME_LIMIT_MS)));
+    const timeout = new Promise<"hung">((resolve) => (timer = setTimeout(() => resolve("hung"), this.timeLimitMs)));
     const next = await Promise.race([this.lines!.next(), timeout]);
     clearTimeout(timer);
     if (next === "hung") {
@@ -126,7 +138,7 @@ export interface FuzzOptions {
 /** Runs `cases` fuzz cases; throws fast-check's report (seed, path, shrunk case) on failure. */
 export async function runFuzz(opts: FuzzOptions): Promise<FuzzStats> {
   const root = mkdtempSync(join(tmpdir(), "specinfer-fuzz-"));
-  const worker = new Worker();
+  const worker = new FuzzWorker();
   const stats: FuzzStats = { cases: 0, loaded: 0, refused: 0, maxExcessGrowth: 0, reasons: new Map(), failures: [] };
   try {
     const seeds = writeSeedModels(join(root, "seeds"));

@@ -1,12 +1,16 @@
 // Child process of the model-file fuzzer: reads one case per stdin line ({ path }),
 // loads the model and its tokenizer, runs a forward and an encode/decode, and answers
 // one JSON line per case. A native crash kills only this process; the parent sees it.
+// { fault } makes it crash or spin on purpose, so the parent's detection is tested.
 
 import { readFileSync, writeFileSync } from "node:fs";
 import { createBackend } from "../../src/backend/index.ts";
 import { loadLlama, type LlamaModel } from "../../src/model/llama.ts";
 import { loadTokenizer } from "../../src/tokenizer/index.ts";
 import { chainLogits } from "../helpers/forward.ts";
+
+export type WorkerFault = "crash" | "hang";
+export type WorkerRequest = { path: string } | { fault: WorkerFault };
 
 export interface WorkerReply {
   outcome: "loaded" | "threw";
@@ -51,6 +55,10 @@ function runCase(path: string): WorkerReply {
 
 console.write("ready\n");
 for await (const line of console) {
-  const { path } = JSON.parse(line) as { path: string };
-  console.write(JSON.stringify(runCase(path)) + "\n");
+  const request = JSON.parse(line) as WorkerRequest;
+  if ("fault" in request) {
+    if (request.fault === "crash") process.kill(process.pid, "SIGSEGV");
+    for (;;); // "hang"
+  }
+  console.write(JSON.stringify(runCase(request.path)) + "\n");
 }

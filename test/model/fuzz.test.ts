@@ -2,7 +2,7 @@
 // and the faults it found, each kept as a named case with the smallest input.
 
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ModelFormatError } from "../../src/model/errors.ts";
@@ -13,7 +13,7 @@ import { loadTokenizer } from "../../src/tokenizer/index.ts";
 import { bytesMapped, readMapped } from "../helpers/mapped.ts";
 import { writeSeedModels, type SeedModel } from "./fuzz-corpus.ts";
 import { ggufLayout, layoutOf, materialize } from "./fuzz-mutate.ts";
-import { CASE_TIME_LIMIT_MS, runFuzz, verdict } from "./fuzz-runner.ts";
+import { CASE_TIME_LIMIT_MS, FuzzWorker, runFuzz, verdict } from "./fuzz-runner.ts";
 
 const tmp = mkdtempSync(join(tmpdir(), "specinfer-fuzz-test-"));
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
@@ -62,6 +62,21 @@ describe("fuzzer", () => {
     });
     expect(cuts).toBeGreaterThan(2000);
   });
+
+  test("a worker killed by a signal or spinning is reported, and the next case runs in a fresh one", async () => {
+    const worker = new FuzzWorker(1000);
+    const seed = freshSeeds()["gguf-llama-q8"]!;
+    try {
+      const crashed = await worker.selfTest("crash");
+      expect(crashed.outcome).toBe("crashed");
+      expect((crashed as { detail: string }).detail).toContain("signal SIGSEGV");
+      expect((await worker.run(seed.path)).outcome).toBe("loaded");
+      expect((await worker.selfTest("hang")).outcome).toBe("hung");
+      expect((await worker.run(seed.path)).outcome).toBe("loaded");
+    } finally {
+      worker.stop();
+    }
+  }, 30_000);
 
   const files = { path: "/m", mutated: ["config.json"], bytes: 1000 };
   test("the judge fails crashes, hangs, memory growth and vague errors", () => {
@@ -146,6 +161,19 @@ describe("faults the fuzzer found", () => {
     expectRefusedQuickly(() => loadFiles(seed.path), "model-00001=of-00002.safetensors", "no such file or directory (a shard model.safetensors.index.json lists)");
   });
 
+  test("an index naming an empty shard name or a directory is refused naming the index", () => {
+    const seed = freshSeeds()["hf-qwen2-f16-sharded-tied"]!;
+    const indexPath = join(seed.dir, "model.safetensors.index.json");
+    const index = JSON.parse(readFileSync(indexPath, "utf8"));
+    const withShard = (shard: string) =>
+      JSON.stringify({ ...index, weight_map: Object.fromEntries(Object.keys(index.weight_map).map((t) => [t, shard])) });
+    writeFileSync(indexPath, withShard(""));
+    expectRefusedQuickly(() => loadFiles(seed.path), indexPath, 'bad shard file name ""');
+    mkdirSync(join(seed.dir, "sub"));
+    writeFileSync(indexPath, withShard("sub"));
+    expectRefusedQuickly(() => loadFiles(seed.path), join(seed.dir, "sub"), "not a regular file (a shard model.safetensors.index.json lists)");
+  });
+
   test("a config.json value nested 5000 deep or 1 MB long is refused with a short message, not a stack overflow", () => {
     const seed = freshSeeds()["hf-llama-f32"]!;
     const configPath = join(seed.dir, "config.json");
@@ -212,6 +240,11 @@ describe("faults the fuzzer found", () => {
     test("a vocabulary id that is a string is refused at load, not at encode", () => {
       const dir = withTokenizerFile("tokenizer.json", (t) => ({ ...t, model: { ...t.model, vocab: { ...t.model.vocab, e: "gelu" } } }));
       expectRefusedQuickly(() => loadTok(dir), join(dir, "tokenizer.json"), 'token id "gelu"');
+    });
+
+    test("an unk_token missing from the vocabulary is refused at load (it encoded unknown text as undefined ids)", () => {
+      const dir = withTokenizerFile("tokenizer.json", (t) => ({ ...t, model: { ...t.model, unk_token: "<tnk>" } }));
+      expectRefusedQuickly(() => loadTok(dir), join(dir, "tokenizer.json"), 'unk_token "<tnk>" is not in the vocabulary');
     });
 
     test("a post-processor the library checks only when encoding is refused at load", () => {
