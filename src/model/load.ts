@@ -226,13 +226,13 @@ export function bufferBytes(c: ModelConfig, maxBatchTokens = 512): number {
 
 /** The memory figure a load is held to, and where it came from. */
 function memoryLimit(opts: LoadOptions): { bytes: number; source: string } {
-  if (opts.memoryLimitBytes !== undefined) return { bytes: opts.memoryLimitBytes, source: "the memoryLimitBytes option" };
+  const given = (bytes: number, source: string, raw: unknown) => {
+    if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new Error(`${source} must be a positive number of bytes, got ${raw}`);
+    return { bytes, source };
+  };
+  if (opts.memoryLimitBytes !== undefined) return given(opts.memoryLimitBytes, "memoryLimitBytes", opts.memoryLimitBytes);
   const env = process.env.SPECINFER_MEMORY_LIMIT;
-  if (env) {
-    const bytes = Number(env);
-    if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new Error(`SPECINFER_MEMORY_LIMIT must be a positive number of bytes, got ${env}`);
-    return { bytes, source: "SPECINFER_MEMORY_LIMIT" };
-  }
+  if (env) return given(Number(env), "SPECINFER_MEMORY_LIMIT", env);
   // MemAvailable counts the page cache the kernel can reclaim (where mapped weights
   // live); os.freemem does not, so it is only the fallback where /proc is absent.
   const meminfo = existsSync("/proc/meminfo") ? /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync("/proc/meminfo", "utf8")) : null;

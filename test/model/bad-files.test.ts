@@ -323,7 +323,7 @@ describe("memory", () => {
     const mib = "bytes \\(\\d+\\.\\d MiB\\)";
     expect(e.message).toMatch(new RegExp(
       `^${dir}: the model needs ${e.neededBytes} ${mib}: ${weightBytes} ${mib} of weights \\+ \\d+ ${mib} of buffers; ` +
-        `only ${weightBytes} ${mib} of memory is available \\(the memoryLimitBytes option\\)$`,
+        `only ${weightBytes} ${mib} of memory is available \\(memoryLimitBytes\\)$`,
     ));
     // Exactly enough loads.
     loadModelFiles(dir, spy.mapFile, { memoryLimitBytes: e.neededBytes }).close();
@@ -344,9 +344,12 @@ describe("memory", () => {
     loadModelFiles(path, spy.mapFile, { memoryLimitBytes: buffers.neededBytes }).close();
   });
 
-  test("checkMemory: false reads a model whatever the limit", () => {
+  test("checkMemory: false reads a model whatever the limit; a limit that is not a positive integer is refused", () => {
     const { path } = writeTinyModel(freshDir(), { seed: 1, dims: DIMS, dtype: "F16", format: "gguf" });
     loadModelFiles(path, readMapped, { memoryLimitBytes: 1, checkMemory: false }).close();
+    for (const bad of [0, -5, 1.5, Number.NaN]) {
+      expect(() => loadModelFiles(path, readMapped, { memoryLimitBytes: bad })).toThrow(`memoryLimitBytes must be a positive number of bytes, got ${bad}`);
+    }
   });
 
   /** A backend that counts the bytes allocated and the files mapped through it. */
