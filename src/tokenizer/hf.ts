@@ -171,6 +171,7 @@ export function hfTokenizer(
   where = "tokenizer.json",
 ): Tokenizer {
   checkVocabulary(tokenizerJson, where);
+  checkPipelineStrings(tokenizerJson, where);
   const build = (json: object): HFTokenizer => {
     try {
       const hf = new HFTokenizer(json, config);
@@ -210,12 +211,29 @@ function checkVocabulary(json: object, where: string): void {
   const added = Array.isArray(added_tokens) ? added_tokens : [];
   for (const id of [...Object.values(vocab ?? {}), ...added.map((t) => t?.id)]) {
     if (!Number.isInteger(id) || id < 0 || id >= MAX_TOKEN_ID) {
-      throw new Error(`${where}: token id ${JSON.stringify(id)} is not an integer in [0, ${MAX_TOKEN_ID})`);
+      throw new Error(`${where}: token id ${String(JSON.stringify(id)).slice(0, 80)} is not an integer in [0, ${MAX_TOKEN_ID})`);
     }
   }
   const unk = model?.unk_token;
   if (vocab && typeof unk === "string" && !Object.hasOwn(vocab, unk) && !added.some((t) => t?.content === unk)) {
-    throw new Error(`${where}: unk_token ${JSON.stringify(unk)} is not in the vocabulary`);
+    throw new Error(`${where}: unk_token ${JSON.stringify(unk).slice(0, 80)} is not in the vocabulary`);
+  }
+}
+
+/** Longest string allowed in the normalizer, pre-tokenizer, post-processor and decoder:
+ *  the library compiles patterns into regexes and runs BPE over prepended text, at
+ *  hundreds of times their length in memory (a 1 MB pattern took 265 MB). Real ones are
+ *  a few hundred characters; precompiled_charsmap (a base64 table) is exempt. */
+const MAX_PIPELINE_STRING = 4096;
+
+function checkPipelineStrings(json: object, where: string): void {
+  const stack: [string, unknown][] = ["normalizer", "pre_tokenizer", "post_processor", "decoder"].map((k) => [k, (json as Record<string, unknown>)[k]]);
+  while (stack.length > 0) {
+    const [path, value] = stack.pop()!;
+    if (typeof value === "string" && value.length > MAX_PIPELINE_STRING && !path.endsWith(".precompiled_charsmap")) {
+      throw new Error(`${where}: ${path} is ${value.length} characters long (at most ${MAX_PIPELINE_STRING})`);
+    }
+    if (value !== null && typeof value === "object") for (const [k, v] of Object.entries(value)) stack.push([`${path}.${k}`, v]);
   }
 }
 

@@ -247,6 +247,14 @@ describe("faults the fuzzer found", () => {
       expectRefusedQuickly(() => loadTok(dir), join(dir, "tokenizer.json"), 'unk_token "<tnk>" is not in the vocabulary');
     });
 
+    test("a 1 MB decoder pattern is refused at load (the library's regex of it took 265 MB)", () => {
+      const dir = withTokenizerFile("tokenizer.json", (t) => {
+        t.decoder.decoders[0].pattern.String = "a".repeat(1 << 20);
+        return t;
+      });
+      expectRefusedQuickly(() => loadTok(dir), join(dir, "tokenizer.json"), "decoder.decoders.0.pattern.String is 1048576 characters long (at most 4096)");
+    });
+
     test("a post-processor the library checks only when encoding is refused at load", () => {
       const dir = withTokenizerFile("tokenizer.json", (t) => ({ ...t, post_processor: { ...t.post_processor, single: [0] } }));
       expectRefusedQuickly(() => loadTok(dir), join(dir, "tokenizer.json"), "unsupported or malformed tokenizer");
