@@ -125,12 +125,17 @@ export function parseSafetensorsIndex(path: string, text: string): Map<string, s
   if (!isObject(weightMap)) throw new ModelFormatError(path, "missing weight_map object");
   const map = new Map<string, string>();
   for (const [name, shard] of Object.entries(weightMap)) {
-    if (typeof shard !== "string" || shard === "" || shard === "." || shard === ".." || shard.includes("/") || shard.includes("\\")) {
-      throw new ModelFormatError(path, `weight_map entry ${name}: bad shard file name ${shown(shard)}`);
-    }
+    if (!isFileName(shard)) throw new ModelFormatError(path, `weight_map entry ${name}: bad shard file name ${shown(shard)}`);
     map.set(name, shard);
   }
   return map;
+}
+
+const utf8 = new TextEncoder();
+
+/** A plain name of a file beside the index: no directories, at most NAME_MAX (255) bytes. */
+function isFileName(x: unknown): x is string {
+  return typeof x === "string" && x !== "" && x !== "." && x !== ".." && !/[/\\]/.test(x) && utf8.encode(x).byteLength <= 255;
 }
 
 function isObject(x: unknown): x is Record<string, unknown> {

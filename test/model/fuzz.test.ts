@@ -161,7 +161,7 @@ describe("faults the fuzzer found", () => {
     expectRefusedQuickly(() => loadFiles(seed.path), "model-00001=of-00002.safetensors", "no such file or directory (a shard model.safetensors.index.json lists)");
   });
 
-  test("an index naming an empty shard name or a directory is refused naming the index", () => {
+  test("an index naming an empty, 1 MB long or directory shard is refused naming the index", () => {
     const seed = freshSeeds()["hf-qwen2-f16-sharded-tied"]!;
     const indexPath = join(seed.dir, "model.safetensors.index.json");
     const index = JSON.parse(readFileSync(indexPath, "utf8"));
@@ -169,6 +169,10 @@ describe("faults the fuzzer found", () => {
       JSON.stringify({ ...index, weight_map: Object.fromEntries(Object.keys(index.weight_map).map((t) => [t, shard])) });
     writeFileSync(indexPath, withShard(""));
     expectRefusedQuickly(() => loadFiles(seed.path), indexPath, 'bad shard file name ""');
+    // Longer than any file name can be (255 bytes): the message would have been 1 MB of path.
+    writeFileSync(indexPath, withShard("a".repeat(1 << 20)));
+    const e = expectRefusedQuickly(() => loadFiles(seed.path), indexPath, 'bad shard file name "aaa');
+    expect(e.message.length).toBeLessThan(indexPath.length + 200);
     mkdirSync(join(seed.dir, "sub"));
     writeFileSync(indexPath, withShard("sub"));
     expectRefusedQuickly(() => loadFiles(seed.path), join(seed.dir, "sub"), "not a regular file (a shard model.safetensors.index.json lists)");
