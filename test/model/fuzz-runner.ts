@@ -106,8 +106,8 @@ export function verdict(files: Materialized, r: RunResult): string | null {
   }
   if (r.outcome === "loaded") return null;
   const what = `${r.errorName} in ${r.stage}: ${r.message}`;
-  // A vocabulary may lack what the sample text needs (no unknown token): that is
-  // refused at encode, which is fine when the error says where, as at load.
+  // A model that loaded must run; an error at load, or at encode (a vocabulary may lack
+  // what the sample text needs and have no unknown token), must name a mutated file.
   if (r.stage === "forward") return `loaded, then failed: ${what}`;
   if (r.stage === "model" && r.errorName !== "ModelFormatError") return `not a ModelFormatError: ${what}`;
   if (!files.mutated.some((name) => r.message!.includes(name))) return `error does not name ${files.mutated.join(" or ")}: ${what}`;
