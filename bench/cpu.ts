@@ -22,10 +22,11 @@ import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { CpuBackend } from "../src/backend/cpu";
-import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM, SSM } from "../src/index";
+import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM } from "../src/index";
 import { loadLlama, type LlamaModel } from "../src/model/llama";
 import type { WriteDType } from "../src/model/encoding";
-import { readFloatWeights, widenModel, widenedConfig, type WidenSpec } from "../src/model/widen";
+import { readFloatWeights, widenedConfig } from "../src/model/widen";
+import { widenedPair, widenSpecs } from "./lib/widened";
 import { DEFAULT_TREE } from "../src/speculation/speculator";
 import { referenceForward } from "../test/helpers/reference-llama";
 import { LlamaCpp, LlamaCppSession, NODE_LLAMA_CPP_VERSION } from "./llamacpp";
@@ -408,29 +409,11 @@ if (on("threads")) {
 
 // ---- widened trained pair: speculative decoding --------------------------------------------
 
-/** Target: the trained 8M widened ×7 (hidden 2016, 42 heads, FFN 6272) plus 16
- *  zero-output layers = 22 layers, ~1.09B parameters read per token like TinyLlama-1.1B.
- *  Draft: the 1.4M widened ×4 plus one layer, ~11M read per token (~1/100). */
 const WIDEN_DTYPE = (process.env.WIDEN_DTYPE ?? "Q8_0") as WriteDType; // F16 or Q8_0
-const WIDEN: { target: WidenSpec; draft: WidenSpec; dtype: WriteDType } = QUICK
-  ? { target: { width: 2, extraLayers: 2 }, draft: { width: 1 }, dtype: WIDEN_DTYPE }
-  : { target: { width: 7, extraLayers: 16 }, draft: { width: 4, extraLayers: 1 }, dtype: WIDEN_DTYPE };
-
-function widened(src: string, name: string, spec: WidenSpec): string {
-  const tag = `${spec.width}x-${spec.heads ?? spec.width}h-${spec.ffn ?? spec.width}f-${spec.extraLayers ?? 0}l`;
-  const path = join(MODELS_DIR, `${name}-wide-${tag}-${WIDEN.dtype}.gguf`);
-  if (!existsSync(path)) {
-    log(`widening ${src} -> ${path}`);
-    const t0 = performance.now();
-    widenModel(src, path, spec, { dtype: WIDEN.dtype, tokenizerFrom: join(src, "model.gguf"), name: `${name} widened` });
-    log(`  ${(statSync(path).size / 1e9).toFixed(2)} GB in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-  }
-  return path;
-}
+const WIDEN = widenSpecs(QUICK, WIDEN_DTYPE);
 
 if (on("widen")) {
-  const targetPath = widened(DEFAULT_MODEL, "llama-shakespeare-8m", WIDEN.target);
-  const draftPath = widened(DEFAULT_DRAFT, "llama-shakespeare-1.4m-draft", WIDEN.draft);
+  const { target: targetPath, draft: draftPath } = widenedPair(WIDEN, MODELS_DIR, log);
   const PROMPTS = Number(process.env.PROMPTS ?? (QUICK ? 3 : 4));
   const NEW = Number(process.env.NEW_TOKENS ?? (QUICK ? 32 : 64));
   const prompts = readFileSync(join(import.meta.dir, "..", "models", "eval-prompts.jsonl"), "utf8")
@@ -438,12 +421,19 @@ if (on("widen")) {
   log(`widen: ${PROMPTS} prompts x ${NEW} greedy tokens`);
   const load = new OtherLoad();
 
-  const llm = await LLM.load(targetPath, { threads: THREADS });
-  const ssm = await SSM.load(draftPath, { llm });
+  const llm = await LLM.load(targetPath, { threads: THREADS, ssms: [draftPath], tree: DEFAULT_TREE });
   const ids = prompts.map((p) => llm.tokenizer.encode(p));
+  const weightBytes = (path: string) => {
+    const backend = CpuBackend.create({ threads: 1 });
+    const m = loadLlama(path, backend);
+    const bytes = bytesPerToken(m);
+    m.close();
+    backend.close();
+    return bytes;
+  };
   const wide: Record<string, unknown> = {
-    target: { file: targetPath, config: widenedConfig(readConfig(DEFAULT_MODEL), WIDEN.target), bytesPerToken: bytesPerToken(llm.model) },
-    draft: { file: draftPath, config: widenedConfig(readConfig(DEFAULT_DRAFT), WIDEN.draft), bytesPerToken: bytesPerToken(ssm.model) },
+    target: { file: targetPath, config: widenedConfig(readConfig(DEFAULT_MODEL), WIDEN.target), bytesPerToken: weightBytes(targetPath) },
+    draft: { file: draftPath, config: widenedConfig(readConfig(DEFAULT_DRAFT), WIDEN.draft), bytesPerToken: weightBytes(draftPath) },
     prompts: PROMPTS,
     newTokens: NEW,
   };
@@ -462,7 +452,6 @@ if (on("widen")) {
   ];
   await llm.generate(prompts[0], { maxNewTokens: 4 }); // warm-up
   for (const setup of oursSetups) {
-    llm.compile(setup.tree === null ? null : { ssms: [ssm], tree: setup.tree });
     let tokens = 0;
     let ms = 0;
     let steps = 0;
@@ -471,7 +460,7 @@ if (on("widen")) {
     let verifyMs = 0;
     const outs: number[][] = [];
     for (const p of ids) {
-      const r = await llm.generate(p, { maxNewTokens: NEW, ignoreEos: true });
+      const r = await llm.generate(p, { maxNewTokens: NEW, ignoreEos: true, speculation: setup.tree === null ? false : { tree: setup.tree } });
       tokens += r.stats.generatedTokens - 1;
       ms += r.stats.decodeMs;
       draftMs += r.stats.draftMs;
@@ -491,7 +480,7 @@ if (on("widen")) {
     });
     log(`  ${JSON.stringify(rows[rows.length - 1])}`);
   }
-  llm.close();
+  await llm.close();
 
   // llama.cpp: plain greedy, then DraftSequenceTokenPredictor (its defaults, and a
   // short-draft variant), same GGUF pair, same prompt ids.

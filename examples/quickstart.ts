@@ -13,4 +13,4 @@ process.stdout.write("\n");
 
 const reply = await llm.chat([{ role: "user", content: "Who art thou?" }], { maxNewTokens: 24 });
 console.log(reply.text);
-llm.close();
+await llm.close();

@@ -1,6 +1,6 @@
 import { createInterface } from "node:readline";
 import type { ChatMessage } from "../index";
-import { loadForGeneration, MODEL_FLAGS, SAMPLING_FLAGS, samplingOptions } from "./generate";
+import { ENGINE_FLAGS, loadForGeneration, MODEL_FLAGS, SAMPLING_FLAGS, samplingOptions } from "./generate";
 import { parse } from "./args";
 
 export const CHAT_HELP = `specinfer chat [--model PATH] [--system TEXT] [options]
@@ -12,7 +12,7 @@ Takes the sampling and speculation options of specinfer generate (--max-tokens,
 `;
 
 export async function chatCommand(argv: string[]): Promise<void> {
-  const { values } = parse(argv, { ...MODEL_FLAGS, ...SAMPLING_FLAGS, system: { type: "string" } });
+  const { values } = parse(argv, { ...MODEL_FLAGS, ...ENGINE_FLAGS, ...SAMPLING_FLAGS, system: { type: "string" } });
   if (values.help) return void process.stdout.write(CHAT_HELP);
   const opts = samplingOptions(values);
   const llm = await loadForGeneration(values);
@@ -35,6 +35,6 @@ export async function chatCommand(argv: string[]): Promise<void> {
     }
   } finally {
     rl.close();
-    llm.close();
+    await llm.close();
   }
 }

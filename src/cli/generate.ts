@@ -1,4 +1,4 @@
-import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM, SSM, type GenerateOptions, type LoadOptions } from "../index";
+import { DEFAULT_DRAFT, LLM, type GenerateOptions, type LoadOptions } from "../index";
 import { parseTreeShape } from "../speculation/tree";
 import { intFlag, numFlag, parse, progressPrinter, UsageError, type Options } from "./args";
 
@@ -19,7 +19,12 @@ default pair (llama-shakespeare-8m verified, llama-shakespeare-1.4m-draft drafti
   --ssm PATH              a draft model (repeatable; default with the embedded model: its draft)
   --tree SHAPE            static widths per depth "1,1,3,1,1" or "dynamic:N"
   --ngram                 also draft by prompt lookup (no model)
+  --speculation MODE      auto (default: the tree per step that the measured costs
+                          say pays, none included) or fixed (always the --tree shape)
   --no-spec               plain incremental decoding
+  --max-seqs N            most requests decoded together (default 8)
+  --ctx-size N            longest prompt + generation (default: the model's)
+  --kv-dtype f16|f32      KV cache element type (default f16)
   --threads N             CPU threads (default: all cores)
   --backend cpu|cuda      (default cpu)
   --json                  print one JSON object at the end instead of streaming text
@@ -45,6 +50,13 @@ export const SAMPLING_FLAGS: Options = {
   tree: { type: "string" },
   ngram: { type: "boolean" },
   "no-spec": { type: "boolean" },
+  speculation: { type: "string" },
+};
+
+export const ENGINE_FLAGS: Options = {
+  "max-seqs": { type: "string" },
+  "ctx-size": { type: "string" },
+  "kv-dtype": { type: "string" },
 };
 
 type Values = Record<string, unknown>;
@@ -60,22 +72,40 @@ export function samplingOptions(v: Values): GenerateOptions {
     seed: intFlag(v, "seed", 0),
     stop: (v.stop as string[] | undefined) ?? [],
     ignoreEos: (v["ignore-eos"] as boolean | undefined) ?? false,
+    speculation: speculationFlag(v),
   };
+}
+
+function speculationFlag(v: Values): GenerateOptions["speculation"] {
+  if (v["no-spec"]) return false;
+  const mode = (v.speculation as string | undefined) ?? "auto";
+  if (mode === "auto") return "auto";
+  if (mode === "fixed") return { tree: v.tree as string | undefined };
+  throw new UsageError(`--speculation must be auto or fixed, got "${mode}"`);
 }
 
 export function loadOptions(v: Values): LoadOptions {
   const backend = v.backend as string | undefined;
   if (backend !== undefined && backend !== "cpu" && backend !== "cuda") throw new UsageError(`--backend must be cpu or cuda, got "${backend}"`);
-  return { threads: intFlag(v, "threads", 1), backend, onProgress: progressPrinter("loading") };
+  const kvDtype = v["kv-dtype"] as string | undefined;
+  if (kvDtype !== undefined && kvDtype !== "f16" && kvDtype !== "f32") throw new UsageError(`--kv-dtype must be f16 or f32, got "${kvDtype}"`);
+  return {
+    threads: intFlag(v, "threads", 1),
+    backend,
+    maxRequestsPerBatch: intFlag(v, "max-seqs", 1),
+    maxSeqLength: intFlag(v, "ctx-size", 1),
+    kvDtype,
+    onProgress: progressPrinter("loading"),
+  };
 }
 
-/** Loads the LLM and sets up speculation as the flags say (SSMs close with the LLM). */
+/** Loads the LLM with the drafters the flags name (the embedded draft by default). */
 export async function loadForGeneration(v: Values): Promise<LLM> {
   const modelGiven = typeof v.model === "string";
-  const ssmPaths = (v.ssm as string[] | undefined) ?? (modelGiven ? [] : [DEFAULT_DRAFT]);
   const ngram = (v.ngram as boolean | undefined) ?? false;
   if (v["no-spec"] && (v.ssm || v.tree || ngram)) throw new UsageError("--no-spec cannot be combined with --ssm, --tree or --ngram");
-  if (v.tree && ssmPaths.length === 0 && !ngram) throw new UsageError("--tree needs a drafter: --ssm PATH or --ngram");
+  const ssms = v["no-spec"] ? [] : ((v.ssm as string[] | undefined) ?? (modelGiven ? [] : [DEFAULT_DRAFT]));
+  if (v.tree && ssms.length === 0 && !ngram) throw new UsageError("--tree needs a drafter: --ssm PATH or --ngram");
   if (typeof v.tree === "string") {
     try {
       parseTreeShape(v.tree);
@@ -83,22 +113,11 @@ export async function loadForGeneration(v: Values): Promise<LLM> {
       throw new UsageError(`--tree: ${(e as Error).message}`);
     }
   }
-  const llm = await LLM.load((v.model as string | undefined) ?? DEFAULT_MODEL, loadOptions(v));
-  try {
-    const ssms: SSM[] = [];
-    if (!v["no-spec"]) {
-      for (const p of ssmPaths) ssms.push(await SSM.load(p, { llm }));
-      if (ssms.length > 0 || ngram) llm.compile({ ssms, tree: v.tree as string | undefined, ngram });
-    }
-    return llm;
-  } catch (e) {
-    llm.close();
-    throw e;
-  }
+  return LLM.load(v.model as string | undefined, { ...loadOptions(v), ssms, tree: v.tree as string | undefined, ngram });
 }
 
 export async function generateCommand(argv: string[]): Promise<void> {
-  const { values } = parse(argv, { ...MODEL_FLAGS, ...SAMPLING_FLAGS, prompt: { type: "string", short: "p" }, json: { type: "boolean" } });
+  const { values } = parse(argv, { ...MODEL_FLAGS, ...ENGINE_FLAGS, ...SAMPLING_FLAGS, prompt: { type: "string", short: "p" }, json: { type: "boolean" } });
   if (values.help) return void process.stdout.write(GENERATE_HELP);
   if (typeof values.prompt !== "string") throw new UsageError("generate needs --prompt TEXT (see specinfer generate --help)");
   const opts = samplingOptions(values);
@@ -113,6 +132,6 @@ export async function generateCommand(argv: string[]): Promise<void> {
       process.stdout.write("\n");
     }
   } finally {
-    llm.close();
+    await llm.close();
   }
 }

@@ -1,16 +1,15 @@
 import { createBackend } from "../backend/index";
-import { Engine } from "../engine/engine";
-import { BatchBuilder } from "../model/batch";
+import { SequenceRunner } from "../kv/sequence";
 import { loadLlama } from "../model/llama";
+import { argmax } from "../speculation/sampling";
 import { idList, intFlag, parse, UsageError } from "./args";
 import { loadOptions, MODEL_FLAGS } from "./generate";
-import { createKVCache } from "../kv/cache";
 
 export const LOGITS_HELP = `specinfer logits --model PATH --tokens 1,2,3 [--top 20] [--greedy N] [--json]
 
 Debug aid for parity checks against other implementations: feeds raw token ids (no
 tokenizer), prints the top logits at the last position and a greedy continuation.
-With --json: {"top":[{"id":..,"logit":..},..],"greedy":[ids..]}.
+With --json: {"top":[{"id":..,"logit":..,"logprob":..},..],"greedy":[ids..]}.
 `;
 
 export async function logitsCommand(argv: string[]): Promise<void> {
@@ -28,24 +27,22 @@ export async function logitsCommand(argv: string[]): Promise<void> {
     const vocab = model.config.vocabSize;
     const bad = tokens.find((t) => t >= vocab);
     if (bad !== undefined) throw new UsageError(`--tokens: id ${bad} is outside the vocabulary (0..${vocab - 1})`);
-    const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: tokens.length });
-    const row = kv.openSequence();
-    kv.reserve(row, tokens.length);
-    const builder = new BatchBuilder(model.maxWords);
-    builder.addChain(row, 0, tokens, 0, "last");
-    const logits = model.forward(builder.build(), kv);
-    kv.close();
+    const seq = new SequenceRunner(model, tokens.length + greedyN);
+    const logits = seq.feed(tokens, "last").slice();
+    // log-softmax in float64: the reference the server's logprobs are checked against.
+    const max = logits.reduce((m, x) => Math.max(m, x), -Infinity);
+    const logZ = max + Math.log(logits.reduce((s, x) => s + Math.exp(x - max), 0));
     const order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a] || a - b).slice(0, topN);
-    const top = order.map((id) => ({ id, logit: logits[id] }));
+    const top = order.map((id) => ({ id, logit: logits[id], logprob: logits[id] - logZ }));
 
-    let greedy: number[] = [];
-    if (greedyN > 0) {
-      const engine = new Engine(model, { maxSeqs: 1 });
-      const req = engine.submit(tokens, { maxNewTokens: greedyN, temperature: 0, ignoreEos: true });
-      engine.runUntilDone(req);
-      greedy = req.generated;
-      engine.close();
+    // Plain greedy decoding, one token per forward: independent of the engine.
+    const greedy: number[] = [];
+    let next = argmax(logits);
+    for (let i = 0; i < greedyN; i++) {
+      greedy.push(next);
+      if (i + 1 < greedyN) next = argmax(seq.feed([next], "last"));
     }
+    seq.close();
     if (values.json) process.stdout.write(JSON.stringify({ top, greedy }) + "\n");
     else {
       for (const t of top) process.stdout.write(`${String(t.id).padStart(8)}  ${t.logit.toFixed(6)}\n`);

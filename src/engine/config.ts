@@ -12,13 +12,27 @@ export interface GenerationConfig {
   minP: number;
   /** 1 = off. */
   repetitionPenalty: number;
+  /** OpenAI's presence penalty over the context so far; 0 = off. */
+  presencePenalty: number;
+  /** OpenAI's frequency penalty over the context so far; 0 = off. */
+  frequencyPenalty: number;
+  /** Token id -> bias added to its logit (OpenAI's logit_bias, -100..100). */
+  logitBias: Record<number, number>;
   seed: number;
   /** Generation ends before the first occurrence of any of these strings. */
   stop: string[];
   /** Extra token ids that end generation (the model's EOS ids always do, unless ignoreEos). */
   stopTokenIds: number[];
   ignoreEos: boolean;
+  /** Log-probabilities of emitted tokens under the target model: undefined = none,
+   *  0 = the chosen token's, k > 0 = also the k most likely alternatives. */
+  logprobs?: number;
+  /** Token-tree speculation for this request: off, sized per step by measured cost
+   *  ("auto"), or a fixed tree shape and/or prompt lookup. */
+  speculation: Speculation;
 }
+
+export type Speculation = false | "auto" | { tree?: string; ngram?: boolean };
 
 export const DEFAULT_GENERATION: GenerationConfig = {
   maxNewTokens: 128,
@@ -27,11 +41,18 @@ export const DEFAULT_GENERATION: GenerationConfig = {
   topP: 1,
   minP: 0,
   repetitionPenalty: 1,
+  presencePenalty: 0,
+  frequencyPenalty: 0,
+  logitBias: {},
   seed: 0,
   stop: [],
   stopTokenIds: [],
   ignoreEos: false,
+  speculation: "auto",
 };
+
+/** Most alternatives `logprobs` may ask for (OpenAI's top_logprobs limit). */
+export const MAX_LOGPROBS = 20;
 
 export class ConfigError extends Error {
   constructor(message: string) {
@@ -52,11 +73,27 @@ export function resolveGenerationConfig(partial: Partial<GenerationConfig> = {})
   check(Number.isFinite(c.topP) && c.topP > 0 && c.topP <= 1, "topP", "in (0, 1]");
   check(Number.isFinite(c.minP) && c.minP >= 0 && c.minP <= 1, "minP", "in [0, 1]");
   check(Number.isFinite(c.repetitionPenalty) && c.repetitionPenalty > 0, "repetitionPenalty", "a number > 0");
+  check(Number.isFinite(c.presencePenalty) && Math.abs(c.presencePenalty) <= 2, "presencePenalty", "in [-2, 2]");
+  check(Number.isFinite(c.frequencyPenalty) && Math.abs(c.frequencyPenalty) <= 2, "frequencyPenalty", "in [-2, 2]");
+  check(
+    typeof c.logitBias === "object" && c.logitBias !== null &&
+      Object.entries(c.logitBias).every(([k, v]) => /^\d+$/.test(k) && typeof v === "number" && Math.abs(v) <= 100),
+    "logitBias", "a map of token ids to numbers in [-100, 100]",
+  );
+  check(c.logprobs === undefined || (Number.isInteger(c.logprobs) && c.logprobs >= 0 && c.logprobs <= MAX_LOGPROBS), "logprobs", `an integer in [0, ${MAX_LOGPROBS}]`);
+  check(isSpeculation(c.speculation), "speculation", 'false, "auto" or { tree?: string, ngram?: boolean }');
   check(Number.isSafeInteger(c.seed), "seed", "an integer");
   check(Array.isArray(c.stop) && c.stop.every((s) => typeof s === "string" && s.length > 0), "stop", "a list of non-empty strings");
   check(Array.isArray(c.stopTokenIds) && c.stopTokenIds.every((t) => Number.isInteger(t) && t >= 0), "stopTokenIds", "a list of token ids");
   check(typeof c.ignoreEos === "boolean", "ignoreEos", "a boolean");
   return c;
+}
+
+function isSpeculation(s: unknown): s is Speculation {
+  if (s === false || s === "auto") return true;
+  if (typeof s !== "object" || s === null || Array.isArray(s)) return false;
+  const o = s as Record<string, unknown>;
+  return (o.tree === undefined || typeof o.tree === "string") && (o.ngram === undefined || typeof o.ngram === "boolean");
 }
 
 /** `o` without its undefined fields, so spreading it keeps earlier defaults. */

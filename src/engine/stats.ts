@@ -23,6 +23,8 @@ export class RequestStats {
   decodeSteps = 0;
   treeNodes = 0;
   acceptedTokens = 0;
+  /** Times the request lost its KV blocks to another and was recomputed. */
+  preemptions = 0;
   private readonly tried: { depth: number[]; rank: number[] } = { depth: [], rank: [] };
   private readonly accepted: { depth: number[]; rank: number[] } = { depth: [], rank: [] };
 
@@ -56,6 +58,7 @@ export class RequestStats {
     this.decodeSteps += other.decodeSteps;
     this.treeNodes += other.treeNodes;
     this.acceptedTokens += other.acceptedTokens;
+    this.preemptions += other.preemptions;
     for (const key of ["depth", "rank"] as const) {
       other.tried[key].forEach((v, i) => (this.tried[key][i] = (this.tried[key][i] ?? 0) + v));
       other.accepted[key].forEach((v, i) => (this.accepted[key][i] = (this.accepted[key][i] ?? 0) + v));
@@ -83,6 +86,7 @@ export class RequestStats {
       acceptanceByDepth: ratio(this.accepted.depth, this.tried.depth),
       acceptanceBySiblingRank: ratio(this.accepted.rank, this.tried.rank),
       draftMs: round(this.draftMs),
+      preemptions: this.preemptions,
       verifyMs: round(this.decodeMs - this.draftMs),
     };
   }

@@ -3,7 +3,7 @@
 // nodes (of one or many sequences) in one batched forward.
 
 import type { Rng } from "./rng.ts";
-import { GREEDY, isGreedy, topIndices, type SamplingParams } from "./sampling.ts";
+import { isGreedy, topIndices, type SamplingParams } from "./sampling.ts";
 import { shapeCapacity, type DraftTree, type TreeShape } from "./tree.ts";
 
 /** The tree grown so far: node ids are indices into these arrays (parents first). */
@@ -45,7 +45,7 @@ export interface ExpandedTree extends DraftTree {
  *  own (the closer q is to p, the more is accepted). Greedy: plain softmax, since only
  *  the ranking of children matters and a one-hot row would rank nothing. */
 export function draftParams(llm: SamplingParams): SamplingParams {
-  return isGreedy(llm) ? { ...GREEDY, temperature: 1, repetitionPenalty: llm.repetitionPenalty } : llm;
+  return isGreedy(llm) ? { ...llm, temperature: 1, topK: 0, topP: 1, minP: 0 } : llm;
 }
 
 /** Up to `count` distinct tokens drawn one by one from q, each drawn token removed

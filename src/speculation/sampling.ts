@@ -15,6 +15,12 @@ export interface SamplingParams {
   minP: number;
   /** HF-style penalty on tokens already in the context; 1 = off. */
   repetitionPenalty: number;
+  /** OpenAI-style: subtracted once from the logit of every token in the context; 0 = off. */
+  presencePenalty?: number;
+  /** OpenAI-style: subtracted per occurrence in the context; 0 = off. */
+  frequencyPenalty?: number;
+  /** Token id -> value added to its logit (OpenAI's logit_bias). */
+  logitBias?: ReadonlyMap<number, number>;
 }
 
 export const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1 };
@@ -111,10 +117,33 @@ export function penalize(logits: Float32Array, context: ArrayLike<number>, penal
   return out;
 }
 
+/** OpenAI's presence and frequency penalties: logit -= presence * [count > 0] + frequency * count. */
+export function penalizeCounts(logits: Float32Array, context: ArrayLike<number>, presence: number, frequency: number): Float32Array {
+  const counts = new Map<number, number>();
+  for (let i = 0; i < context.length; i++) counts.set(context[i], (counts.get(context[i]) ?? 0) + 1);
+  const out = logits.slice();
+  for (const [token, count] of counts) out[token] -= presence + frequency * count;
+  return out;
+}
+
+/** Whether the next-token distribution depends on the tokens before it (penalties). */
+export function readsContext(params: SamplingParams): boolean {
+  return params.repetitionPenalty !== 1 || (params.presencePenalty ?? 0) !== 0 || (params.frequencyPenalty ?? 0) !== 0;
+}
+
+/** The logits every rule of `params` reads: penalties over `context`, then the logit bias. */
 function penalized(logits: Float32Array, params: SamplingParams, context?: ArrayLike<number>): Float32Array {
-  return context && context.length > 0 && params.repetitionPenalty !== 1
-    ? penalize(logits, context, params.repetitionPenalty)
-    : logits;
+  let row = logits;
+  const hasContext = context !== undefined && context.length > 0;
+  if (hasContext && params.repetitionPenalty !== 1) row = penalize(row, context, params.repetitionPenalty);
+  const presence = params.presencePenalty ?? 0;
+  const frequency = params.frequencyPenalty ?? 0;
+  if (hasContext && (presence !== 0 || frequency !== 0)) row = penalizeCounts(row, context, presence, frequency);
+  if (params.logitBias && params.logitBias.size > 0) {
+    if (row === logits) row = logits.slice();
+    for (const [token, bias] of params.logitBias) if (token >= 0 && token < row.length) row[token] += bias;
+  }
+  return row;
 }
 
 /** The token greedy decoding picks: argmax after the repetition penalty. */

@@ -1,7 +1,8 @@
 // The speculation step the engine calls: every drafter proposes a tree per request,
 // the trees merge into one trie, the trie is laid into the LLM's TokenBatch, and the
 // LLM's logits verify it. Drafters: SSMs (models with their own KV caches) and
-// prompt lookup (n-gram, no model).
+// prompt lookup (n-gram, no model). Each request says how it speculates (its own
+// tree shape, prompt lookup on or off); requests that differ share one forward.
 
 import type { KVCache } from "../kv/cache";
 import type { BatchBuilder } from "../model/batch";
@@ -10,11 +11,9 @@ import { growthCapacity } from "./expand";
 import { NgramDrafter } from "./ngram";
 import type { Rng } from "./rng";
 import type { SamplingParams } from "./sampling";
-import { SSMDrafter, type DraftRequest } from "./ssm";
+import { SSMDrafter } from "./ssm";
 import { linearize, mergeTrees, parseTreeShape, shapeCapacity, type DraftTree, type TokenTree, type TreeShape } from "./tree";
 import { verify } from "./verify";
-
-export type { DraftRequest } from "./ssm";
 
 /** The default tree, chosen by measurement (BENCHMARKS.md, bench:cpu widened pair at
  *  TinyLlama-1.1B cost, 2 CPU threads): the 3-token chain gave 52.7 tok/s (2.4x
@@ -24,6 +23,27 @@ export const DEFAULT_TREE = "1,1,1";
 
 /** Prompt-lookup settings: continuation length and branches. */
 const NGRAM = { maxN: 3, minN: 1, length: 8, branches: 2 };
+const NGRAM_NODES = NGRAM.length * NGRAM.branches;
+
+/** Most nodes one drafter may grow for one request in one step (dynamic trees grow
+ *  many and keep few): bounds the SSM caches' rows, so per-request shapes up to it
+ *  need no reallocation. Blocks are taken on demand, so the bound costs no memory. */
+export const MAX_GROWTH = 1024;
+
+/** Longest chain "auto" speculation considers. */
+export const AUTO_MAX_DEPTH = 6;
+
+/** A chain of `depth` nodes (width 1 at every depth). */
+export function chainShape(depth: number): TreeShape {
+  return { kind: "static", widths: Array(depth).fill(1) };
+}
+
+/** How one request drafts in one step. */
+export interface DraftPlan {
+  /** The SSMs' tree shape; null drafts without SSMs. */
+  shape: TreeShape | null;
+  ngram: boolean;
+}
 
 /** One request's merged tree for one step. */
 export class StepDraft {
@@ -61,15 +81,24 @@ export class StepDraft {
 
 export interface SpeculationOptions {
   ssms: LlamaModel[];
-  /** Static widths ("1,1,3,1,1" or [1,1,3,1,1]) or "dynamic:N"; default DEFAULT_TREE. */
+  /** Static widths ("1,1,3,1,1" or [1,1,3,1,1]) or "dynamic:N": the shape of requests
+   *  that ask for a fixed tree without naming one; default DEFAULT_TREE. */
   tree?: string | number[];
+  /** Prompt lookup for requests that do not say. */
   ngram: boolean;
 }
 
+export interface SpeculatingRequest {
+  request: number;
+  tokens: readonly number[];
+  params: SamplingParams;
+  rng: Rng;
+  plan: DraftPlan;
+}
+
 export class Speculator {
+  /** The shape of fixed-tree requests that name none. */
   readonly shape: TreeShape;
-  /** Most nodes a merged tree can have. */
-  readonly maxNodes: number;
   private readonly ssms: SSMDrafter[];
   private readonly ngrams = new Map<number, NgramDrafter>();
 
@@ -78,19 +107,25 @@ export class Speculator {
     maxSeqLen: number,
     private readonly vocab: number,
     /** Rows one LLM forward can verify (its token and logits limits). */
-    maxTreeRows: number,
-    private readonly opts: SpeculationOptions,
+    private readonly maxTreeRows: number,
+    readonly opts: SpeculationOptions,
   ) {
     this.shape = parseTreeShape(Array.isArray(opts.tree) ? opts.tree.join(",") : (opts.tree ?? DEFAULT_TREE));
-    const growth = growthCapacity(this.shape);
     for (const m of opts.ssms) {
       if (m.config.vocabSize !== vocab) throw new Error(`draft model vocabulary (${m.config.vocabSize}) differs from the LLM's (${vocab})`);
     }
+    const growth = Math.max(MAX_GROWTH, growthCapacity(this.shape));
     this.ssms = opts.ssms.map((m) => new SSMDrafter(m, maxSeqs, maxSeqLen, growth));
-    this.maxNodes = opts.ssms.length * shapeCapacity(this.shape) + (opts.ngram ? NGRAM.length * NGRAM.branches : 0);
-    if (this.maxNodes + 1 > maxTreeRows) {
-      throw new Error(`a merged tree may have ${this.maxNodes} nodes; one forward verifies at most ${maxTreeRows - 1} (use a smaller tree or fewer drafters)`);
-    }
+    this.check({ shape: this.shape, ngram: opts.ngram });
+  }
+
+  get hasModels(): boolean {
+    return this.ssms.length > 0;
+  }
+
+  /** The SSM models (the engine measures their forward cost). */
+  get models(): LlamaModel[] {
+    return this.ssms.map((s) => s.model);
   }
 
   /** The SSMs' KV caches (tests check they drain). */
@@ -98,9 +133,36 @@ export class Speculator {
     return this.ssms.map((s) => s.kv);
   }
 
-  open(request: number): void {
+  /** The plan of a request asking for a fixed tree (`tree` unset: the compiled shape;
+   *  `ngram` unset: the compiled setting). Throws, naming the field, when it cannot run. */
+  fixedPlan(tree: string | undefined, ngram: boolean | undefined): DraftPlan {
+    if (tree !== undefined && !this.hasModels) throw new Error("speculation.tree needs a draft model (compile with ssms)");
+    const plan: DraftPlan = {
+      shape: this.hasModels ? (tree === undefined ? this.shape : parseTreeShape(tree)) : null,
+      ngram: ngram ?? this.opts.ngram,
+    };
+    this.check(plan);
+    return plan;
+  }
+
+  /** Most tree nodes (root excluded) a step of this plan can put in the LLM batch. */
+  maxNodes(plan: DraftPlan): number {
+    return (plan.shape ? this.ssms.length * shapeCapacity(plan.shape) : 0) + (plan.ngram ? NGRAM_NODES : 0);
+  }
+
+  private check(plan: DraftPlan): void {
+    if (plan.shape && this.ssms.some((s) => growthCapacity(plan.shape!) > s.maxGrowth)) {
+      throw new Error(`speculation.tree: a tree may grow at most ${this.ssms[0].maxGrowth} nodes per drafter`);
+    }
+    const nodes = this.maxNodes(plan);
+    if (nodes + 1 > this.maxTreeRows) {
+      throw new Error(`speculation.tree: a merged tree may have ${nodes} nodes; one forward verifies at most ${this.maxTreeRows - 1} (use a smaller tree or fewer drafters)`);
+    }
+  }
+
+  open(request: number, ngram: boolean): void {
     for (const s of this.ssms) s.open(request);
-    if (this.opts.ngram) this.ngrams.set(request, new NgramDrafter(NGRAM));
+    if (ngram) this.ngrams.set(request, new NgramDrafter(NGRAM));
   }
 
   close(request: number): void {
@@ -114,11 +176,13 @@ export class Speculator {
   }
 
   /** One merged tree per request (null when no drafter proposed anything). */
-  draft(requests: DraftRequest[]): (StepDraft | null)[] {
-    const perSSM = this.ssms.map((s) => s.draft(requests, this.shape));
-    return requests.map((r, i) => {
-      const trees: DraftTree[] = perSSM.map((trees) => trees[i]);
-      const ngram = this.ngrams.get(r.request);
+  draft(requests: SpeculatingRequest[]): (StepDraft | null)[] {
+    const withModels = requests.filter((r) => r.plan.shape !== null);
+    const perSSM = this.ssms.map((s) => s.draft(withModels.map((r) => ({ request: r.request, shape: r.plan.shape!, tokens: r.tokens, params: r.params, rng: r.rng }))));
+    return requests.map((r) => {
+      const at = withModels.indexOf(r);
+      const trees: DraftTree[] = at >= 0 ? perSSM.map((trees) => trees[at]) : [];
+      const ngram = r.plan.ngram ? this.ngrams.get(r.request) : undefined;
       if (ngram) {
         ngram.push(r.tokens.slice(ngram.length));
         trees.push(ngram.draft());
@@ -135,7 +199,6 @@ export class Speculator {
 }
 
 /** A speculator shaped for `llm`: trees small enough for one of its forwards. */
-export function createSpeculator(llm: LlamaModel, maxSeqs: number, opts: SpeculationOptions): Speculator {
-  const c = llm.config;
-  return new Speculator(maxSeqs, c.maxPositionEmbeddings, c.vocabSize, Math.min(llm.maxBatchTokens, llm.maxLogitRows), opts);
+export function createSpeculator(llm: LlamaModel, maxSeqs: number, opts: SpeculationOptions, maxSeqLen = llm.config.maxPositionEmbeddings): Speculator {
+  return new Speculator(maxSeqs, maxSeqLen, llm.config.vocabSize, Math.min(llm.maxBatchTokens, llm.maxLogitRows), opts);
 }

@@ -21,6 +21,8 @@ import { pathTo, type TreeShape } from "./tree";
 
 export interface DraftRequest {
   request: number;
+  /** How this request's tree grows this step. */
+  shape: TreeShape;
   /** Prompt + generated tokens; the last one is the root of the tree. */
   tokens: readonly number[];
   params: SamplingParams;
@@ -49,7 +51,9 @@ export class SSMDrafter {
     if (maxGrowth + 1 > model.maxWords * 32) {
       throw new Error(`a draft tree may grow ${maxGrowth} nodes; the draft model's masks hold at most ${model.maxWords * 32 - 1}`);
     }
-    this.kv = createKVCache(model, { maxSeqs, maxSeqLen: maxSeqLen + 1 + maxGrowth });
+    // Every row may grow a large tree; the pool holds full sequences with a modest one.
+    const typical = Math.min(maxGrowth, 64);
+    this.kv = createKVCache(model, { maxSeqs, maxSeqLen: maxSeqLen + 1 + maxGrowth, numBlocks: maxSeqs * Math.ceil((maxSeqLen + 1 + typical) / 16) });
   }
 
   open(request: number): void {
@@ -69,10 +73,10 @@ export class SSMDrafter {
   }
 
   /** One tree per request, grown in lockstep: one SSM forward per depth for all. */
-  draft(requests: DraftRequest[], shape: TreeShape): ExpandedTree[] {
+  draft(requests: DraftRequest[]): ExpandedTree[] {
     const rootLogits = this.catchUp(requests);
     const states = requests.map((r) => this.state(r.request));
-    const growths = requests.map((r) => growTree(shape, { sample: !isGreedy(r.params), rng: r.rng }));
+    const growths = requests.map((r) => growTree(r.shape, { sample: !isGreedy(r.params), rng: r.rng }));
     const results: ExpandedTree[] = new Array(requests.length);
     let steps = growths.map((g) => g.next());
     for (;;) {

@@ -18,7 +18,7 @@
 //     leads to the same trie node when accepted).
 
 import type { Rng } from "./rng.ts";
-import { greedyToken, isGreedy, processLogits, sample, type SamplingParams } from "./sampling.ts";
+import { greedyToken, isGreedy, processLogits, readsContext, sample, type SamplingParams } from "./sampling.ts";
 import type { Draw, TokenTree } from "./tree.ts";
 
 export interface VerifyOptions {
@@ -51,7 +51,7 @@ export function verify(tree: TokenTree, logits: Float32Array, vocab: number, opt
   const { params } = options;
   const rng = isGreedy(params) ? undefined : options.rng;
   if (!isGreedy(params) && !rng) throw new Error("verify: sampling needs an rng");
-  const penalizing = params.repetitionPenalty !== 1 && options.context !== undefined;
+  const penalizing = options.context !== undefined && readsContext(params);
   const history = penalizing ? Array.from(options.context!) : undefined;
 
   const accepted: number[] = [];

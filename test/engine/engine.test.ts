@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CpuBackend } from "../../src/backend/cpu";
-import { Engine } from "../../src/engine/engine";
+import { createEngine, type Engine } from "../../src/engine/core";
 import { BatchBuilder } from "../../src/model/batch";
 import { loadLlama, type LlamaModel } from "../../src/model/llama";
 import { processLogits } from "../../src/speculation/sampling";
@@ -48,7 +48,7 @@ function run(engine: Engine, ps: number[][], config: Parameters<Engine["submit"]
 }
 
 function speculative(opts: SpeculationOptions, maxSeqs = 8): Engine {
-  return new Engine(llm, { maxSeqs, speculator: createSpeculator(llm, maxSeqs, opts) });
+  return createEngine(llm, { maxRequestsPerBatch: maxSeqs, speculator: createSpeculator(llm, maxSeqs, opts) });
 }
 
 function expectPoolsFull(engine: Engine): void {
@@ -66,7 +66,7 @@ describe("greedy speculative output equals greedy incremental output", () => {
     { name: "n-gram only", opts: { ssms: [], ngram: true } },
     { name: "near SSM, 84-node tree 4,4,2,1", opts: { ssms: [near], tree: "4,4,2,1", ngram: true } },
   ];
-  const incremental = new Engine(llm, { maxSeqs: 8 });
+  const incremental = createEngine(llm, { maxRequestsPerBatch: 8 });
   for (const batch of [1, 3, 8]) {
     const ps = prompts(batch, batch);
     const want = run(incremental, ps, { maxNewTokens: 40, ignoreEos: true });
@@ -93,7 +93,7 @@ describe("greedy speculative output equals greedy incremental output", () => {
 describe("batch invariance", () => {
   test("a sampled request's tokens do not depend on what else is in the batch", () => {
     const config = { maxNewTokens: 30, temperature: 0.9, topK: 20, seed: 77, ignoreEos: true };
-    for (const make of [() => new Engine(llm, { maxSeqs: 8 }), () => speculative({ ssms: [near], tree: "2,1,1", ngram: false })]) {
+    for (const make of [() => createEngine(llm, { maxRequestsPerBatch: 8 }), () => speculative({ ssms: [near], tree: "2,1,1", ngram: false })]) {
       const alone = make();
       const a = alone.submit(prompts(1, 9)[0], config);
       alone.runUntilDone();
@@ -129,7 +129,7 @@ describe("stopping", () => {
     const cancelled = engine.submit(p, { maxNewTokens: 100, ignoreEos: true });
     engine.step();
     engine.step();
-    engine.cancel(cancelled);
+    engine.cancel(cancelled.id);
     expect(cancelled.finishReason).toBe("cancelled");
     expect(engine.idle).toBe(true);
     expectPoolsFull(engine);
@@ -137,13 +137,13 @@ describe("stopping", () => {
   });
 
   test("generation stops at the context length; over-long prompts and bad ids are refused", () => {
-    const engine = new Engine(llm, { maxSeqs: 2 });
+    const engine = createEngine(llm, { maxRequestsPerBatch: 2 });
     const ctx = llm.config.maxPositionEmbeddings;
     const r = engine.submit(prompts(1, 1)[0].concat(Array(ctx - 20).fill(5)), { maxNewTokens: 1000, ignoreEos: true });
     engine.runUntilDone();
     expect(r.finishReason).toBe("length");
     expect(r.prompt.length + r.generated.length).toBe(ctx);
-    expect(() => engine.submit(Array(ctx).fill(3))).toThrow(/context is 192/);
+    expect(() => engine.submit(Array(ctx).fill(3))).toThrow(/context of 192/);
     expect(() => engine.submit([1, VOCAB])).toThrow(/outside the vocabulary/);
     expect(() => engine.submit([])).toThrow(/empty/);
     expect(() => engine.submit([1], { temperature: -1 })).toThrow(/temperature/);
@@ -192,13 +192,13 @@ describe("stochastic speculative sampling", () => {
 
   const exact = exactPairs();
   test("incremental sampling fits the exact two-token distribution (the test's own control)", () => {
-    const engine = new Engine(tiny, { maxSeqs: 32 });
+    const engine = createEngine(tiny, { maxRequestsPerBatch: 32 });
     const fit = chiSquareFit(samplePairs(engine), exact);
     engine.close();
     expect(fit.pValue).toBeGreaterThan(1e-4);
   });
   test("speculative sampling with sampled SSM trees and n-gram fits it too", () => {
-    const engine = new Engine(tiny, { maxSeqs: 32, speculator: createSpeculator(tiny, 32, { ssms: [tinyDraft, tinyFar], tree: "2,2,1", ngram: true }) });
+    const engine = createEngine(tiny, { maxRequestsPerBatch: 32, speculator: createSpeculator(tiny, 32, { ssms: [tinyDraft, tinyFar], tree: "2,2,1", ngram: true }) });
     const fit = chiSquareFit(samplePairs(engine), exact);
     expectPoolsFull(engine);
     engine.close();

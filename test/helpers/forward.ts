@@ -1,16 +1,13 @@
 // One sequence through a model as a single prefill chain: the logits of every position.
-import { createKVCache } from "../../src/kv/cache";
-import { BatchBuilder } from "../../src/model/batch";
+import type { KVDType } from "../../src/backend/backend";
+import { SequenceRunner } from "../../src/kv/sequence";
 import type { LlamaModel } from "../../src/model/llama";
 
-export function chainLogits(model: LlamaModel, tokens: number[]): Float32Array[] {
-  const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: tokens.length });
-  const row = kv.openSequence();
-  kv.reserve(row, tokens.length);
-  const b = new BatchBuilder(model.maxWords);
-  b.addChain(row, 0, tokens, 0, "all");
-  const logits = model.forward(b.build(), kv);
-  kv.close();
+/** `kvDtype` defaults to the cache's default (F16); comparisons with float64 want F32. */
+export function chainLogits(model: LlamaModel, tokens: number[], kvDtype?: KVDType): Float32Array[] {
+  const seq = new SequenceRunner(model, tokens.length, kvDtype);
+  const logits = seq.feed(tokens, "all");
+  seq.close();
   const V = model.config.vocabSize;
   return tokens.map((_, i) => logits.slice(i * V, (i + 1) * V));
 }

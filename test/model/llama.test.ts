@@ -5,10 +5,11 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { DType } from "../../src/backend/backend";
 import { CpuBackend } from "../../src/backend/cpu";
 import { BatchBuilder } from "../../src/model/batch";
 import { loadLlama, type LlamaModel } from "../../src/model/llama";
-import { Engine } from "../../src/engine/engine";
+import { createEngine } from "../../src/engine/core";
 import { referenceForward } from "../helpers/reference-llama";
 import { writeTinyModel, type TinyDims, type TinyModelOptions } from "../helpers/tiny-model";
 import { createKVCache } from "../../src/kv/cache";
@@ -34,6 +35,8 @@ function tiny(opts: Partial<TinyModelOptions> & Pick<TinyModelOptions, "dtype" |
 
 const PROMPT = [1, 17, 42, 5, 88, 63, 12, 9, 30, 71, 2, 55];
 
+// Over an F32 cache: these measure the weights' precision (test/kv/cache.test.ts bounds
+// the f16 cache's rounding).
 describe("forward vs float64 reference", () => {
   for (const [dtype, format, tol] of [
     ["F32", "safetensors", 1e-4],
@@ -45,7 +48,7 @@ describe("forward vs float64 reference", () => {
   ] as const) {
     test(`${dtype} ${format}: relative logit error <= ${tol}`, () => {
       const m = tiny({ dtype, format });
-      const err = maxRelError(chainLogits(m.model, PROMPT), referenceForward(m.config, m.weights, PROMPT));
+      const err = maxRelError(chainLogits(m.model, PROMPT, DType.F32), referenceForward(m.config, m.weights, PROMPT));
       m.model.close();
       expect(err).toBeLessThanOrEqual(tol);
     });
@@ -53,7 +56,7 @@ describe("forward vs float64 reference", () => {
 
   test("Qwen2-style q/k/v biases and tied embeddings match the reference", () => {
     const m = tiny({ dtype: "F32", format: "safetensors", attentionBias: true, tied: true });
-    const err = maxRelError(chainLogits(m.model, PROMPT), referenceForward(m.config, m.weights, PROMPT));
+    const err = maxRelError(chainLogits(m.model, PROMPT, DType.F32), referenceForward(m.config, m.weights, PROMPT));
     m.model.close();
     expect(err).toBeLessThanOrEqual(1e-4);
   });
@@ -61,7 +64,7 @@ describe("forward vs float64 reference", () => {
   test("Llama-3 rope scaling matches the reference", () => {
     const ropeScaling = { type: "llama3" as const, factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8 };
     const m = tiny({ dtype: "F32", format: "gguf", ropeScaling, ropeTheta: 500000 });
-    const err = maxRelError(chainLogits(m.model, PROMPT), referenceForward(m.config, m.weights, PROMPT));
+    const err = maxRelError(chainLogits(m.model, PROMPT, DType.F32), referenceForward(m.config, m.weights, PROMPT));
     m.model.close();
     expect(err).toBeLessThanOrEqual(1e-4);
   });
@@ -75,7 +78,7 @@ describe("formats agree", () => {
     const b = chainLogits(gguf.model, PROMPT);
     expect(maxRelError(a, b.map((r) => Float64Array.from(r)))).toBeLessThan(1e-5);
     const greedy = (m: LlamaModel) => {
-      const engine = new Engine(m, { maxSeqs: 1 });
+      const engine = createEngine(m, { maxRequestsPerBatch: 1 });
       const r = engine.submit(PROMPT, { maxNewTokens: 20, ignoreEos: true });
       engine.runUntilDone();
       engine.close();
@@ -163,7 +166,7 @@ describe("the vendored trained pair", () => {
 
   function greedy(path: string, prompt: number[], n: number): number[] {
     const model = loadLlama(path, backend, { maxBatchTokens: 128 });
-    const engine = new Engine(model, { maxSeqs: 1 });
+    const engine = createEngine(model, { maxRequestsPerBatch: 1 });
     const r = engine.submit(prompt, { maxNewTokens: n, ignoreEos: true });
     engine.runUntilDone();
     engine.close();

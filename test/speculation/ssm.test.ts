@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CpuBackend } from "../../src/backend/cpu";
-import { Engine } from "../../src/engine/engine";
+import { createEngine } from "../../src/engine/core";
 import { loadLlama } from "../../src/model/llama";
 import { Rng } from "../../src/speculation/rng";
 import { GREEDY } from "../../src/speculation/sampling";
@@ -22,7 +22,7 @@ const dims = { vocab: 48, hidden: 32, intermediate: 64, layers: 2, heads: 2, kvH
 const ssmModel = loadLlama(writeTinyModel(dir, { seed: 5, dims, dtype: "F16", format: "gguf" }).path, backend, { maxBatchTokens: 256 });
 
 function greedyContinuation(prompt: number[], n: number): number[] {
-  const engine = new Engine(ssmModel, { maxSeqs: 1 });
+  const engine = createEngine(ssmModel, { maxRequestsPerBatch: 1 });
   const r = engine.submit(prompt, { maxNewTokens: n, ignoreEos: true });
   engine.runUntilDone();
   engine.close();
@@ -36,7 +36,7 @@ test("a width-1 draft is the draft model's own greedy continuation, across steps
   const seqs = [[1, 4, 9, 16], [1, 2], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 3]];
   seqs.forEach((_, i) => drafter.open(i));
   for (let step = 0; step < 4; step++) {
-    const trees = drafter.draft(seqs.map((tokens, i) => ({ request: i, tokens, params: GREEDY, rng: new Rng(i) })), shape);
+    const trees = drafter.draft(seqs.map((tokens, i) => ({ request: i, shape, tokens, params: GREEDY, rng: new Rng(i) })));
     seqs.forEach((tokens, i) => {
       expect(Array.from(trees[i].parents)).toEqual([-1, 0, 1, 2, 3]);
       expect(Array.from(trees[i].tokens)).toEqual(greedyContinuation(tokens, depth));

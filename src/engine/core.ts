@@ -1,0 +1,425 @@
+// The engine core: one step = schedule (plain-data plan) -> run (one TokenBatch, one
+// LLM forward) -> update (verify, commit, detokenise, stop, events). It is synchronous
+// and single-threaded; the host (host.ts) runs its step loop off the caller's thread.
+
+import type { DType } from "../backend/backend";
+import { createKVCache, type KVCache } from "../kv/cache";
+import type { LlamaModel } from "../model/llama";
+import { greedyToken, isGreedy, processLogits, sample, topIndices } from "../speculation/sampling";
+import type { Speculator } from "../speculation/speculator";
+import type { Tokenizer } from "../tokenizer/tokenizer";
+import { resolveGenerationConfig, type GenerationConfig } from "./config";
+import type { CostModel } from "./cost";
+import { AcceptanceByDepth, Request, type FinishReason, type SpeculationMode, type TokenLogprob } from "./request";
+import { runStep, type StepRun } from "./runner";
+import { Scheduler, type DecodeEntry, type StepPlan } from "./scheduler";
+import { RequestStats, type StatsSummary } from "./stats";
+
+export type EngineEvent =
+  | { type: "tokens"; id: number; text: string; tokens: number[]; fromDraft: boolean[]; logprobs?: TokenLogprob[] }
+  | { type: "finish"; id: number; reason: FinishReason; text: string; error?: string; promptTokens: number; stats: StatsSummary };
+
+/** A request the engine refuses; `param` names the field at fault when there is one. */
+export class RequestError extends Error {
+  constructor(message: string, readonly param?: string) {
+    super(message);
+    this.name = "RequestError";
+  }
+}
+
+export interface EngineOptions {
+  /** Most requests running at once (SpecInfer's max_requests_per_batch). */
+  maxRequestsPerBatch: number;
+  /** Most tokens per forward pass (SpecInfer's max_tokens_per_batch). */
+  maxTokensPerBatch: number;
+  /** Longest prompt + generation (SpecInfer's max_seq_length). */
+  maxSeqLength: number;
+  kv: KVCache;
+  speculator: Speculator | null;
+  cost: CostModel | null;
+  /** Tokens that end every request (the model's EOS ids). */
+  eosTokenIds: number[];
+  /** Detokenises and finds stop strings; without one, events carry no text. */
+  tokenizer: Tokenizer | null;
+}
+
+export interface CreateEngineOptions {
+  maxRequestsPerBatch?: number;
+  maxTokensPerBatch?: number;
+  maxSeqLength?: number;
+  speculator?: Speculator | null;
+  cost?: CostModel | null;
+  tokenizer?: Tokenizer | null;
+  eosTokenIds?: number[];
+  /** KV pool: a byte budget or a block count; default maxRequestsPerBatch full sequences. */
+  kvMemory?: number;
+  kvBlocks?: number;
+  kvDtype?: DType.F32 | DType.F16;
+}
+
+/** An engine over `llm` with its own KV cache, rows long enough for the context plus
+ *  the largest tree a step can verify. */
+export function createEngine(llm: LlamaModel, o: CreateEngineOptions = {}): Engine {
+  const maxRequests = o.maxRequestsPerBatch ?? 8;
+  const maxSeqLength = Math.min(o.maxSeqLength ?? llm.config.maxPositionEmbeddings, llm.config.maxPositionEmbeddings);
+  const speculator = o.speculator ?? null;
+  // A row may hold any tree one forward can verify; blocks are taken on demand, so
+  // the longer rows cost block-table entries only.
+  const treeRows = speculator ? Math.min(llm.maxBatchTokens, llm.maxLogitRows) : 1;
+  const kv = createKVCache(llm, { maxSeqs: maxRequests, maxSeqLen: maxSeqLength + treeRows, memoryBytes: o.kvMemory, numBlocks: o.kvBlocks, dtype: o.kvDtype });
+  return new Engine(llm, {
+    maxRequestsPerBatch: maxRequests,
+    maxTokensPerBatch: o.maxTokensPerBatch ?? llm.maxBatchTokens,
+    maxSeqLength,
+    kv,
+    speculator,
+    cost: o.cost ?? null,
+    eosTokenIds: o.eosTokenIds ?? o.tokenizer?.eosIds ?? llm.config.eosTokenIds,
+    tokenizer: o.tokenizer ?? null,
+  });
+}
+
+export interface EngineStats {
+  running: number;
+  waiting: number;
+  kvBlocksUsed: number;
+  kvBlocksTotal: number;
+  preemptions: number;
+  promptTokens: number;
+  generatedTokens: number;
+  /** vLLM-shaped speculation counters. */
+  numDrafts: number;
+  numDraftTokens: number;
+  numAcceptedTokens: number;
+  acceptedPerPosition: number[];
+  /** Measured forward cost curve (ms per batch size) the auto trees are sized by. */
+  costCurve: { tokens: number; ms: number }[];
+  /** Tree nodes per decode entry of the last step, and its decode entries. */
+  lastStep: { decodes: number; treeNodes: number[] };
+}
+
+export class Engine {
+  readonly scheduler: Scheduler;
+  readonly kv: KVCache;
+  readonly speculator: Speculator | null;
+  private readonly requests = new Map<number, Request>();
+  private readonly eos: Set<number>;
+  private nextId = 1;
+  private faultNext: string | null = null;
+  private closed = false;
+  private readonly counters = { promptTokens: 0, generatedTokens: 0, numDrafts: 0, numDraftTokens: 0, numAcceptedTokens: 0, acceptedPerPosition: [] as number[] };
+  private lastStep: EngineStats["lastStep"] = { decodes: 0, treeNodes: [] };
+  /** Counts over every finished request. */
+  readonly totals = new RequestStats();
+  private totalGenerated = 0;
+
+  constructor(readonly llm: LlamaModel, private readonly opts: EngineOptions) {
+    this.kv = opts.kv;
+    this.speculator = opts.speculator;
+    this.eos = new Set(opts.eosTokenIds);
+    this.scheduler = new Scheduler(opts.kv, opts.speculator, opts.cost, {
+      maxRequests: opts.maxRequestsPerBatch,
+      maxTokensPerBatch: Math.min(opts.maxTokensPerBatch, llm.maxBatchTokens),
+      maxLogitRows: llm.maxLogitRows,
+    });
+  }
+
+  get contextLength(): number {
+    return this.opts.maxSeqLength;
+  }
+
+  get idle(): boolean {
+    return this.scheduler.idle;
+  }
+
+  /** Queues a request; throws RequestError (or ConfigError) when it can never run. */
+  submit(prompt: readonly number[], config: Partial<GenerationConfig> = {}, id = this.nextId++): Request {
+    const cfg = resolveGenerationConfig(config);
+    if (prompt.length === 0) throw new RequestError("prompt is empty: at least one token (e.g. BOS) is needed", "prompt");
+    const vocab = this.llm.config.vocabSize;
+    for (const t of prompt) {
+      if (!Number.isInteger(t) || t < 0 || t >= vocab) throw new RequestError(`prompt token id ${t} is outside the vocabulary (0..${vocab - 1})`, "prompt");
+    }
+    if (this.requests.has(id)) throw new RequestError(`request id ${id} is already in use`);
+    const req = new Request(id, prompt, cfg, this.speculationMode(cfg), new AcceptanceByDepth([...(this.opts.cost?.acceptance.rates ?? [])]), this.opts.tokenizer);
+    const rows = this.scheduler.treeRows(req);
+    if (prompt.length + rows > this.contextLength) {
+      throw new RequestError(`prompt has ${prompt.length} tokens; with one speculative step (${rows} rows) that exceeds the context of ${this.contextLength}`, "prompt");
+    }
+    if (this.scheduler.admissionBlocks(req) > this.kv.totalBlocks) {
+      throw new RequestError(`prompt needs ${this.scheduler.admissionBlocks(req)} KV blocks; the whole cache has ${this.kv.totalBlocks} (raise kvMemory)`, "prompt");
+    }
+    this.requests.set(id, req);
+    if (cfg.maxNewTokens === 0) req.finishReason = "length";
+    else this.scheduler.waiting.push(req);
+    return req;
+  }
+
+  private speculationMode(cfg: GenerationConfig): SpeculationMode {
+    const s = cfg.speculation;
+    if (s === false || !this.speculator) return { kind: "off" };
+    // Auto sizes greedy requests' trees by measured cost. A sampled request's random
+    // draws depend on its trees, so it keeps the compiled tree: the same seed then gives
+    // the same text whatever else runs beside it.
+    if (s === "auto" && this.opts.cost && this.speculator.hasModels && cfg.temperature === 0) return { kind: "auto", ngram: this.speculator.opts.ngram };
+    if (s === "auto") return { kind: "fixed", plan: this.speculator.fixedPlan(undefined, undefined) };
+    try {
+      return { kind: "fixed", plan: this.speculator.fixedPlan(s.tree, s.ngram) };
+    } catch (e) {
+      throw new RequestError((e as Error).message, "speculation");
+    }
+  }
+
+  request(id: number): Request | undefined {
+    return this.requests.get(id);
+  }
+
+  /** Ends a request now and frees its blocks; returns its finish event. */
+  cancel(id: number): EngineEvent[] {
+    const req = this.requests.get(id);
+    if (!req) return [];
+    const events: EngineEvent[] = [];
+    if (!req.done) req.finishReason = "cancelled";
+    this.finish(req, events);
+    return events;
+  }
+
+  /** Requests finished at submit (maxNewTokens 0) report here. */
+  drainFinished(): EngineEvent[] {
+    const events: EngineEvent[] = [];
+    for (const req of this.requests.values()) if (req.done) this.finish(req, events);
+    return events;
+  }
+
+  /** Ends every request with an error (a fault the engine cannot pin on one step). */
+  failAll(message: string): EngineEvent[] {
+    const events: EngineEvent[] = [];
+    for (const req of [...this.requests.values()]) {
+      req.finishReason = "error";
+      req.error = message;
+      this.finish(req, events);
+    }
+    return events;
+  }
+
+  /** Test hook: the next step throws with `message` (a fault inside the step). */
+  injectFault(message: string): void {
+    this.faultNext = message;
+  }
+
+  /** One forward pass of the LLM over the scheduled requests. */
+  step(): EngineEvent[] {
+    const events = this.drainFinished();
+    const plan = this.scheduler.schedule();
+    for (const req of plan.preempted) this.speculator?.close(req.id);
+    for (const req of plan.admitted) this.speculator?.open(req.id, req.speculation.kind !== "off");
+    if (plan.entries.length === 0) {
+      if (!this.idle && plan.admitted.length === 0 && this.scheduler.running.length === 0) {
+        throw new Error("engine: no request fits in one batch (maxTokensPerBatch too small?)");
+      }
+      return events;
+    }
+    try {
+      if (this.faultNext !== null) {
+        const message = this.faultNext;
+        this.faultNext = null;
+        throw new Error(message);
+      }
+      const run = runStep(this.llm, this.kv, this.speculator, plan.entries);
+      this.update(plan, run, events);
+    } catch (e) {
+      // A failed step fails the requests in it, with its message; the rest go on.
+      const message = (e as Error)?.message ?? String(e);
+      for (const entry of plan.entries) {
+        const req = entry.req;
+        if (req.done && !this.requests.has(req.id)) continue;
+        req.finishReason = "error";
+        req.error = message;
+        this.finish(req, events);
+      }
+    }
+    return events;
+  }
+
+  /** Steps until `req` (or every request) is done; returns the events. */
+  runUntilDone(req?: Request): EngineEvent[] {
+    const events: EngineEvent[] = [];
+    while (req ? this.requests.has(req.id) : !this.idle || this.requests.size > 0) events.push(...this.step());
+    return events;
+  }
+
+  private update(plan: StepPlan, run: StepRun, events: EngineEvent[]): void {
+    const vocab = this.llm.config.vocabSize;
+    const decodeEntries = plan.entries.filter((e): e is DecodeEntry => e.kind === "decode");
+    this.lastStep = { decodes: decodeEntries.length, treeNodes: [] };
+    const autoDepths = decodeEntries.filter((e) => e.autoDepth > 0).map((e) => e.autoDepth);
+    if (autoDepths.length > 0) this.opts.cost?.observeDraft(autoDepths, run.draftMs);
+    this.opts.cost?.llm.observe(run.batchTokens, run.forwardMs);
+
+    plan.entries.forEach((entry, i) => {
+      const req = entry.req;
+      const { first, count, tree } = run.rows[i];
+      const rows = run.logits.subarray(first * vocab, (first + count) * vocab);
+      const committed = this.kv.committed(req.row);
+      if (entry.kind === "prefill") {
+        this.kv.commit(req.row, range(committed, entry.count));
+        req.stats.prefill(entry.count, run.forwardMs);
+        if (req.generated.length === 0) this.counters.promptTokens += entry.count;
+        if (entry.emits) this.emit(req, [this.pick(req, rows)], [false], [rows], events);
+        return;
+      }
+      req.stats.step(run.forwardMs, run.draftMs / Math.max(1, decodeEntries.length));
+      this.lastStep.treeNodes.push(tree?.size ?? 0);
+      if (tree) {
+        const result = tree.verify(rows, req.params, req.rng, req.tokens);
+        req.stats.speculative(tree, result);
+        this.countDraft(tree.size, result.acceptedNodes.map((n) => tree.depthOf(n)));
+        if (entry.autoDepth > 0) {
+          req.acceptance.observe(tree.size, result.acceptedNodes.length);
+          this.opts.cost?.acceptance.observe(tree.size, result.acceptedNodes.length);
+        }
+        req.stepsWithoutDraft = 0;
+        // Root plus the accepted nodes (batch index 1 + node) stay in the cache.
+        this.kv.commit(req.row, [committed, ...result.acceptedNodes.map((n) => committed + 1 + n)]);
+        // Emitted token k is predicted by the root's row (k = 0) or accepted node k-1's.
+        const at = [0, ...result.acceptedNodes.map((n) => 1 + n)];
+        const tokenRows = result.tokens.map((_, k) => rows.subarray(at[k] * vocab, (at[k] + 1) * vocab));
+        this.speculator?.accept(req.id, result.tokens);
+        this.emit(req, result.tokens, result.tokens.map((_, k) => k < result.acceptedNodes.length), tokenRows, events);
+      } else {
+        req.stepsWithoutDraft++;
+        this.kv.commit(req.row, [committed]);
+        const token = this.pick(req, rows);
+        this.speculator?.accept(req.id, [token]);
+        this.emit(req, [token], [false], [rows], events);
+      }
+    });
+  }
+
+  private countDraft(nodes: number, acceptedDepths: number[]): void {
+    const c = this.counters;
+    c.numDrafts++;
+    c.numDraftTokens += nodes;
+    c.numAcceptedTokens += acceptedDepths.length;
+    for (const d of acceptedDepths) c.acceptedPerPosition[d - 1] = (c.acceptedPerPosition[d - 1] ?? 0) + 1;
+  }
+
+  /** The next token from one row of logits: argmax, or a seeded sample. */
+  private pick(req: Request, row: Float32Array): number {
+    if (isGreedy(req.params)) return greedyToken(row, req.params, req.tokens);
+    return sample(processLogits(row, req.params, req.tokens), req.rng);
+  }
+
+  /** Appends tokens until a stop condition (EOS, stop ids, max tokens, context, stop
+   *  string), emits them with their text, and finishes the request if one hit. */
+  private emit(req: Request, tokens: number[], fromDraft: boolean[], rows: Float32Array[], events: EngineEvent[]): void {
+    let keep = tokens.length;
+    let reason: FinishReason | null = null;
+    for (let k = 0; k < tokens.length; k++) {
+      const t = tokens[k];
+      const total = req.generated.length + k + 1;
+      if ((!req.config.ignoreEos && this.eos.has(t)) || req.config.stopTokenIds.includes(t)) {
+        keep = k;
+        reason = "stop";
+        break;
+      }
+      if (total >= req.config.maxNewTokens || req.prompt.length + total >= this.contextLength) {
+        keep = k + 1;
+        reason = "length";
+        break;
+      }
+    }
+    let kept = tokens.slice(0, keep);
+    let text = "";
+    if (req.text && kept.length > 0) {
+      const update = req.text.push(kept);
+      text = update.text;
+      if (update.keepTokens !== undefined) {
+        kept = kept.slice(0, update.keepTokens);
+        reason = "stop";
+      }
+    }
+    const logprobs = req.logprobs ? kept.map((t, k) => tokenLogprob(rows[k], t, req.config.logprobs!)) : undefined;
+    for (let k = 0; k < kept.length; k++) {
+      req.generated.push(kept[k]);
+      req.fromDraft.push(fromDraft[k]);
+      req.tokens.push(kept[k]);
+    }
+    if (logprobs) req.logprobs!.push(...logprobs);
+    this.counters.generatedTokens += kept.length;
+    if (kept.length > 0 || text) {
+      events.push({ type: "tokens", id: req.id, text, tokens: kept, fromDraft: fromDraft.slice(0, kept.length), ...(logprobs ? { logprobs } : {}) });
+    }
+    if (reason) {
+      req.finishReason = reason;
+      this.finish(req, events);
+    }
+  }
+
+  private finish(req: Request, events: EngineEvent[]): void {
+    if (!this.requests.delete(req.id)) return;
+    this.scheduler.remove(req);
+    this.speculator?.close(req.id);
+    this.totals.merge(req.stats);
+    this.totalGenerated += req.generated.length;
+    const tail = req.text && req.finishReason !== "error" ? req.text.finish() : "";
+    events.push({
+      type: "finish",
+      id: req.id,
+      reason: req.finishReason ?? "cancelled",
+      text: tail,
+      ...(req.error ? { error: req.error } : {}),
+      promptTokens: req.prompt.length,
+      stats: req.stats.summary(req.generated.length),
+    });
+  }
+
+  stats(): EngineStats {
+    return {
+      running: this.scheduler.running.length,
+      waiting: this.scheduler.waiting.length,
+      kvBlocksUsed: this.kv.totalBlocks - this.kv.freeBlocks,
+      kvBlocksTotal: this.kv.totalBlocks,
+      preemptions: this.scheduler.preemptions,
+      ...this.counters,
+      acceptedPerPosition: [...this.counters.acceptedPerPosition],
+      costCurve: this.opts.cost?.llm.points ?? [],
+      lastStep: this.lastStep,
+    };
+  }
+
+  /** Aggregate per-request statistics over every finished request. */
+  summary(): StatsSummary {
+    return this.totals.summary(this.totalGenerated);
+  }
+
+  /** Cancels everything and frees the caches (the models are the runtime's). */
+  close(): EngineEvent[] {
+    const events: EngineEvent[] = [];
+    if (this.closed) return events;
+    this.closed = true;
+    for (const id of [...this.requests.keys()]) events.push(...this.cancel(id));
+    this.speculator?.closeAll();
+    this.kv.close();
+    return events;
+  }
+}
+
+/** The target model's log-probability of `token` under `row` (log-softmax of the raw
+ *  logits), with the `top` most likely alternatives. */
+export function tokenLogprob(row: Float32Array, token: number, top: number): TokenLogprob {
+  let max = -Infinity;
+  for (let i = 0; i < row.length; i++) if (row[i] > max) max = row[i];
+  let sum = 0;
+  for (let i = 0; i < row.length; i++) sum += Math.exp(row[i] - max);
+  const logZ = max + Math.log(sum);
+  return {
+    token,
+    logprob: row[token] - logZ,
+    top: top > 0 ? Array.from(topIndices(row, top), (t) => ({ token: t, logprob: row[t] - logZ })) : [],
+  };
+}
+
+function range(start: number, count: number): number[] {
+  return Array.from({ length: count }, (_, i) => start + i);
+}

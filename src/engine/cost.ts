@@ -1,0 +1,138 @@
+// What a step costs and what a tree yields, measured rather than assumed: t(L), the
+// LLM's forward time for L batch tokens, and the drafters' time per forward, measured
+// at load over a grid of L and refined by every step's observed times; acceptance by
+// depth as decaying averages (per request, started from the engine-wide one). From
+// these the scheduler picks, per request, the chain length that maximises the whole
+// batch's expected tokens per second.
+
+import { AcceptanceByDepth } from "./request";
+
+/** Time (ms) as a function of batch tokens: linear between measured points, refined
+ *  by observations near them. */
+export class CostCurve {
+  private readonly xs: number[];
+  private readonly ms: number[];
+
+  constructor(points: { tokens: number; ms: number }[]) {
+    if (points.length === 0) throw new Error("cost curve: no measurements");
+    const sorted = [...points].sort((a, b) => a.tokens - b.tokens);
+    this.xs = sorted.map((p) => p.tokens);
+    this.ms = sorted.map((p) => p.ms);
+  }
+
+  at(tokens: number): number {
+    const { xs, ms } = this;
+    if (tokens <= xs[0]) return ms[0];
+    for (let i = 1; i < xs.length; i++) {
+      if (tokens <= xs[i]) return ms[i - 1] + ((ms[i] - ms[i - 1]) * (tokens - xs[i - 1])) / (xs[i] - xs[i - 1]);
+    }
+    // Past the grid: the last segment's slope (forward cost grows about linearly).
+    const n = xs.length;
+    const slope = n > 1 ? (ms[n - 1] - ms[n - 2]) / (xs[n - 1] - xs[n - 2]) : ms[0] / xs[0];
+    return ms[n - 1] + slope * (tokens - xs[n - 1]);
+  }
+
+  /** Moves the nearest measured point a little towards an observed time. */
+  observe(tokens: number, ms: number, weight = 0.05): void {
+    let nearest = 0;
+    for (let i = 1; i < this.xs.length; i++) if (Math.abs(this.xs[i] - tokens) < Math.abs(this.xs[nearest] - tokens)) nearest = i;
+    if (this.xs[nearest] !== tokens) return; // only exact grid sizes refine it
+    this.ms[nearest] += weight * (ms - this.ms[nearest]);
+  }
+
+  get points(): { tokens: number; ms: number }[] {
+    return this.xs.map((tokens, i) => ({ tokens, ms: Math.round(this.ms[i] * 1000) / 1000 }));
+  }
+}
+
+/** Batch sizes the load-time measurement times: powers of two up to `max`. */
+export function measurementGrid(max: number): number[] {
+  const grid: number[] = [];
+  for (let l = 1; l < max; l *= 2) grid.push(l);
+  grid.push(max);
+  return grid;
+}
+
+export interface AutoCandidate {
+  /** This request's own acceptance estimate. */
+  acceptance: AcceptanceByDepth;
+  /** Longest chain it may get this step. */
+  maxDepth: number;
+}
+
+export class CostModel {
+  /** Engine-wide acceptance by depth: the starting point of every new request's. */
+  readonly acceptance: AcceptanceByDepth;
+  /** Observed draft time over predicted SSM forward time (JS overhead per depth). */
+  private draftOverhead = 1;
+
+  constructor(
+    readonly llm: CostCurve,
+    /** Summed over all SSMs; null without SSMs (drafting is then nearly free). */
+    readonly drafter: CostCurve | null,
+    maxDepth: number,
+  ) {
+    // A neutral prior: a chain of depth d pays while acceptance is high enough; the
+    // first steps' observations replace it quickly.
+    this.acceptance = new AcceptanceByDepth(Array(maxDepth).fill(0.6));
+  }
+
+  /** Predicted drafting time for chains of the given lengths (one SSM forward per depth
+   *  for all requests still growing, the catch-up pass at depth 0). */
+  draftMs(depths: readonly number[]): number {
+    if (!this.drafter) return 0;
+    const deepest = Math.max(0, ...depths);
+    let ms = 0;
+    for (let d = 0; d < deepest; d++) {
+      const growing = depths.filter((k) => k > d).length;
+      // The catch-up pass feeds the root and the tokens accepted last step.
+      ms += this.drafter.at(d === 0 ? 2 * growing : growing);
+    }
+    return ms * this.draftOverhead;
+  }
+
+  observeDraft(depths: readonly number[], ms: number): void {
+    const predicted = this.draftMs(depths) / this.draftOverhead;
+    if (predicted > 0) this.draftOverhead += 0.1 * (Math.min(10, ms / predicted) - this.draftOverhead);
+  }
+
+  /** Chain length per candidate maximising expected tokens per second of the whole
+   *  step, given `fixedRows` batch rows already taken (prefill chunks, fixed trees,
+   *  plain decodes) and `fixedTokens` tokens those yield. Greedy: apply the one
+   *  lengthening (of any request, by any number of nodes, since a first node pays the
+   *  whole drafting pass) that raises the step's rate most, while one does. */
+  choose(candidates: readonly AutoCandidate[], fixedRows: number, fixedTokens: number, rowBudget: number): number[] {
+    const depths = candidates.map(() => 0);
+    const rate = () => {
+      let tokens = fixedTokens;
+      let rows = fixedRows;
+      candidates.forEach((c, i) => {
+        tokens += c.acceptance.expectedTokens(depths[i]);
+        rows += 1 + depths[i];
+      });
+      return tokens / (this.llm.at(rows) + this.draftMs(depths));
+    };
+    let best = rate();
+    let used = fixedRows + candidates.length;
+    for (;;) {
+      let pick = -1;
+      let pickDepth = 0;
+      candidates.forEach((c, i) => {
+        const from = depths[i];
+        for (let d = from + 1; d <= c.maxDepth && used + d - from <= rowBudget; d++) {
+          depths[i] = d;
+          const r = rate();
+          if (r > best * 1.0001) {
+            best = r;
+            pick = i;
+            pickDepth = d;
+          }
+        }
+        depths[i] = from;
+      });
+      if (pick < 0) return depths;
+      used += pickDepth - depths[pick];
+      depths[pick] = pickDepth;
+    }
+  }
+}

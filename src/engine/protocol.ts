@@ -1,0 +1,25 @@
+// The messages between an EngineClient and its engine host (over a Worker's
+// postMessage, or in-thread): plain, structured-cloneable data only.
+
+import type { RuntimeOptions, SpeculationSetup, EngineInfo } from "../runtime/load";
+import type { GenerationConfig } from "./config";
+import type { EngineEvent, EngineStats } from "./core";
+import type { StatsSummary } from "./stats";
+
+export type ToEngine =
+  | { type: "load"; options: RuntimeOptions }
+  | { type: "submit"; id: number; prompt: number[]; config: Partial<GenerationConfig> }
+  | { type: "cancel"; id: number }
+  | { type: "stats"; call: number }
+  | { type: "compile"; call: number; setup: SpeculationSetup }
+  | { type: "inject-fault"; message: string }
+  | { type: "close"; call: number };
+
+export type FromEngine =
+  | { type: "progress"; fraction: number; what: string }
+  | { type: "loaded"; info: EngineInfo; defaults: Partial<GenerationConfig> }
+  | { type: "load-failed"; message: string }
+  | { type: "events"; events: EngineEvent[] }
+  /** A submit the engine refused (RequestError / ConfigError), with the field at fault. */
+  | { type: "rejected"; id: number; message: string; name: string; param?: string }
+  | { type: "reply"; call: number; value?: EngineStats | EngineInfo | { summary: StatsSummary }; error?: string };

@@ -1,0 +1,240 @@
+// The scheduler decides each step, as plain data, what every request does: a prefill
+// chunk, or a decode step with a tree (or none). It owns the waiting and running
+// queues and the LLM's KV blocks: blocks are taken as a step needs them (a prompt's
+// chunk, a tree's rows), not promised up front for max tokens. When a step cannot get
+// the blocks it needs, the most recently admitted running request is preempted: its
+// blocks are freed, its tokens and RNG state kept, and it is recomputed by prefill when
+// it is admitted again (vLLM v1's policy).
+
+import type { KVCache } from "../kv/cache";
+import type { DraftPlan, Speculator } from "../speculation/speculator";
+import { AUTO_MAX_DEPTH, chainShape } from "../speculation/speculator";
+import type { CostModel } from "./cost";
+import type { Request } from "./request";
+
+export interface PrefillEntry {
+  kind: "prefill";
+  req: Request;
+  /** Tokens [start, start + count) of req.tokens. */
+  start: number;
+  count: number;
+  /** The chunk ends a fresh prompt: its last row's logits give the first token. */
+  emits: boolean;
+}
+
+export interface DecodeEntry {
+  kind: "decode";
+  req: Request;
+  /** How it drafts this step; null decodes one token. */
+  draft: DraftPlan | null;
+  /** Chain length the cost model chose (auto requests), for its acceptance estimate. */
+  autoDepth: number;
+}
+
+export type StepEntry = PrefillEntry | DecodeEntry;
+
+export interface StepPlan {
+  entries: StepEntry[];
+  admitted: Request[];
+  preempted: Request[];
+}
+
+export interface SchedulerLimits {
+  maxRequests: number;
+  maxTokensPerBatch: number;
+  /** Most logit rows one forward returns. */
+  maxLogitRows: number;
+}
+
+/** Decode steps between probes of an auto request the cost model keeps at no tree:
+ *  its acceptance estimate would otherwise never be refreshed. */
+const PROBE_INTERVAL = 64;
+const PROBE_DEPTH = 2;
+
+export class Scheduler {
+  readonly waiting: Request[] = [];
+  readonly running: Request[] = [];
+  private admissions = 0;
+  preemptions = 0;
+
+  constructor(
+    private readonly kv: KVCache,
+    private readonly speculator: Speculator | null,
+    private readonly cost: CostModel | null,
+    private readonly limits: SchedulerLimits,
+  ) {}
+
+  get idle(): boolean {
+    return this.waiting.length === 0 && this.running.length === 0;
+  }
+
+  /** Blocks a request needs to be admitted: its tokens plus one tree. */
+  admissionBlocks(req: Request): number {
+    return Math.ceil((req.tokens.length + this.treeRows(req)) / this.kv.blockSize);
+  }
+
+  /** Batch rows of this request's largest decode step (root + tree). */
+  treeRows(req: Request): number {
+    const s = req.speculation;
+    if (s.kind === "off" || !this.speculator) return 1;
+    if (s.kind === "fixed") return 1 + this.speculator.maxNodes(s.plan);
+    const auto = this.autoPlan(req, AUTO_MAX_DEPTH);
+    return 1 + (auto ? this.speculator.maxNodes(auto) : 0);
+  }
+
+  /** Drops a finished or cancelled request from the queues and frees its blocks. */
+  remove(req: Request): void {
+    const w = this.waiting.indexOf(req);
+    if (w >= 0) this.waiting.splice(w, 1);
+    const r = this.running.indexOf(req);
+    if (r >= 0) this.running.splice(r, 1);
+    if (req.row >= 0) {
+      this.kv.closeSequence(req.row);
+      req.row = -1;
+    }
+  }
+
+  schedule(): StepPlan {
+    const plan: StepPlan = { entries: [], admitted: [], preempted: [] };
+    let tokens = this.limits.maxTokensPerBatch;
+    let logitRows = this.limits.maxLogitRows;
+    const scheduled = new Set<Request>();
+
+    // Running requests in admission order: decodes first, then prefill chunks.
+    const decoding = this.running.filter((r) => this.kv.committed(r.row) >= r.prefillTarget);
+    const prefilling = this.running.filter((r) => this.kv.committed(r.row) < r.prefillTarget);
+    const pendingPrefill = prefilling.reduce((n, r) => n + r.prefillTarget - this.kv.committed(r.row), 0);
+    const drafts = this.chooseDrafts(decoding, Math.min(pendingPrefill, tokens));
+
+    for (let i = 0; i < decoding.length; i++) {
+      const req = decoding[i];
+      if (req.row < 0) continue; // preempted for an older request's blocks
+      const { draft, autoDepth } = drafts[i];
+      const rows = 1 + (draft && this.speculator ? this.speculator.maxNodes(draft) : 0);
+      if (rows > Math.min(tokens, logitRows)) continue; // waits for a step with room
+      if (!this.makeRoom(req, rows, scheduled, plan)) continue;
+      this.kv.reserve(req.row, rows);
+      scheduled.add(req);
+      plan.entries.push({ kind: "decode", req, draft, autoDepth });
+      tokens -= rows;
+      logitRows -= rows;
+    }
+    for (const req of prefilling) {
+      if (req.row < 0) continue;
+      const count = this.chunk(req, tokens, logitRows);
+      if (count === 0) continue;
+      scheduled.add(req);
+      plan.entries.push(this.prefill(req, count));
+      tokens -= count;
+      logitRows -= this.emits(req, count) ? 1 : 0;
+    }
+
+    // Admission: blocks for the prompt plus one tree must be free, counting what the
+    // requests admitted this step still need for the rest of their prompts.
+    let promised = 0;
+    while (this.waiting.length > 0 && this.running.length < this.limits.maxRequests && tokens > 0 && logitRows > 0) {
+      const req = this.waiting[0];
+      const need = this.admissionBlocks(req);
+      if (need > this.kv.freeBlocks - promised) break;
+      this.waiting.shift();
+      req.row = this.kv.openSequence();
+      if (req.admittedAt < 0) req.admittedAt = this.admissions++;
+      this.insertRunning(req);
+      plan.admitted.push(req);
+      const count = this.chunk(req, tokens, logitRows);
+      if (count > 0) {
+        scheduled.add(req);
+        plan.entries.push(this.prefill(req, count));
+        tokens -= count;
+        logitRows -= this.emits(req, count) ? 1 : 0;
+      }
+      promised += Math.max(0, need - this.kv.tables.blocksOf(req.row).length);
+    }
+    return plan;
+  }
+
+  /** Frees blocks until `rows` more slots fit `req`, preempting the most recently
+   *  admitted running request not yet scheduled this step (possibly `req` itself).
+   *  Returns false when `req` was preempted. */
+  private makeRoom(req: Request, rows: number, scheduled: Set<Request>, plan: StepPlan): boolean {
+    while (this.kv.blocksToReserve(req.row, rows) > this.kv.freeBlocks) {
+      const victims = this.running.filter((r) => r !== req && !scheduled.has(r));
+      const victim = victims.length > 0 ? victims.reduce((a, b) => (b.admittedAt > a.admittedAt ? b : a)) : req;
+      this.preempt(victim, plan);
+      if (victim === req) return false;
+    }
+    return true;
+  }
+
+  private preempt(req: Request, plan: StepPlan): void {
+    this.remove(req);
+    this.preemptions++;
+    req.stats.preemptions++;
+    // Back to the queue ahead of newer requests: admission order decides.
+    let at = 0;
+    while (at < this.waiting.length && this.waiting[at].admittedAt >= 0 && this.waiting[at].admittedAt < req.admittedAt) at++;
+    this.waiting.splice(at, 0, req);
+    plan.preempted.push(req);
+  }
+
+  private insertRunning(req: Request): void {
+    let at = this.running.length;
+    while (at > 0 && this.running[at - 1].admittedAt > req.admittedAt) at--;
+    this.running.splice(at, 0, req);
+  }
+
+  /** The next prefill chunk of `req` that fits the token budget and the free blocks. */
+  private chunk(req: Request, tokens: number, logitRows: number): number {
+    const committed = this.kv.committed(req.row);
+    const room = this.kv.capacity(req.row) - committed + this.kv.freeBlocks * this.kv.blockSize;
+    let count = Math.min(req.prefillTarget - committed, tokens, room);
+    if (count > 0 && this.emits(req, count) && logitRows < 1) count--;
+    if (count <= 0) return 0;
+    this.kv.reserve(req.row, count);
+    return count;
+  }
+
+  private emits(req: Request, count: number): boolean {
+    return req.generated.length === 0 && this.kv.committed(req.row) + count === req.tokens.length;
+  }
+
+  private prefill(req: Request, count: number): PrefillEntry {
+    const start = this.kv.committed(req.row);
+    return { kind: "prefill", req, start, count, emits: this.emits(req, count) };
+  }
+
+  /** Each decoding request's draft plan: none, its fixed plan, or (auto) the chain
+   *  length the cost model finds best for the batch as it is this step. */
+  private chooseDrafts(decoding: Request[], prefillRows: number): { draft: DraftPlan | null; autoDepth: number }[] {
+    const out = decoding.map((req) => {
+      const s = req.speculation;
+      if (s.kind === "fixed" && this.speculator) return { draft: s.plan as DraftPlan | null, autoDepth: 0 };
+      return { draft: null as DraftPlan | null, autoDepth: 0 };
+    });
+    const auto = decoding
+      .map((req, i) => ({ req, i }))
+      .filter(({ req }) => req.speculation.kind === "auto" && this.speculator !== null);
+    if (auto.length === 0 || !this.cost) return out;
+    const fixedRows = prefillRows + out.reduce((n, o, i) => n + (auto.some((a) => a.i === i) ? 0 : 1 + (o.draft ? this.speculator!.maxNodes(o.draft) : 0)), 0);
+    const fixedTokens = decoding.length - auto.length;
+    const remaining = (req: Request) => req.config.maxNewTokens - req.generated.length - 1;
+    const depths = this.cost.choose(
+      auto.map(({ req }) => ({ acceptance: req.acceptance, maxDepth: Math.max(0, Math.min(AUTO_MAX_DEPTH, remaining(req))) })),
+      fixedRows,
+      fixedTokens,
+      Math.min(this.limits.maxTokensPerBatch, this.limits.maxLogitRows),
+    );
+    auto.forEach(({ req, i }, k) => {
+      let depth = depths[k];
+      if (depth === 0 && req.stepsWithoutDraft >= PROBE_INTERVAL) depth = Math.min(PROBE_DEPTH, Math.max(0, remaining(req)));
+      out[i] = { draft: depth > 0 ? this.autoPlan(req, depth) : null, autoDepth: depth };
+    });
+    return out;
+  }
+
+  /** An auto request's plan: a chain of `depth` SSM nodes. */
+  private autoPlan(req: Request, depth: number): DraftPlan | null {
+    if (req.speculation.kind !== "auto" || !this.speculator) return null;
+    return { shape: chainShape(Math.max(1, depth)), ngram: false };
+  }
+}
