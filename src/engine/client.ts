@@ -63,7 +63,7 @@ export class EngineClient {
     const w = new Worker(new URL("./worker.ts", import.meta.url));
     w.onmessage = (e: MessageEvent<FromEngine>) => this.receive(e.data);
     w.addEventListener("error", (e) => this.fail(new EngineClosedError(`the engine worker failed: ${(e as ErrorEvent).message ?? "unknown error"}`)));
-    w.addEventListener("close", () => this.fail(new EngineClosedError("the engine worker exited")));
+    w.addEventListener("close", (e) => this.fail(new EngineClosedError(`the engine worker exited (code ${(e as CloseEvent).code})`)));
     return { send: (msg) => w.postMessage(msg), terminate: () => w.terminate() };
   }
 
@@ -141,6 +141,11 @@ export class EngineClient {
   /** Test hook: the engine's next step throws with `message`. */
   injectFault(message: string): void {
     this.transport.send({ type: "inject-fault", message });
+  }
+
+  /** Test hook: the engine's Worker exits at once, as a crash would end it. */
+  killWorkerForTest(code: number): void {
+    this.transport.send({ type: "exit", code });
   }
 
   /** Ends the engine: requests in flight and later calls reject with EngineClosedError. */

@@ -13,7 +13,7 @@ import type { CostModel } from "./cost";
 import { AcceptanceByDepth, Request, type FinishReason, type SpeculationMode, type TokenLogprob } from "./request";
 import { runStep, type StepRun } from "./runner";
 import { Scheduler, type DecodeEntry, type StepPlan } from "./scheduler";
-import { RequestStats, type StatsSummary } from "./stats";
+import type { StatsSummary } from "./stats";
 
 export type EngineEvent =
   | { type: "tokens"; id: number; text: string; tokens: number[]; fromDraft: boolean[]; logprobs?: TokenLogprob[] }
@@ -109,9 +109,6 @@ export class Engine {
   private closed = false;
   private readonly counters = { promptTokens: 0, generatedTokens: 0, numDrafts: 0, numDraftTokens: 0, numAcceptedTokens: 0, acceptedPerPosition: [] as number[] };
   private lastStep: EngineStats["lastStep"] = { decodes: 0, treeNodes: [] };
-  /** Counts over every finished request. */
-  readonly totals = new RequestStats();
-  private totalGenerated = 0;
 
   constructor(readonly llm: LlamaModel, private readonly opts: EngineOptions) {
     this.kv = opts.kv;
@@ -213,8 +210,12 @@ export class Engine {
     const plan = this.scheduler.schedule();
     for (const req of plan.preempted) this.speculator?.close(req.id);
     for (const req of plan.admitted) this.speculator?.open(req.id, req.speculation.kind !== "off");
+    for (const req of plan.full) {
+      req.finishReason = "length";
+      this.finish(req, events);
+    }
     if (plan.entries.length === 0) {
-      if (!this.idle && plan.admitted.length === 0 && this.scheduler.running.length === 0) {
+      if (!this.idle && plan.admitted.length === 0 && plan.full.length === 0 && this.scheduler.running.length === 0) {
         throw new Error("engine: no request fits in one batch (maxTokensPerBatch too small?)");
       }
       return events;
@@ -266,14 +267,13 @@ export class Engine {
         req.stats.prefill(entry.count, run.forwardMs);
         if (req.generated.length === 0) this.counters.promptTokens += entry.count;
         if (entry.emits) this.emit(req, [this.pick(req, rows)], [false], [rows], events);
+        if (req.finishReason) this.finish(req, events);
         return;
       }
-      req.stats.step(run.forwardMs, run.draftMs / Math.max(1, decodeEntries.length));
+      req.stats.step(run.forwardMs, run.draftMs / Math.max(1, decodeEntries.length), tree?.size ?? 0);
       this.lastStep.treeNodes.push(tree?.size ?? 0);
       if (tree) {
         const result = tree.verify(rows, req.params, req.rng, req.tokens);
-        req.stats.speculative(tree, result);
-        this.countDraft(tree.size, result.acceptedNodes.map((n) => tree.depthOf(n)));
         if (entry.autoDepth > 0) {
           req.acceptance.observe(tree.size, result.acceptedNodes.length);
           this.opts.cost?.acceptance.observe(tree.size, result.acceptedNodes.length);
@@ -285,13 +285,19 @@ export class Engine {
         const at = [0, ...result.acceptedNodes.map((n) => 1 + n)];
         const tokenRows = result.tokens.map((_, k) => rows.subarray(at[k] * vocab, (at[k] + 1) * vocab));
         this.speculator?.accept(req.id, result.tokens);
-        this.emit(req, result.tokens, result.tokens.map((_, k) => k < result.acceptedNodes.length), tokenRows, events);
+        const kept = this.emit(req, result.tokens, result.tokens.map((_, k) => k < result.acceptedNodes.length), tokenRows, events);
+        // Accepted drafts cut by a stop condition were not emitted: they do not count.
+        const accepted = result.acceptedNodes.slice(0, kept);
+        req.stats.speculative(tree, accepted);
+        this.countDraft(tree.size, accepted.map((n) => tree.depthOf(n)));
+        if (req.finishReason) this.finish(req, events);
       } else {
         req.stepsWithoutDraft++;
         this.kv.commit(req.row, [committed]);
         const token = this.pick(req, rows);
         this.speculator?.accept(req.id, [token]);
         this.emit(req, [token], [false], [rows], events);
+        if (req.finishReason) this.finish(req, events);
       }
     });
   }
@@ -312,7 +318,9 @@ export class Engine {
 
   /** Appends tokens until a stop condition (EOS, stop ids, max tokens, context, stop
    *  string), emits them with their text, and finishes the request if one hit. */
-  private emit(req: Request, tokens: number[], fromDraft: boolean[], rows: Float32Array[], events: EngineEvent[]): void {
+  /** Returns how many of `tokens` were kept; sets finishReason when one hit (the
+   *  caller finishes the request once its statistics are in). */
+  private emit(req: Request, tokens: number[], fromDraft: boolean[], rows: Float32Array[], events: EngineEvent[]): number {
     let keep = tokens.length;
     let reason: FinishReason | null = null;
     for (let k = 0; k < tokens.length; k++) {
@@ -350,18 +358,14 @@ export class Engine {
     if (kept.length > 0 || text) {
       events.push({ type: "tokens", id: req.id, text, tokens: kept, fromDraft: fromDraft.slice(0, kept.length), ...(logprobs ? { logprobs } : {}) });
     }
-    if (reason) {
-      req.finishReason = reason;
-      this.finish(req, events);
-    }
+    if (reason) req.finishReason = reason;
+    return kept.length;
   }
 
   private finish(req: Request, events: EngineEvent[]): void {
     if (!this.requests.delete(req.id)) return;
     this.scheduler.remove(req);
     this.speculator?.close(req.id);
-    this.totals.merge(req.stats);
-    this.totalGenerated += req.generated.length;
     const tail = req.text && req.finishReason !== "error" ? req.text.finish() : "";
     events.push({
       type: "finish",
@@ -386,11 +390,6 @@ export class Engine {
       costCurve: this.opts.cost?.llm.points ?? [],
       lastStep: this.lastStep,
     };
-  }
-
-  /** Aggregate per-request statistics over every finished request. */
-  summary(): StatsSummary {
-    return this.totals.summary(this.totalGenerated);
   }
 
   /** Cancels everything and frees the caches (the models are the runtime's). */

@@ -49,6 +49,8 @@ export class EngineHost {
       case "inject-fault":
         rt.engine.injectFault(msg.message);
         return;
+      case "exit":
+        return; // handled by the Worker entry; in-thread there is nothing to end
       case "close":
         this.postEvents(rt.engine.close());
         rt.close();

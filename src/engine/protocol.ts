@@ -13,6 +13,8 @@ export type ToEngine =
   | { type: "stats"; call: number }
   | { type: "compile"; call: number; setup: SpeculationSetup }
   | { type: "inject-fault"; message: string }
+  /** Test hook (Worker only): the worker exits at once with `code`. */
+  | { type: "exit"; code: number }
   | { type: "close"; call: number };
 
 export type FromEngine =

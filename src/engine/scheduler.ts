@@ -37,6 +37,8 @@ export interface StepPlan {
   entries: StepEntry[];
   admitted: Request[];
   preempted: Request[];
+  /** Requests alone in the pool that cannot grow: the pool is their context. */
+  full: Request[];
 }
 
 export interface SchedulerLimits {
@@ -95,7 +97,7 @@ export class Scheduler {
   }
 
   schedule(): StepPlan {
-    const plan: StepPlan = { entries: [], admitted: [], preempted: [] };
+    const plan: StepPlan = { entries: [], admitted: [], preempted: [], full: [] };
     let tokens = this.limits.maxTokensPerBatch;
     let logitRows = this.limits.maxLogitRows;
     const scheduled = new Set<Request>();
@@ -112,7 +114,10 @@ export class Scheduler {
       const { draft, autoDepth } = drafts[i];
       const rows = 1 + (draft && this.speculator ? this.speculator.maxNodes(draft) : 0);
       if (rows > Math.min(tokens, logitRows)) continue; // waits for a step with room
-      if (!this.makeRoom(req, rows, scheduled, plan)) continue;
+      if (!this.makeRoom(req, rows, scheduled, plan)) {
+        if (req.row >= 0) plan.full.push(req);
+        continue;
+      }
       this.kv.reserve(req.row, rows);
       scheduled.add(req);
       plan.entries.push({ kind: "decode", req, draft, autoDepth });
@@ -155,10 +160,12 @@ export class Scheduler {
 
   /** Frees blocks until `rows` more slots fit `req`, preempting the most recently
    *  admitted running request not yet scheduled this step (possibly `req` itself).
-   *  Returns false when `req` was preempted. */
+   *  Returns false when `req` cannot have them: preempted, or alone and still short
+   *  (the whole pool is too small for it to grow). */
   private makeRoom(req: Request, rows: number, scheduled: Set<Request>, plan: StepPlan): boolean {
     while (this.kv.blocksToReserve(req.row, rows) > this.kv.freeBlocks) {
       const victims = this.running.filter((r) => r !== req && !scheduled.has(r));
+      if (victims.length === 0 && scheduled.size === 0) return false;
       const victim = victims.length > 0 ? victims.reduce((a, b) => (b.admittedAt > a.admittedAt ? b : a)) : req;
       this.preempt(victim, plan);
       if (victim === req) return false;

@@ -9,10 +9,6 @@ export interface VerifiedStep {
   rankOf(node: number): number;
 }
 
-export interface VerifyOutcome {
-  acceptedNodes: number[];
-  tokens: number[];
-}
 
 export class RequestStats {
   promptTokens = 0;
@@ -34,35 +30,23 @@ export class RequestStats {
     this.forwardPasses++;
   }
 
-  step(forwardMs: number, draftMs: number): void {
+  /** Tree nodes verified at each decode step (0: none), the size "auto" chose. */
+  readonly treeNodesPerStep: number[] = [];
+
+  step(forwardMs: number, draftMs: number, treeNodes: number): void {
+    this.treeNodesPerStep.push(treeNodes);
     this.decodeMs += forwardMs + draftMs;
     this.draftMs += draftMs;
     this.forwardPasses++;
     this.decodeSteps++;
   }
 
-  speculative(tree: VerifiedStep, outcome: VerifyOutcome): void {
+  /** A verified tree and the nodes of it whose tokens were emitted. */
+  speculative(tree: VerifiedStep, acceptedNodes: readonly number[]): void {
     this.treeNodes += tree.nodes;
-    this.acceptedTokens += outcome.acceptedNodes.length;
+    this.acceptedTokens += acceptedNodes.length;
     for (let n = 0; n < tree.nodes; n++) bump(this.tried, tree.depthOf(n) - 1, tree.rankOf(n));
-    for (const n of outcome.acceptedNodes) bump(this.accepted, tree.depthOf(n) - 1, tree.rankOf(n));
-  }
-
-  /** Adds another request's counts (the engine's aggregate over finished requests). */
-  merge(other: RequestStats): void {
-    this.promptTokens += other.promptTokens;
-    this.prefillMs += other.prefillMs;
-    this.decodeMs += other.decodeMs;
-    this.draftMs += other.draftMs;
-    this.forwardPasses += other.forwardPasses;
-    this.decodeSteps += other.decodeSteps;
-    this.treeNodes += other.treeNodes;
-    this.acceptedTokens += other.acceptedTokens;
-    this.preemptions += other.preemptions;
-    for (const key of ["depth", "rank"] as const) {
-      other.tried[key].forEach((v, i) => (this.tried[key][i] = (this.tried[key][i] ?? 0) + v));
-      other.accepted[key].forEach((v, i) => (this.accepted[key][i] = (this.accepted[key][i] ?? 0) + v));
-    }
+    for (const n of acceptedNodes) bump(this.accepted, tree.depthOf(n) - 1, tree.rankOf(n));
   }
 
   /** The JSON shape `generate --json` and the scripting API report. */
@@ -87,6 +71,7 @@ export class RequestStats {
       acceptanceBySiblingRank: ratio(this.accepted.rank, this.tried.rank),
       draftMs: round(this.draftMs),
       preemptions: this.preemptions,
+      treeNodesPerStep: [...this.treeNodesPerStep],
       verifyMs: round(this.decodeMs - this.draftMs),
     };
   }

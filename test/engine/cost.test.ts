@@ -1,0 +1,82 @@
+// The cost model "auto" speculation sizes trees by: interpolated forward costs,
+// decaying acceptance by depth, and the batch-wide choice of chain lengths.
+
+import { describe, expect, test } from "bun:test";
+import { CostCurve, CostModel, measurementGrid } from "../../src/engine/cost";
+import { AcceptanceByDepth } from "../../src/engine/request";
+
+describe("CostCurve", () => {
+  const curve = new CostCurve([{ tokens: 1, ms: 10 }, { tokens: 4, ms: 13 }, { tokens: 8, ms: 21 }]);
+  test("interpolates between measured batch sizes and extends the last slope past them", () => {
+    expect(curve.at(1)).toBe(10);
+    expect(curve.at(2)).toBeCloseTo(11, 10);
+    expect(curve.at(6)).toBeCloseTo(17, 10);
+    expect(curve.at(12)).toBeCloseTo(29, 10);
+    expect(curve.at(0)).toBe(10);
+  });
+  test("observations at a measured size move it; others leave it alone", () => {
+    const c = new CostCurve([{ tokens: 1, ms: 10 }, { tokens: 2, ms: 12 }]);
+    c.observe(2, 22, 0.5);
+    expect(c.at(2)).toBe(17);
+    c.observe(3, 100, 0.5);
+    expect(c.at(2)).toBe(17);
+  });
+  test("the measurement grid is powers of two up to the limit", () => {
+    expect(measurementGrid(40)).toEqual([1, 2, 4, 8, 16, 32, 40]);
+    expect(measurementGrid(1)).toEqual([1]);
+  });
+});
+
+describe("AcceptanceByDepth", () => {
+  test("expected tokens of a chain multiply the per-depth rates along it", () => {
+    const a = new AcceptanceByDepth([0.5, 0.5, 0.5]);
+    expect(a.expectedTokens(0)).toBe(1);
+    expect(a.expectedTokens(3)).toBeCloseTo(1 + 0.5 + 0.25 + 0.125, 12);
+  });
+  test("observations move only the depths the chain reached", () => {
+    const a = new AcceptanceByDepth([0.5, 0.5, 0.5, 0.5], 0.5);
+    a.observe(4, 1); // depth 1 accepted, depth 2 rejected, depths 3-4 never checked
+    expect(a.rates).toEqual([0.75, 0.25, 0.5, 0.5]);
+  });
+});
+
+describe("CostModel.choose", () => {
+  // A GPU-like LLM: verifying up to 16 rows costs as much as one; then linear.
+  const flatThenLinear = new CostCurve([1, 2, 4, 8, 16, 32, 64].map((tokens) => ({ tokens, ms: tokens <= 16 ? 10 : (10 * tokens) / 16 })));
+  const cheapDraft = new CostCurve([1, 64].map((tokens) => ({ tokens, ms: 0.2 })));
+  const good = () => ({ acceptance: new AcceptanceByDepth([0.8, 0.8, 0.8, 0.8, 0.8, 0.8]), maxDepth: 6 });
+
+  test("no tree when verifying k tokens costs k decode steps", () => {
+    const linear = new CostCurve([1, 64].map((tokens) => ({ tokens, ms: tokens })));
+    const model = new CostModel(linear, new CostCurve([1, 64].map((tokens) => ({ tokens, ms: 0.5 * tokens }))), 6);
+    expect(model.choose([good()], 0, 0, 512)).toEqual([0]);
+  });
+
+  test("deep chains when verifying is nearly free and acceptance is high", () => {
+    const model = new CostModel(flatThenLinear, cheapDraft, 6);
+    expect(model.choose([good()], 0, 0, 512)).toEqual([6]);
+  });
+
+  test("trees shrink smoothly as the batch fills and grow again as it empties", () => {
+    const model = new CostModel(flatThenLinear, cheapDraft, 6);
+    const total = (n: number) => model.choose(Array.from({ length: n }, good), 0, 0, 512).reduce((a, b) => a + b, 0) / n;
+    const sizes = [1, 2, 4, 8, 16, 32].map(total);
+    for (let i = 1; i < sizes.length; i++) expect(sizes[i]).toBeLessThanOrEqual(sizes[i - 1]);
+    expect(sizes[0]).toBe(6);
+    expect(sizes[sizes.length - 1]).toBeLessThan(1);
+    expect(total(1)).toBe(6); // emptied again
+  });
+
+  test("a request with poor acceptance gets a shorter chain than one with good acceptance", () => {
+    const model = new CostModel(flatThenLinear, cheapDraft, 6);
+    const poor = { acceptance: new AcceptanceByDepth([0.2, 0.2, 0.2, 0.2, 0.2, 0.2]), maxDepth: 6 };
+    const [g, p] = model.choose([good(), poor, good(), poor, good(), poor], 0, 0, 512);
+    expect(g).toBeGreaterThan(p);
+  });
+
+  test("the row budget bounds the chosen rows", () => {
+    const model = new CostModel(flatThenLinear, cheapDraft, 6);
+    const depths = model.choose(Array.from({ length: 4 }, good), 0, 0, 8);
+    expect(depths.reduce((a, b) => a + b + 1, 0)).toBeLessThanOrEqual(8);
+  });
+});
