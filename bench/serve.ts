@@ -1,0 +1,138 @@
+// bun run bench:serve — the serving engine under concurrent load: throughput, time to
+// first token and inter-token latency (p50/p99) at 1, 4, 8 and 16 concurrent clients,
+// with speculation off, "auto" (sized per step by measured cost) and the fixed tree
+// 1,1,1, on the embedded pair and on the pair widened to TinyLlama-1.1B cost. Greedy,
+// models/eval-prompts.jsonl. JSON on stdout, progress and a table on stderr. Run it on
+// a quiet machine. QUICK=1: a small widening and fewer tokens.
+
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { LLM, type GenerateOptions } from "../src/index";
+import type { WriteDType } from "../src/model/encoding";
+import { DEFAULT_DRAFT } from "../src/runtime/paths";
+import { loadavg, OtherLoad, round } from "./lib/measure";
+import { widenedPair, widenSpecs } from "./lib/widened";
+
+const QUICK = process.env.QUICK === "1";
+const THREADS = Number(process.env.THREADS ?? 2);
+const CONCURRENCY = (process.env.CONCURRENCY ?? "1,4,8,16").split(",").map(Number);
+const PAIRS = (process.env.PAIRS ?? "embedded,widened").split(",");
+const log = (msg: string) => process.stderr.write(`[bench:serve] ${msg}\n`);
+
+const prompts = readFileSync(join(import.meta.dir, "..", "models", "eval-prompts.jsonl"), "utf8")
+  .trim()
+  .split("\n")
+  .map((line) => (JSON.parse(line) as { prompt: string }).prompt);
+
+const MODES: { name: string; speculation: GenerateOptions["speculation"] }[] = [
+  { name: "off", speculation: false },
+  { name: "auto", speculation: "auto" },
+  { name: "fixed 1,1,1", speculation: { tree: "1,1,1" } },
+];
+
+function percentile(xs: number[], p: number): number {
+  if (xs.length === 0) return 0;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
+}
+
+interface RequestTiming {
+  ttftMs: number;
+  /** Per emitted token after the first: the gap before its piece over the piece's tokens. */
+  itlMs: number[];
+  tokens: number;
+  steps: number;
+  treeNodes: number;
+  accepted: number;
+}
+
+async function timedRequest(llm: LLM, prompt: string, opts: GenerateOptions): Promise<RequestTiming> {
+  const t0 = performance.now();
+  let last = t0;
+  let ttft = -1;
+  const itl: number[] = [];
+  const stream = llm.stream(prompt, opts);
+  for (;;) {
+    const next = await stream.next();
+    if (next.done) {
+      const s = next.value.stats;
+      return { ttftMs: ttft, itlMs: itl, tokens: next.value.tokens.length, steps: s.decodeSteps, treeNodes: s.draftTokens, accepted: s.acceptedTokens };
+    }
+    const n = next.value.tokens.length;
+    if (n === 0) continue;
+    const now = performance.now();
+    if (ttft < 0) {
+      ttft = now - t0;
+      for (let i = 1; i < n; i++) itl.push(0);
+    } else for (let i = 0; i < n; i++) itl.push((now - last) / n);
+    last = now;
+  }
+}
+
+/** `clients` loops, each taking the next prompt until `requests` are done. */
+async function load(llm: LLM, clients: number, requests: number, opts: GenerateOptions) {
+  let next = 0;
+  const timings: RequestTiming[] = [];
+  const other = new OtherLoad();
+  const t0 = performance.now();
+  await Promise.all(
+    Array.from({ length: clients }, async () => {
+      while (next < requests) {
+        const prompt = prompts[next++ % prompts.length];
+        timings.push(await timedRequest(llm, prompt, opts));
+      }
+    }),
+  );
+  const seconds = (performance.now() - t0) / 1000;
+  const tokens = timings.reduce((a, t) => a + t.tokens, 0);
+  const steps = timings.reduce((a, t) => a + t.steps, 0);
+  const accepted = timings.reduce((a, t) => a + t.accepted, 0);
+  return {
+    clients,
+    requests,
+    tokensPerSecond: round(tokens / seconds, 2),
+    ttftMs: { p50: round(percentile(timings.map((t) => t.ttftMs), 50), 2), p99: round(percentile(timings.map((t) => t.ttftMs), 99), 2) },
+    itlMs: { p50: round(percentile(timings.flatMap((t) => t.itlMs), 50), 2), p99: round(percentile(timings.flatMap((t) => t.itlMs), 99), 2) },
+    meanAcceptedLength: steps > 0 ? round((accepted + steps) / steps, 3) : 0,
+    meanTreeNodesPerStep: steps > 0 ? round(timings.reduce((a, t) => a + t.treeNodes, 0) / steps, 2) : 0,
+    otherProcessesCores: other.stop(),
+  };
+}
+
+async function benchPair(name: string, model: string | undefined, ssms: string[], newTokens: number) {
+  log(`${name}: loading (${model ?? "embedded"})`);
+  const llm = await LLM.load(model, { threads: THREADS, ssms, tree: "1,1,1", maxRequestsPerBatch: 16 });
+  const opts: GenerateOptions = { maxNewTokens: newTokens, temperature: 0, ignoreEos: true };
+  await load(llm, 2, 4, opts); // warm-up: JIT, page cache, the cost model's first observations
+  const rows: Record<string, unknown>[] = [];
+  for (const clients of CONCURRENCY) {
+    const requests = Math.max(8, clients);
+    for (const mode of MODES) {
+      const r = await load(llm, clients, requests, { ...opts, speculation: mode.speculation });
+      rows.push({ mode: mode.name, ...r });
+      log(`  ${name} c=${clients} ${mode.name}: ${r.tokensPerSecond} tok/s, ttft p50 ${r.ttftMs.p50} ms, itl p50 ${r.itlMs.p50} p99 ${r.itlMs.p99} ms, tree ${r.meanTreeNodesPerStep}, accepted ${r.meanAcceptedLength} (other load ${r.otherProcessesCores})`);
+    }
+  }
+  const costCurve = (await llm.stats()).costCurve;
+  await llm.close();
+  const rate = (c: number, mode: string) => rows.find((r) => r.clients === c && r.mode === mode)?.tokensPerSecond as number;
+  const ratios = {
+    autoOverOff: Object.fromEntries(CONCURRENCY.map((c) => [c, round(rate(c, "auto") / rate(c, "off"), 3)])),
+    autoOverFixed: Object.fromEntries(CONCURRENCY.map((c) => [c, round(rate(c, "auto") / rate(c, "fixed 1,1,1"), 3)])),
+    // 8 concurrent clients against the same 8 requests one after another (1 client).
+    concurrent8OverSequential: CONCURRENCY.includes(8) && CONCURRENCY.includes(1)
+      ? Object.fromEntries(MODES.map((m) => [m.name, round(rate(8, m.name) / rate(1, m.name), 3)]))
+      : null,
+  };
+  log(`  ${name} ratios: ${JSON.stringify(ratios)}`);
+  return { pair: name, newTokens, costCurve, rows, ratios };
+}
+
+const results: Record<string, unknown> = { date: new Date().toISOString(), threads: THREADS, loadavgBefore: loadavg(), pairs: [] };
+if (PAIRS.includes("embedded")) (results.pairs as unknown[]).push(await benchPair("embedded", undefined, [DEFAULT_DRAFT], QUICK ? 32 : 64));
+if (PAIRS.includes("widened")) {
+  const { target, draft } = widenedPair(widenSpecs(QUICK, (process.env.WIDEN_DTYPE ?? "Q8_0") as WriteDType), join(import.meta.dir, ".models"), log);
+  (results.pairs as unknown[]).push(await benchPair("widened", target, [draft], QUICK ? 16 : 48));
+}
+results.loadavgAfter = loadavg();
+process.stdout.write(JSON.stringify(results, null, 2) + "\n");
