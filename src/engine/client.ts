@@ -5,23 +5,18 @@
 
 import type { EngineInfo, Progress, RuntimeOptions, SpeculationSetup } from "../runtime/load";
 import type { GenerationConfig } from "./config";
-import type { EngineEvent, EngineStats } from "./core";
+import { RequestError, type EngineEvent, type EngineStats } from "./core";
 import { EngineHost } from "./host";
 import type { FromEngine, ToEngine } from "./protocol";
 
-/** The engine is gone (closed, or its Worker exited): calls cannot complete. */
+/** The engine is gone (closed, or its Worker exited): calls cannot complete.
+ *  @example
+ *  try { await llm.generate("x"); } catch (e) { if (e instanceof EngineClosedError) reconnect(); }
+ */
 export class EngineClosedError extends Error {
   constructor(message: string) {
     super(message);
     this.name = "EngineClosedError";
-  }
-}
-
-/** A submit the engine refused; `param` names the field at fault when known. */
-export class RejectedRequestError extends Error {
-  constructor(message: string, name: string, readonly param?: string) {
-    super(message);
-    this.name = name;
   }
 }
 
@@ -100,7 +95,7 @@ export class EngineClient {
       case "rejected": {
         const handlers = this.requests.get(msg.id);
         this.requests.delete(msg.id);
-        handlers?.onError(new RejectedRequestError(msg.message, msg.name, msg.param));
+        handlers?.onError(new RequestError(msg.message, msg.param));
         return;
       }
       case "reply": {

@@ -54,6 +54,10 @@ export const DEFAULT_GENERATION: GenerationConfig = {
 /** Most alternatives `logprobs` may ask for (OpenAI's top_logprobs limit). */
 export const MAX_LOGPROBS = 20;
 
+/** A setting out of range, named in the message (in-thread engines and the CLI).
+ *  @example
+ *  try { resolveGenerationConfig({ topP: 2 }); } catch (e) { if (e instanceof ConfigError) console.log(e.message); }
+ */
 export class ConfigError extends Error {
   constructor(message: string) {
     super(message);

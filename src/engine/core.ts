@@ -19,7 +19,11 @@ export type EngineEvent =
   | { type: "tokens"; id: number; text: string; tokens: number[]; fromDraft: boolean[]; logprobs?: TokenLogprob[] }
   | { type: "finish"; id: number; reason: FinishReason; text: string; error?: string; promptTokens: number; stats: StatsSummary };
 
-/** A request the engine refuses; `param` names the field at fault when there is one. */
+/** A request the engine refuses (bad prompt, options or speculation setting); `param`
+ *  names the field at fault when there is one.
+ *  @example
+ *  await llm.generate([], {}).catch((e) => e instanceof RequestError && console.log(e.param)); // "prompt"
+ */
 export class RequestError extends Error {
   constructor(message: string, readonly param?: string) {
     super(message);

@@ -27,7 +27,7 @@ export class EngineHost {
         } catch (e) {
           const err = e as Error;
           const param = err instanceof RequestError ? err.param : err instanceof ConfigError ? configField(err.message) : undefined;
-          this.post({ type: "rejected", id: msg.id, message: err.message, name: err.name, ...(param ? { param } : {}) });
+          this.post({ type: "rejected", id: msg.id, message: err.message, ...(param ? { param } : {}) });
           return;
         }
         this.loop();

@@ -23,5 +23,5 @@ export type FromEngine =
   | { type: "load-failed"; message: string }
   | { type: "events"; events: EngineEvent[] }
   /** A submit the engine refused (RequestError / ConfigError), with the field at fault. */
-  | { type: "rejected"; id: number; message: string; name: string; param?: string }
+  | { type: "rejected"; id: number; message: string; param?: string }
   | { type: "reply"; call: number; value?: EngineStats | EngineInfo | { summary: StatsSummary }; error?: string };

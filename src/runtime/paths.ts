@@ -13,6 +13,9 @@ const ROOT = IS_COMPILED ? dirname(process.execPath) : join(import.meta.dir, "..
 /** zig-out/lib in the source tree; lib/ beside the executable. */
 export const NATIVE_LIB_DIR = IS_COMPILED ? join(ROOT, "lib") : join(ROOT, "zig-out", "lib");
 
-/** The vendored trained pair (models/MODEL_CARD.md). */
+/** The vendored trained pair (models/MODEL_CARD.md): target and draft.
+ *  @example
+ *  const llm = await LLM.load(DEFAULT_MODEL, { ssms: [DEFAULT_DRAFT] }); // what LLM.load() does
+ */
 export const DEFAULT_MODEL = join(ROOT, "models", "llama-shakespeare-8m");
 export const DEFAULT_DRAFT = join(ROOT, "models", "llama-shakespeare-1.4m-draft");
