@@ -11,7 +11,7 @@ export { ConfigError } from "./engine/config";
 export type { GenerationConfig, Speculation } from "./engine/config";
 export { RequestError } from "./engine/core";
 export type { EngineStats } from "./engine/core";
-export { EngineClosedError } from "./engine/client";
+export { EngineClosedError } from "./runtime/client";
 export type { FinishReason, TokenLogprob } from "./engine/request";
 export type { StatsSummary } from "./engine/stats";
 export type { EngineInfo } from "./runtime/load";

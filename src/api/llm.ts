@@ -5,7 +5,7 @@
 
 import { existsSync } from "node:fs";
 import type { GenerationConfig } from "../engine/config";
-import { EngineClient } from "../engine/client";
+import { EngineClient } from "../runtime/client";
 import type { EngineEvent, EngineStats } from "../engine/core";
 import type { FinishReason, TokenLogprob } from "../engine/request";
 import type { StatsSummary } from "../engine/stats";

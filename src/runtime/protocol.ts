@@ -1,10 +1,10 @@
 // The messages between an EngineClient and its engine host (over a Worker's
 // postMessage, or in-thread): plain, structured-cloneable data only.
 
-import type { RuntimeOptions, SpeculationSetup, EngineInfo } from "../runtime/load";
-import type { GenerationConfig } from "./config";
-import type { EngineEvent, EngineStats } from "./core";
-import type { StatsSummary } from "./stats";
+import type { RuntimeOptions, SpeculationSetup, EngineInfo } from "./load";
+import type { GenerationConfig } from "../engine/config";
+import type { EngineEvent, EngineStats } from "../engine/core";
+import type { StatsSummary } from "../engine/stats";
 
 export type ToEngine =
   | { type: "load"; options: RuntimeOptions }

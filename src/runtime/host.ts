@@ -2,9 +2,9 @@
 // loop, taking messages between steps. In a Worker (worker.ts) it keeps every native
 // call off the caller's thread; in-thread (tests) it runs the same code.
 
-import { Runtime } from "../runtime/load";
-import { ConfigError } from "./config";
-import { RequestError } from "./core";
+import { Runtime } from "./load";
+import { ConfigError } from "../engine/config";
+import { RequestError, type EngineEvent } from "../engine/core";
 import type { FromEngine, ToEngine } from "./protocol";
 
 export class EngineHost {
@@ -69,7 +69,7 @@ export class EngineHost {
     }
   }
 
-  private postEvents(events: import("./core").EngineEvent[]): void {
+  private postEvents(events: EngineEvent[]): void {
     if (events.length > 0) this.post({ type: "events", events });
   }
 

@@ -3,9 +3,9 @@
 // (tests, tools). Submit, cancel, stats and compile go one way; token and finish events
 // come back.
 
-import type { EngineInfo, Progress, RuntimeOptions, SpeculationSetup } from "../runtime/load";
-import type { GenerationConfig } from "./config";
-import { RequestError, type EngineEvent, type EngineStats } from "./core";
+import type { EngineInfo, Progress, RuntimeOptions, SpeculationSetup } from "./load";
+import type { GenerationConfig } from "../engine/config";
+import { RequestError, type EngineEvent, type EngineStats } from "../engine/core";
 import { EngineHost } from "./host";
 import type { FromEngine, ToEngine } from "./protocol";
 

@@ -6,7 +6,7 @@ import { afterAll, expect, test } from "bun:test";
 import { copyFileSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { EngineClient, EngineClosedError } from "../../src/engine/client";
+import { EngineClient, EngineClosedError } from "../../src/runtime/client";
 import type { EngineEvent } from "../../src/engine/core";
 import { DEFAULT_MODEL } from "../../src/runtime/paths";
 import { writeTinyModel } from "../helpers/tiny-model";
