@@ -6,7 +6,7 @@
 import { dlopen, ptr, toArrayBuffer } from "bun:ffi";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
-import { NATIVE_LIB_DIR } from "../runtime/paths.ts";
+import { NATIVE_LIB_DIR } from "./paths.ts";
 import { NativeOps, SYMBOLS, type NativeSymbols } from "./abi.ts";
 import { BackendError, type DeviceBuffer, type MappedFile, type Ptr } from "./backend.ts";
 import { cpuVariant } from "./variant.ts";
