@@ -10,6 +10,7 @@ export type { CompileOptions, GenerateOptions, GenerationResult, LoadOptions, St
 export { ConfigError } from "./engine/config";
 export type { GenerationConfig, Speculation } from "./engine/config";
 export { RequestError } from "./engine/core";
+export { ModelFormatError, ModelTooLargeError } from "./model/errors";
 export type { EngineStats } from "./engine/core";
 export { EngineClosedError } from "./runtime/client";
 export type { FinishReason, TokenLogprob } from "./engine/request";

@@ -156,7 +156,10 @@ export class Runtime {
   private createEngine(progress: (fraction: number) => void = () => {}): Engine {
     const o = this.options;
     const maxRequests = o.maxRequestsPerBatch ?? 8;
-    const maxSeqLength = Math.min(o.maxSeqLength ?? this.llm.config.maxPositionEmbeddings, this.llm.config.maxPositionEmbeddings);
+    // No sequence can outgrow the whole pool: a model's (possibly huge) context is capped
+    // by what the KV budget holds, which also bounds the block tables.
+    const poolTokens = Math.floor(this.kvBytes / kvBytesPerToken(this.llm.config, kvDType(o.kvDtype)));
+    const maxSeqLength = Math.min(o.maxSeqLength ?? this.llm.config.maxPositionEmbeddings, this.llm.config.maxPositionEmbeddings, poolTokens);
     const ssms = (this.setup.ssms ?? []).map((p) => this.drafts.get(p)!);
     const speculating = ssms.length > 0 || this.setup.ngram === true;
     const speculator = speculating
