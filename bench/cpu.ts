@@ -23,7 +23,8 @@ import { existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { CpuBackend } from "../src/backend/cpu";
 import { DEFAULT_DRAFT, DEFAULT_MODEL, LLM } from "../src/index";
-import { loadLlama, type LlamaModel } from "../src/model/llama";
+import type { CausalLM } from "../src/model/causal-lm";
+import { loadModel } from "../src/model/registry";
 import type { WriteDType } from "../src/model/encoding";
 import { readFloatWeights, widenedConfig } from "../src/model/widen";
 import { widenedPair, widenSpecs } from "./lib/widened";
@@ -129,7 +130,7 @@ log(`compute peak (${THREADS} threads): ${JSON.stringify(peak)}`);
 
 /** Weight bytes one decode step reads: every matrix but the embedding table, of which
  *  only one row is read (unless it doubles as the output head). */
-function bytesPerToken(model: LlamaModel): number {
+function bytesPerToken(model: CausalLM): number {
   let bytes = 0;
   for (const [name, t] of model.files.tensors) {
     if (name === "model.embed_tokens.weight" && !model.config.tieWordEmbeddings) bytes += t.bytes / t.shape[0];
@@ -139,7 +140,7 @@ function bytesPerToken(model: LlamaModel): number {
 }
 
 /** Weight elements one token multiplies (every matrix but the embedding table, unless tied). */
-function weightElements(model: LlamaModel): number {
+function weightElements(model: CausalLM): number {
   let n = 0;
   for (const [name, t] of model.files.tensors) {
     if (name === "model.embed_tokens.weight" && !model.config.tieWordEmbeddings) continue;
@@ -193,7 +194,7 @@ function compareLogits(got: ArrayLike<number>[], want: ArrayLike<number>[], cent
   return { relError: diff / ref, top1: `${agree}/${want.length}`, decisiveTop1: `${decisiveAgree}/${decisive}`, ok: decisiveAgree === decisive };
 }
 
-async function gate(bm: BenchModel, model: LlamaModel, ours: OurSession, theirs: LlamaCppSession, path: string) {
+async function gate(bm: BenchModel, model: CausalLM, ours: OurSession, theirs: LlamaCppSession, path: string) {
   const V = model.config.vocabSize;
   const tokens = [1, ...tokensFor(V, 15, 1)];
   const a = ours.logits(tokens);
@@ -227,7 +228,7 @@ for (let mi = 0; mi < MODELS.length; mi++) {
   const bm = MODELS[mi];
   const path = paths[mi];
   log(`== ${bm.label}: ${path}`);
-  const model = loadLlama(path, backend, { maxBatchTokens: 512 });
+  const model = loadModel(path, backend, { maxBatchTokens: 512 });
   const ours = new OurSession(model, 1024);
   const lm = await llamaCpp.load(path);
   const theirs = await llamaCpp.session(lm, { threads: THREADS, contextSize: 1024, batchSize: 512 });
@@ -356,8 +357,8 @@ if (on("threads")) {
   const path = paths[1];
   log(`threads: ${bm.label} decode, 1 vs 2 threads, with a busy loop on one core`);
   const backend1 = CpuBackend.create({ threads: 1 });
-  const m1 = loadLlama(path, backend1, { maxBatchTokens: 64 });
-  const m2 = loadLlama(path, backend, { maxBatchTokens: 64 });
+  const m1 = loadModel(path, backend1, { maxBatchTokens: 64 });
+  const m2 = loadModel(path, backend, { maxBatchTokens: 64 });
   const o1 = new OurSession(m1, 512);
   const o2 = new OurSession(m2, 512);
   const lm = await llamaCpp.load(path);
@@ -425,7 +426,7 @@ if (on("widen")) {
   const ids = prompts.map((p) => llm.tokenizer.encode(p));
   const weightBytes = (path: string) => {
     const backend = CpuBackend.create({ threads: 1 });
-    const m = loadLlama(path, backend);
+    const m = loadModel(path, backend);
     const bytes = bytesPerToken(m);
     m.close();
     backend.close();

@@ -4,7 +4,7 @@
 import { join } from "node:path";
 import { CpuBackend } from "../src/backend/cpu";
 import { BatchBuilder } from "../src/model/batch";
-import { loadLlama } from "../src/model/llama";
+import { loadModel } from "../src/model/registry";
 import { createKVCache } from "../src/kv/cache";
 
 const THREADS = Number(process.env.THREADS ?? 2);
@@ -12,7 +12,7 @@ const REPEATS = 5;
 const be = CpuBackend.create({ threads: THREADS });
 const results: Record<string, Record<number, number>> = {};
 for (const name of ["llama-shakespeare-8m", "llama-shakespeare-1.4m-draft"]) {
-  const m = loadLlama(join(import.meta.dir, "..", "models", name), be, { maxBatchTokens: 128 });
+  const m = loadModel(join(import.meta.dir, "..", "models", name), be, { maxBatchTokens: 128 });
   const kv = createKVCache(m, { maxSeqs: 1, maxSeqLen: 256 });
   const row = kv.openSequence();
   kv.reserve(row, 64);

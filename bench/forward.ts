@@ -6,7 +6,8 @@ import { existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { CpuBackend } from "../src/backend/cpu";
 import { BatchBuilder } from "../src/model/batch";
-import { loadLlama, type LlamaModel } from "../src/model/llama";
+import type { CausalLM } from "../src/model/causal-lm";
+import { loadModel } from "../src/model/registry";
 import { writeTinyModel, type TinyDType } from "../test/helpers/tiny-model";
 import { createKVCache } from "../src/kv/cache";
 
@@ -39,7 +40,7 @@ function random110M(dtype: TinyDType): string {
 }
 
 /** Best-of-REPEATS times for one prefill of PREFILL tokens and DECODE single-token steps. */
-function measure(model: LlamaModel) {
+function measure(model: CausalLM) {
   const vocab = model.config.vocabSize;
   const prompt = Array.from({ length: PREFILL }, (_, i) => 3 + ((i * 7919) % (vocab - 3)));
   let prefillMs = Infinity;
@@ -83,7 +84,7 @@ const cases: { name: string; path: string }[] = [
 const results = [];
 for (const c of cases) {
   log(`measuring ${c.name}`);
-  const model = loadLlama(c.path, backend, { maxBatchTokens: PREFILL });
+  const model = loadModel(c.path, backend, { maxBatchTokens: PREFILL });
   const params = [...model.files.tensors.values()].reduce((a, t) => a + t.shape.reduce((x, y) => x * y, 1), 0);
   results.push({ model: c.name, parameters: params, ...measure(model) });
   log(`  ${JSON.stringify(results[results.length - 1])}`);

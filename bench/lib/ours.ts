@@ -1,16 +1,16 @@
 // Our side of the CPU benchmark: the same four measurements as bench/llamacpp.ts, on
-// LlamaModel.forward directly (one sequence, paged KV cache, greedy argmax in JS, as
+// CausalLM.forward directly (one sequence, paged KV cache, greedy argmax in JS, as
 // bench:forward does).
 
 import { createKVCache, type KVCache } from "../../src/kv/cache";
 import { BatchBuilder } from "../../src/model/batch";
-import type { LlamaModel } from "../../src/model/llama";
+import type { CausalLM } from "../../src/model/causal-lm";
 
 export class OurSession {
   private kv: KVCache;
   private row: number;
 
-  constructor(readonly model: LlamaModel, readonly maxSeqLen: number) {
+  constructor(readonly model: CausalLM, readonly maxSeqLen: number) {
     this.kv = createKVCache(model, { maxSeqs: 1, maxSeqLen });
     this.row = this.kv.openSequence();
   }

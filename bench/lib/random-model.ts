@@ -5,7 +5,7 @@
 
 import { existsSync, mkdirSync, renameSync, statSync } from "node:fs";
 import { join } from "node:path";
-import { expectedTensors } from "../../src/model/arch";
+import { expectedTensors } from "../../src/model/registry";
 import type { ModelConfig } from "../../src/model/config";
 import type { WriteDType } from "../../src/model/encoding";
 import { gguf, ggufModelMetadata, writeGGUF, type GGUFValue, type NamedTensor } from "../../src/model/write";

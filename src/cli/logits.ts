@@ -1,6 +1,6 @@
 import { createBackend } from "../backend/index";
 import { SequenceRunner } from "../kv/sequence";
-import { loadLlama } from "../model/llama";
+import { loadModel } from "../model/registry";
 import { argmax } from "../speculation/sampling";
 import { idList, intFlag, parse, UsageError } from "./args";
 import { loadOptions, MODEL_FLAGS } from "./generate";
@@ -22,7 +22,7 @@ export async function logitsCommand(argv: string[]): Promise<void> {
   const greedyN = intFlag(values, "greedy", 0, 0)!;
   const opts = loadOptions(values);
   const backend = await createBackend(opts);
-  const model = loadLlama(values.model, backend, { maxBatchTokens: Math.max(64, tokens.length) });
+  const model = loadModel(values.model, backend, { maxBatchTokens: Math.max(64, tokens.length) });
   try {
     const vocab = model.config.vocabSize;
     const bad = tokens.find((t) => t >= vocab);

@@ -4,7 +4,7 @@
 
 import type { DType } from "../backend/backend";
 import { createKVCache, type KVCache } from "../kv/cache";
-import type { LlamaModel } from "../model/llama";
+import type { CausalLM } from "../model/causal-lm";
 import { greedyToken, isGreedy, processLogits, sample, topIndices } from "../speculation/sampling";
 import type { Speculator } from "../speculation/speculator";
 import type { Tokenizer } from "../tokenizer/tokenizer";
@@ -63,7 +63,7 @@ export interface CreateEngineOptions {
 
 /** An engine over `llm` with its own KV cache, rows long enough for the context plus
  *  the largest tree a step can verify. */
-export function createEngine(llm: LlamaModel, o: CreateEngineOptions = {}): Engine {
+export function createEngine(llm: CausalLM, o: CreateEngineOptions = {}): Engine {
   const maxRequests = o.maxRequestsPerBatch ?? 8;
   const maxSeqLength = Math.min(o.maxSeqLength ?? llm.config.maxPositionEmbeddings, llm.config.maxPositionEmbeddings);
   const speculator = o.speculator ?? null;
@@ -114,7 +114,7 @@ export class Engine {
   private readonly counters = { promptTokens: 0, generatedTokens: 0, numDrafts: 0, numDraftTokens: 0, numAcceptedTokens: 0, acceptedPerPosition: [] as number[] };
   private lastStep: EngineStats["lastStep"] = { decodes: 0, treeNodes: [] };
 
-  constructor(readonly llm: LlamaModel, private readonly opts: EngineOptions) {
+  constructor(readonly llm: CausalLM, private readonly opts: EngineOptions) {
     this.kv = opts.kv;
     this.speculator = opts.speculator;
     this.eos = new Set(opts.eosTokenIds);

@@ -4,7 +4,7 @@
 
 import type { KVCache } from "../kv/cache";
 import { BatchBuilder } from "../model/batch";
-import type { LlamaModel } from "../model/llama";
+import type { CausalLM } from "../model/causal-lm";
 import type { Speculator, StepDraft } from "../speculation/speculator";
 import type { StepEntry } from "./scheduler";
 
@@ -24,7 +24,7 @@ export interface StepRun {
   forwardMs: number;
 }
 
-export function runStep(llm: LlamaModel, kv: KVCache, speculator: Speculator | null, entries: StepEntry[]): StepRun {
+export function runStep(llm: CausalLM, kv: KVCache, speculator: Speculator | null, entries: StepEntry[]): StepRun {
   const t0 = performance.now();
   const decoding = entries.flatMap((e) => (e.kind === "decode" && e.draft ? [e] : []));
   const trees = speculator && decoding.length > 0

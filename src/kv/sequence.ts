@@ -3,14 +3,14 @@
 // need outside the engine.
 
 import { BatchBuilder } from "../model/batch";
-import type { LlamaModel } from "../model/llama";
+import type { CausalLM } from "../model/causal-lm";
 import { createKVCache, type KVCache, type KVDType } from "./cache";
 
 export class SequenceRunner {
   private readonly kv: KVCache;
   private row: number;
 
-  constructor(readonly model: LlamaModel, maxSeqLen: number, kvDtype?: KVDType) {
+  constructor(readonly model: CausalLM, maxSeqLen: number, kvDtype?: KVDType) {
     this.kv = createKVCache(model, { maxSeqs: 1, maxSeqLen, dtype: kvDtype });
     this.row = this.kv.openSequence();
   }

@@ -3,7 +3,7 @@
 
 import type { ModelConfig } from "./config.ts";
 
-/** norm: RMSNorm weight; bias: q/k/v bias; matrix: embedding or linear weight. */
+/** norm: a norm weight; bias: any bias or 1-D parameter; matrix: embedding or linear weight. */
 export type TensorKind = "norm" | "bias" | "matrix";
 
 export interface ExpectedTensor {
@@ -12,7 +12,7 @@ export interface ExpectedTensor {
   kind: TensorKind;
 }
 
-export function expectedTensors(cfg: ModelConfig): ExpectedTensor[] {
+export function llamaTensors(cfg: ModelConfig): ExpectedTensor[] {
   const { hiddenSize: hidden, intermediateSize: inter, vocabSize: vocab } = cfg;
   const qRows = cfg.numHeads * cfg.headDim;
   const kvRows = cfg.numKvHeads * cfg.headDim;
@@ -68,7 +68,7 @@ const HF_TO_GGUF_GLOBAL = Object.fromEntries(Object.entries(GGUF_TO_HF_GLOBAL).m
 
 /** HF name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`),
  *  or null for tensors outside the table (e.g. `rope_freqs.weight`). */
-export function hfNameFromGGUF(name: string): string | null {
+export function llamaHFNameFromGGUF(name: string): string | null {
   const layer = /^blk\.(\d+)\.(\w+)\.(weight|bias)$/.exec(name);
   if (layer) {
     const mapped = GGUF_TO_HF_LAYER[layer[2]!];
@@ -79,8 +79,8 @@ export function hfNameFromGGUF(name: string): string | null {
   return mapped ? `${mapped}.${global![2]}` : null;
 }
 
-/** GGUF name of an HF tensor (inverse of hfNameFromGGUF). */
-export function ggufNameFromHF(name: string): string | null {
+/** GGUF name of an HF tensor (inverse of llamaHFNameFromGGUF). */
+export function llamaGGUFNameFromHF(name: string): string | null {
   const layer = /^model\.layers\.(\d+)\.(.+)\.(weight|bias)$/.exec(name);
   if (layer) {
     const mapped = HF_TO_GGUF_LAYER[layer[2]!];

@@ -1,10 +1,14 @@
-// ModelConfig: one normalized description of a LLaMA-family model, built either from
-// a Hugging Face config.json or from GGUF metadata, so the forward never looks at
-// either format.
+// ModelConfig: one normalized description of a model, built either from a Hugging
+// Face config.json or from GGUF metadata, so the forward never looks at either format.
+// The LLaMA family's parsers live here; registry.ts picks a family's parser.
 
-import { ModelFormatError, shown } from "./errors.ts";
+import { shown } from "./errors.ts";
 
-export type Arch = "llama" | "mistral" | "qwen2";
+/** The LLaMA family's architectures (one forward, llama.ts). */
+export type LlamaArch = "llama" | "mistral" | "qwen2";
+export type Arch = LlamaArch;
+
+export type Fail = (detail: string) => never;
 
 export type RopeScaling =
   | null
@@ -34,52 +38,23 @@ export interface ModelConfig {
   eosTokenIds: number[];
 }
 
-const HF_ARCHITECTURES: Record<string, Arch> = {
+export const LLAMA_HF_ARCHITECTURES: Record<string, LlamaArch> = {
   LlamaForCausalLM: "llama",
   MistralForCausalLM: "mistral",
   Qwen2ForCausalLM: "qwen2",
 };
 
 /** HF's defaults for keys that config.json may leave out. */
-const HF_DEFAULTS: Record<Arch, { rmsNormEps: number; maxPositionEmbeddings: number }> = {
+const HF_DEFAULTS: Record<LlamaArch, { rmsNormEps: number; maxPositionEmbeddings: number }> = {
   llama: { rmsNormEps: 1e-6, maxPositionEmbeddings: 2048 },
   mistral: { rmsNormEps: 1e-6, maxPositionEmbeddings: 4096 * 32 },
   qwen2: { rmsNormEps: 1e-6, maxPositionEmbeddings: 32768 },
 };
 
-export function configFromHF(path: string, text: string): ModelConfig {
-  const fail = (detail: string): never => {
-    throw new ModelFormatError(path, detail);
-  };
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (e) {
-    return fail(`not valid JSON: ${(e as Error).message}`);
-  }
-  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) return fail("not a JSON object");
-  const j = raw as Record<string, unknown>;
-
-  const first: unknown = Array.isArray(j.architectures) ? j.architectures[0] : undefined;
-  const arch = (typeof first === "string" && Object.hasOwn(HF_ARCHITECTURES, first) ? HF_ARCHITECTURES[first] : undefined) ??
-    (Object.values(HF_ARCHITECTURES).find((a) => a === j.model_type) as Arch | undefined);
-  if (!arch) {
-    const named = first ?? j.model_type;
-    fail(`unsupported architecture ${typeof named === "string" ? named : shown(named)} (supported: ${Object.keys(HF_ARCHITECTURES).join(", ")})`);
-  }
-  const defaults = HF_DEFAULTS[arch!];
-
-  const int = (key: string, fallback?: number): number => {
-    const v = j[key] ?? fallback;
-    if (v === undefined) return fail(`missing key ${key}`);
-    if (!Number.isSafeInteger(v) || (v as number) <= 0) return fail(`${key} must be a positive integer, got ${shown(v)}`);
-    return v as number;
-  };
-  const num = (key: string, fallback: number): number => {
-    const v = j[key] ?? fallback;
-    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`${key} must be a positive number, got ${shown(v)}`);
-    return v;
-  };
+/** A LLaMA-family config from a parsed config.json whose architecture is `arch`. */
+export function llamaConfigFromHF(j: Record<string, unknown>, arch: LlamaArch, fail: Fail): ModelConfig {
+  const defaults = HF_DEFAULTS[arch];
+  const { int, num } = hfFields(j, fail);
 
   if (j.hidden_act !== undefined && j.hidden_act !== "silu") fail(`unsupported hidden_act ${shown(j.hidden_act)} (only silu)`);
   if (j.mlp_bias === true) fail("mlp_bias is not supported");
@@ -89,7 +64,7 @@ export function configFromHF(path: string, text: string): ModelConfig {
   const hiddenSize = int("hidden_size");
   const numHeads = int("num_attention_heads");
   const cfg: ModelConfig = {
-    arch: arch!,
+    arch,
     vocabSize: int("vocab_size"),
     hiddenSize,
     intermediateSize: int("intermediate_size"),
@@ -138,37 +113,25 @@ function hfRopeScaling(raw: unknown, fail: (d: string) => never): RopeScaling {
   }
 }
 
-function tokenId(v: unknown, key: string, fail: (d: string) => never): number | null {
-  if (v === null || v === undefined) return null;
-  if (!Number.isSafeInteger(v) || (v as number) < 0) return fail(`${key} must be a token id, got ${shown(v)}`);
-  return v as number;
-}
-
-function tokenIds(v: unknown, key: string, fail: (d: string) => never): number[] {
-  const list = Array.isArray(v) ? v : [v];
-  return [...new Set(list.map((x) => tokenId(x, key, fail)).filter((x): x is number => x !== null))];
-}
-
-function checkConsistent(cfg: ModelConfig, fail: (d: string) => never): void {
-  if (cfg.numHeads % cfg.numKvHeads !== 0) {
-    fail(`${cfg.numHeads} attention heads are not a multiple of ${cfg.numKvHeads} key/value heads`);
-  }
-  if (!Number.isInteger(cfg.headDim) || cfg.headDim % 2 !== 0) fail(`head dimension ${cfg.headDim} must be an even integer`);
-}
-
-const GGUF_ARCHES: readonly Arch[] = ["llama", "mistral", "qwen2"];
-
-/** Config from GGUF metadata; `tensorNames` tells whether `output.weight` exists (untied). */
-export function configFromGGUF(path: string, metadata: Map<string, unknown>, tensorNames: Set<string>): ModelConfig {
-  const fail = (detail: string): never => {
-    throw new ModelFormatError(path, detail);
+/** Readers of config.json keys: positive integers and positive numbers, with defaults. */
+export function hfFields(j: Record<string, unknown>, fail: Fail) {
+  const int = (key: string, fallback?: number): number => {
+    const v = j[key] ?? fallback;
+    if (v === undefined) return fail(`missing key ${key}`);
+    if (!Number.isSafeInteger(v) || (v as number) <= 0) return fail(`${key} must be a positive integer, got ${shown(v)}`);
+    return v as number;
   };
-  const archName = metadata.get("general.architecture");
-  if (typeof archName !== "string") return fail("missing key general.architecture");
-  if (!GGUF_ARCHES.includes(archName as Arch)) {
-    fail(`unsupported architecture ${archName} (supported: ${GGUF_ARCHES.join(", ")})`);
-  }
-  const arch = archName as Arch;
+  const num = (key: string, fallback?: number): number => {
+    const v = j[key] ?? fallback;
+    if (v === undefined) return fail(`missing key ${key}`);
+    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`${key} must be a positive number, got ${shown(v)}`);
+    return v;
+  };
+  return { int, num };
+}
+
+/** Readers of `{arch}.*` GGUF keys (floats recovered to the decimal the writer meant). */
+export function ggufFields(metadata: Map<string, unknown>, arch: string, fail: Fail) {
   const get = (suffix: string): unknown => metadata.get(`${arch}.${suffix}`);
   const int = (suffix: string, fallback?: number): number => {
     const v = get(suffix) ?? fallback;
@@ -182,6 +145,31 @@ export function configFromGGUF(path: string, metadata: Map<string, unknown>, ten
     if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) return fail(`${arch}.${suffix} must be a positive number, got ${shown(v)}`);
     return shortestF32Decimal(v);
   };
+  return { get, int, num };
+}
+
+export function tokenId(v: unknown, key: string, fail: (d: string) => never): number | null {
+  if (v === null || v === undefined) return null;
+  if (!Number.isSafeInteger(v) || (v as number) < 0) return fail(`${key} must be a token id, got ${shown(v)}`);
+  return v as number;
+}
+
+export function tokenIds(v: unknown, key: string, fail: (d: string) => never): number[] {
+  const list = Array.isArray(v) ? v : [v];
+  return [...new Set(list.map((x) => tokenId(x, key, fail)).filter((x): x is number => x !== null))];
+}
+
+export function checkConsistent(cfg: ModelConfig, fail: (d: string) => never): void {
+  if (cfg.numHeads % cfg.numKvHeads !== 0) {
+    fail(`${cfg.numHeads} attention heads are not a multiple of ${cfg.numKvHeads} key/value heads`);
+  }
+  if (!Number.isInteger(cfg.headDim) || cfg.headDim % 2 !== 0) fail(`head dimension ${cfg.headDim} must be an even integer`);
+}
+
+/** A LLaMA-family config from GGUF metadata whose general.architecture is `arch`;
+ *  `tensorNames` tells whether `output.weight` exists (untied). */
+export function llamaConfigFromGGUF(metadata: Map<string, unknown>, tensorNames: Set<string>, arch: LlamaArch, fail: Fail): ModelConfig {
+  const { get, int, num } = ggufFields(metadata, arch, fail);
 
   const hiddenSize = int("embedding_length");
   const numHeads = int("attention.head_count");
@@ -222,7 +210,7 @@ export function configFromGGUF(path: string, metadata: Map<string, unknown>, ten
 
 /** `{arch}.rope.scaling.type` = none | linear | llama3 (the llama3 keys low_freq_factor,
  *  high_freq_factor are this project's; llama.cpp ships a rope_freqs tensor instead). */
-function ggufRopeScaling(arch: Arch, metadata: Map<string, unknown>, fail: (d: string) => never): RopeScaling {
+function ggufRopeScaling(arch: LlamaArch, metadata: Map<string, unknown>, fail: (d: string) => never): RopeScaling {
   const prefix = `${arch}.rope.scaling.`;
   const type = metadata.get(`${prefix}type`);
   const field = (key: string): number => {

@@ -6,10 +6,10 @@ import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { freemem } from "node:os";
 import { basename, join } from "node:path";
 import { DType, DTYPE_NAMES, type MappedFile, RopeLayout } from "../backend/backend.ts";
-import { expectedTensors, hfNameFromGGUF } from "./arch.ts";
-import { configFromGGUF, configFromHF, type ModelConfig } from "./config.ts";
+import type { ModelConfig } from "./config.ts";
 import { ModelFormatError, ModelTooLargeError } from "./errors.ts";
 import { readGGUF } from "./gguf.ts";
+import { configFromGGUF, configFromHF, expectedTensors, familyOf, hfNameFromGGUF } from "./registry.ts";
 import { parseSafetensorsIndex, readSafetensors } from "./safetensors.ts";
 
 export interface TensorRef {
@@ -45,7 +45,7 @@ export interface LoadOptions {
   /** Memory the model may use, in bytes; default $SPECINFER_MEMORY_LIMIT, else the
    *  host's available memory. */
   memoryLimitBytes?: number;
-  /** Tokens per forward the caller sizes its buffers for (LlamaModel's maxBatchTokens). */
+  /** Tokens per forward the caller sizes its buffers for (CausalLM's maxBatchTokens). */
   maxBatchTokens?: number;
 }
 
@@ -144,7 +144,7 @@ function loadGGUF(path: string, mapFile: MapFile, opts: LoadOptions): LoadedMode
         config.ropeFreqFactors = ropeFreqFactors(file, t, config);
         continue;
       }
-      const name = hfNameFromGGUF(t.name);
+      const name = hfNameFromGGUF(t.name, config.arch);
       if (name) found.set(name, { name, dtype: t.dtype, shape: [...t.dims].reverse(), file, offset: t.offset, bytes: t.bytes });
     }
     const tensors = validate(config, found, path, "GGUF metadata");
@@ -179,8 +179,9 @@ function validate(
   const missing = (name: string) => new ModelFormatError(where, `missing tensor ${name} (${configSource} asks for it)`);
   // Layers first, one tensor each: a damaged layer count (say 2^27) must not make
   // expectedTensors list a billion tensors before the first is found missing.
+  const family = familyOf(config.arch);
   for (let l = 0; l < config.numLayers; l++) {
-    const name = `model.layers.${l}.input_layernorm.weight`;
+    const name = family.layerTensor(l);
     if (!found.has(name)) throw missing(name);
   }
   const tensors = new Map<string, TensorRef>();
@@ -206,7 +207,7 @@ function validate(
 
 // ---- memory ---------------------------------------------------------------------------
 
-/** Bytes a model needs beside its weights: LlamaModel's activation and batch buffers for
+/** Bytes a model needs beside its weights: a model's activation and batch buffers for
  *  `maxBatchTokens` tokens (its logits capped at 64 MB as it caps them) and the
  *  smallest KV cache, one 16-slot f32 block per layer. An estimate kept a little above
  *  what the forward allocates (test/model/bad-files.test.ts checks it). */

@@ -22,7 +22,7 @@
 
 import { readFileSync } from "node:fs";
 import type { MappedFile } from "../backend/backend.ts";
-import { expectedTensors } from "./arch.ts";
+import { expectedTensors } from "./registry.ts";
 import type { ModelConfig } from "./config.ts";
 import { dequantize, unpermuteRowsFromGGUF, type WriteDType } from "./encoding.ts";
 import { loadModelFiles, type LoadedModel } from "./load.ts";

@@ -6,7 +6,7 @@
 import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { DType, dtypeBytes } from "../backend/backend.ts";
-import { expectedTensors, ggufNameFromHF } from "./arch.ts";
+import { expectedTensors, ggufNameFromHF } from "./registry.ts";
 import type { ModelConfig } from "./config.ts";
 import { encodeTensor, GGML_TYPE, permuteRowsForGGUF, QUANT_BLOCK, type WriteDType } from "./encoding.ts";
 import { GGUFValueType, SCALAR_BYTES } from "./gguf.ts";
@@ -247,7 +247,7 @@ export function writeGGUF(path: string, config: ModelConfig, tensors: Iterable<N
       throw new Error(`${t.name}: ${dtype} needs rows of a multiple of ${QUANT_BLOCK} values, got ${t.shape[1]}`);
     }
     const type = GGML_TYPE[typeOf(t.shape)];
-    return { name: ggufNameFromHF(t.name)!, dims: [...t.shape].reverse(), type, bytes: dtypeBytes(type, t.shape.reduce((a, b) => a * b, 1)) };
+    return { name: ggufNameFromHF(t.name, config.arch)!, dims: [...t.shape].reverse(), type, bytes: dtypeBytes(type, t.shape.reduce((a, b) => a * b, 1)) };
   });
   const factors = config.ropeFreqFactors;
   if (factors) infos.push({ name: "rope_freqs.weight", dims: [factors.length], type: DType.F32, bytes: factors.byteLength });

@@ -13,7 +13,8 @@ import { createEngine, type Engine } from "../engine/core";
 import { DType } from "../backend/backend";
 import { kvBytesPerToken } from "../kv/cache";
 import { SequenceRunner } from "../kv/sequence";
-import { loadLlama, type LlamaModel } from "../model/llama";
+import type { CausalLM } from "../model/causal-lm";
+import { loadModel } from "../model/registry";
 import { AUTO_MAX_DEPTH, createSpeculator } from "../speculation/speculator";
 import { loadTokenizer, type Tokenizer } from "../tokenizer/index";
 import { DEFAULT_DRAFT, DEFAULT_MODEL } from "./paths";
@@ -76,14 +77,14 @@ export type Progress = (fraction: number, what: string) => void;
 
 export class Runtime {
   engine: Engine;
-  private readonly drafts = new Map<string, LlamaModel>();
+  private readonly drafts = new Map<string, CausalLM>();
   private setup: SpeculationSetup = {};
 
   private constructor(
     readonly options: RuntimeOptions,
     readonly modelPath: string,
     readonly backend: Backend,
-    readonly llm: LlamaModel,
+    readonly llm: CausalLM,
     readonly tokenizer: Tokenizer,
     readonly defaults: Partial<GenerationConfig>,
     private readonly kvBytes: number,
@@ -98,7 +99,7 @@ export class Runtime {
     const backend = await createBackend({ kind: options.backend, threads: options.threads });
     try {
       progress(0.05, "weights");
-      const llm = loadLlama(modelPath, backend, {
+      const llm = loadModel(modelPath, backend, {
         maxBatchTokens: options.maxTokensPerBatch ?? 512,
         onProgress: (f) => progress(0.05 + 0.6 * f, "weights"),
       });
@@ -145,7 +146,7 @@ export class Runtime {
     for (const p of setup.ssms ?? []) {
       if (!this.drafts.has(p)) {
         if (!existsSync(p)) throw new Error(`no such file or directory: ${p}`);
-        this.drafts.set(p, loadLlama(p, this.backend, { maxBatchTokens: 512 }));
+        this.drafts.set(p, loadModel(p, this.backend, { maxBatchTokens: 512 }));
       }
     }
     this.setup = { ssms: setup.ssms ?? [], tree: setup.tree, ngram: setup.ngram ?? false };
@@ -192,7 +193,7 @@ export class Runtime {
 
 /** The KV budget: what maxRequestsPerBatch full-length sequences need, capped at a
  *  quarter of free memory; an explicit kvMemory wins. */
-function kvBudget(llm: LlamaModel, o: RuntimeOptions): number {
+function kvBudget(llm: CausalLM, o: RuntimeOptions): number {
   const perToken = kvBytesPerToken(llm.config, kvDType(o.kvDtype));
   if (o.kvMemory !== undefined) {
     if (!(o.kvMemory > 0)) throw new Error(`kvMemory must be a positive number of bytes, got ${o.kvMemory}`);
@@ -205,8 +206,8 @@ function kvBudget(llm: LlamaModel, o: RuntimeOptions): number {
 
 /** t(L) of the LLM over a grid of batch sizes, and the SSMs' summed forward time:
  *  the minimum of two runs each, after a warm-up. */
-export function measureCosts(llm: LlamaModel, ssms: LlamaModel[], maxRows: number, maxRequests: number, progress: (f: number) => void = () => {}): CostModel {
-  const time = (m: LlamaModel, grid: number[]) => {
+export function measureCosts(llm: CausalLM, ssms: CausalLM[], maxRows: number, maxRequests: number, progress: (f: number) => void = () => {}): CostModel {
+  const time = (m: CausalLM, grid: number[]) => {
     const seq = new SequenceRunner(m, grid[grid.length - 1] + 1);
     const tokens = (n: number) => Array.from({ length: n }, (_, i) => 1 + (i % (m.config.vocabSize - 1)));
     seq.feed(tokens(grid[grid.length - 1]), "all", false); // warm-up: page in the weights

@@ -6,7 +6,7 @@
 
 import type { KVCache } from "../kv/cache";
 import type { BatchBuilder } from "../model/batch";
-import type { LlamaModel } from "../model/llama";
+import type { CausalLM } from "../model/causal-lm";
 import { growthCapacity } from "./expand";
 import { NgramDrafter } from "./ngram";
 import type { Rng } from "./rng";
@@ -80,7 +80,7 @@ export class StepDraft {
 }
 
 export interface SpeculationOptions {
-  ssms: LlamaModel[];
+  ssms: CausalLM[];
   /** Static widths ("1,1,3,1,1" or [1,1,3,1,1]) or "dynamic:N": the shape of requests
    *  that ask for a fixed tree without naming one; default DEFAULT_TREE. */
   tree?: string | number[];
@@ -124,7 +124,7 @@ export class Speculator {
   }
 
   /** The SSM models (the engine measures their forward cost). */
-  get models(): LlamaModel[] {
+  get models(): CausalLM[] {
     return this.ssms.map((s) => s.model);
   }
 
@@ -199,6 +199,6 @@ export class Speculator {
 }
 
 /** A speculator shaped for `llm`: trees small enough for one of its forwards. */
-export function createSpeculator(llm: LlamaModel, maxSeqs: number, opts: SpeculationOptions, maxSeqLen = llm.config.maxPositionEmbeddings): Speculator {
+export function createSpeculator(llm: CausalLM, maxSeqs: number, opts: SpeculationOptions, maxSeqLen = llm.config.maxPositionEmbeddings): Speculator {
   return new Speculator(maxSeqs, maxSeqLen, llm.config.vocabSize, Math.min(llm.maxBatchTokens, llm.maxLogitRows), opts);
 }

@@ -13,7 +13,7 @@
 
 import { createKVCache, type KVCache } from "../kv/cache";
 import { BatchBuilder } from "../model/batch";
-import type { LlamaModel } from "../model/llama";
+import type { CausalLM } from "../model/causal-lm";
 import { draftParams, growTree, type DraftView, type ExpandedTree } from "./expand";
 import type { Rng } from "./rng";
 import { isGreedy, processLogits, type SamplingParams } from "./sampling";
@@ -42,7 +42,7 @@ export class SSMDrafter {
   private readonly seqs = new Map<number, SequenceState>();
 
   constructor(
-    readonly model: LlamaModel,
+    readonly model: CausalLM,
     maxSeqs: number,
     maxSeqLen: number,
     /** Most nodes one tree may grow (its uncommitted slots). */

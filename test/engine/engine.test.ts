@@ -9,7 +9,8 @@ import { join } from "node:path";
 import { CpuBackend } from "../../src/backend/cpu";
 import { createEngine, type Engine } from "../../src/engine/core";
 import { BatchBuilder } from "../../src/model/batch";
-import { loadLlama, type LlamaModel } from "../../src/model/llama";
+import type { CausalLM } from "../../src/model/causal-lm";
+import { loadModel } from "../../src/model/registry";
 import { processLogits } from "../../src/speculation/sampling";
 import { createSpeculator, type SpeculationOptions } from "../../src/speculation/speculator";
 import { writeTinyModel, type TinyDims, type TinyDType } from "../helpers/tiny-model";
@@ -25,9 +26,9 @@ const LLM_DIMS: TinyDims = { vocab: VOCAB, hidden: 64, intermediate: 128, layers
 const SMALL_DIMS: TinyDims = { vocab: VOCAB, hidden: 32, intermediate: 64, layers: 1, heads: 2, kvHeads: 1 };
 let count = 0;
 
-function model(seed: number, dims: TinyDims, dtype: TinyDType = "F32"): LlamaModel {
+function model(seed: number, dims: TinyDims, dtype: TinyDType = "F32"): CausalLM {
   const written = writeTinyModel(join(dir, `m${count++}`), { seed, dims, dtype, format: "gguf", maxPositionEmbeddings: 192 });
-  return loadLlama(written.path, backend, { maxBatchTokens: 512 });
+  return loadModel(written.path, backend, { maxBatchTokens: 512 });
 }
 
 const llm = model(1, LLM_DIMS);

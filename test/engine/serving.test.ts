@@ -11,7 +11,8 @@ import { DType } from "../../src/backend/backend";
 import { CpuBackend } from "../../src/backend/cpu";
 import { createEngine, type CreateEngineOptions, type Engine } from "../../src/engine/core";
 import type { GenerationConfig } from "../../src/engine/config";
-import { loadLlama, type LlamaModel } from "../../src/model/llama";
+import type { CausalLM } from "../../src/model/causal-lm";
+import { loadModel } from "../../src/model/registry";
 import { measureCosts } from "../../src/runtime/load";
 import { createSpeculator } from "../../src/speculation/speculator";
 import { writeTinyModel, type TinyDims, type TinyDType } from "../helpers/tiny-model";
@@ -23,9 +24,9 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 const VOCAB = 64;
 const DIMS: TinyDims = { vocab: VOCAB, hidden: 64, intermediate: 128, layers: 2, heads: 4, kvHeads: 2 };
 let count = 0;
-function model(seed: number, dtype: TinyDType = "F32"): LlamaModel {
+function model(seed: number, dtype: TinyDType = "F32"): CausalLM {
   const written = writeTinyModel(join(dir, `m${count++}`), { seed, dims: DIMS, dtype, format: "gguf", maxPositionEmbeddings: 192 });
-  return loadLlama(written.path, backend, { maxBatchTokens: 256 });
+  return loadModel(written.path, backend, { maxBatchTokens: 256 });
 }
 const llm = model(1);
 const draft = model(1, "Q8_0"); // the LLM's own weights quantized: agrees often

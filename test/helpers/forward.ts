@@ -1,10 +1,10 @@
 // One sequence through a model as a single prefill chain: the logits of every position.
 import type { KVDType } from "../../src/backend/backend";
 import { SequenceRunner } from "../../src/kv/sequence";
-import type { LlamaModel } from "../../src/model/llama";
+import type { CausalLM } from "../../src/model/causal-lm";
 
 /** `kvDtype` defaults to the cache's default (F16); comparisons with float64 want F32. */
-export function chainLogits(model: LlamaModel, tokens: number[], kvDtype?: KVDType): Float32Array[] {
+export function chainLogits(model: CausalLM, tokens: number[], kvDtype?: KVDType): Float32Array[] {
   const seq = new SequenceRunner(model, tokens.length, kvDtype);
   const logits = seq.feed(tokens, "all");
   seq.close();

@@ -6,7 +6,7 @@
 
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { expectedTensors } from "../../src/model/arch.ts";
+import { expectedTensors } from "../../src/model/registry.ts";
 import type { ModelConfig, RopeScaling } from "../../src/model/config.ts";
 import { dequantize, encodeTensor, GGML_TYPE, type WriteDType } from "../../src/model/encoding.ts";
 import { ggufModelMetadata, writeGGUF, writeSafetensors, type GGUFMetadata, type NamedTensor } from "../../src/model/write.ts";

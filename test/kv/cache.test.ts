@@ -11,7 +11,8 @@ import { CpuBackend } from "../../src/backend/cpu";
 import { KVCacheFullError } from "../../src/kv/blocks";
 import { createKVCache, KVCache, type KVCacheOptions, kvBytesPerToken } from "../../src/kv/cache";
 import { BatchBuilder } from "../../src/model/batch";
-import { loadLlama, type LlamaModel } from "../../src/model/llama";
+import type { CausalLM } from "../../src/model/causal-lm";
+import { loadModel } from "../../src/model/registry";
 import { SEED, randF32, randInt } from "../helpers/random";
 import { referenceForward } from "../helpers/reference-llama";
 import { writeTinyModel } from "../helpers/tiny-model";
@@ -177,7 +178,7 @@ describe("plane layout", () => {
 
 /** One prefill of two sequences in one batch, a token tree on the first with a commit
  *  that moves K/V, then a decode step of both: every forward's logits, concatenated. */
-function scenario(model: LlamaModel, dtype: KVDType, prompts: number[][], tree: { token: number; parent: number }[], kept: number[], next: number[]): Float32Array[] {
+function scenario(model: CausalLM, dtype: KVDType, prompts: number[][], tree: { token: number; parent: number }[], kept: number[], next: number[]): Float32Array[] {
   const kv = createKVCache(model, { maxSeqs: 2, maxSeqLen: 64, dtype });
   const out: Float32Array[] = [];
   const rows = prompts.map(() => kv.openSequence());
@@ -240,7 +241,7 @@ describe("model forward with an f16 cache", () => {
       dtype: "F32",
       format: "safetensors",
     });
-    const model = loadLlama(m.path, backend, { maxBatchTokens: 64 });
+    const model = loadModel(m.path, backend, { maxBatchTokens: 64 });
     const prompts = [
       Array.from({ length: 14 }, () => randInt(96)),
       Array.from({ length: 7 }, () => randInt(96)),
@@ -276,7 +277,7 @@ describe("model forward with an f16 cache", () => {
       draft_greedy: number[];
     }[];
     for (const [name, key] of [["llama-shakespeare-8m", "target_greedy"], ["llama-shakespeare-1.4m-draft", "draft_greedy"]] as const) {
-      const model = loadLlama(join(root, name), backend, { maxBatchTokens: 128 });
+      const model = loadModel(join(root, name), backend, { maxBatchTokens: 128 });
       for (const r of reference) {
         const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: 128, dtype: DType.F16 });
         const row = kv.openSequence();

@@ -10,7 +10,7 @@ import { createBackend } from "../../src/backend/index.ts";
 import { createKVCache } from "../../src/kv/cache.ts";
 import { ModelFormatError, ModelTooLargeError } from "../../src/model/errors.ts";
 import { GGUFValueType, readGGUF } from "../../src/model/gguf.ts";
-import { loadLlama } from "../../src/model/llama.ts";
+import { loadModel } from "../../src/model/registry.ts";
 import { bufferBytes, loadModelFiles } from "../../src/model/load.ts";
 import { readSafetensors } from "../../src/model/safetensors.ts";
 import { bytesMapped, readMapped } from "../helpers/mapped.ts";
@@ -377,16 +377,16 @@ describe("memory", () => {
     return { backend: proxy, counts };
   }
 
-  test("SPECINFER_MEMORY_LIMIT refuses a model in loadLlama before the backend maps or allocates anything", async () => {
+  test("SPECINFER_MEMORY_LIMIT refuses a model in loadModel before the backend maps or allocates anything", async () => {
     const dir = writeTinyModel(freshDir(), { seed: 1, dims: DIMS, dtype: "F32", format: "safetensors" }).path;
     const { backend, counts } = countingBackend(await createBackend({ threads: 1 }));
     try {
       process.env.SPECINFER_MEMORY_LIMIT = "1000";
-      const e = refusal(() => loadLlama(dir, backend));
+      const e = refusal(() => loadModel(dir, backend));
       expect(e.message).toContain("only 1000 bytes (0.0 MiB) of memory is available (SPECINFER_MEMORY_LIMIT)");
       expect(counts).toEqual({ allocated: 0, allocations: 0, mapped: 0 });
       process.env.SPECINFER_MEMORY_LIMIT = "12 GB";
-      expect(() => loadLlama(dir, backend)).toThrow("SPECINFER_MEMORY_LIMIT must be a positive number of bytes, got 12 GB");
+      expect(() => loadModel(dir, backend)).toThrow("SPECINFER_MEMORY_LIMIT must be a positive number of bytes, got 12 GB");
     } finally {
       delete process.env.SPECINFER_MEMORY_LIMIT;
       backend.close();
@@ -398,7 +398,7 @@ describe("memory", () => {
     for (const maxBatchTokens of [16, 512]) {
       const dir = writeTinyModel(freshDir(), { seed: 1, dims: DIMS, dtype: "BF16", format: "safetensors", attentionBias: true }).path;
       const { backend, counts } = countingBackend(await createBackend({ threads: 1 }));
-      const model = loadLlama(dir, backend, { maxBatchTokens });
+      const model = loadModel(dir, backend, { maxBatchTokens });
       const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: 16 });
       const estimate = bufferBytes(model.config, maxBatchTokens);
       expect(counts.allocated).toBeLessThanOrEqual(estimate);

@@ -6,8 +6,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DType, RopeLayout } from "../../src/backend/backend.ts";
-import { expectedTensors, ggufNameFromHF, hfNameFromGGUF } from "../../src/model/arch.ts";
-import { configFromHF, ropeInvFreq, type ModelConfig } from "../../src/model/config.ts";
+import { ropeInvFreq, type ModelConfig } from "../../src/model/config.ts";
+import { configFromHF, expectedTensors, ggufNameFromHF, hfNameFromGGUF } from "../../src/model/registry.ts";
 import { readGGUF } from "../../src/model/gguf.ts";
 import { loadModelFiles, type LoadedModel, type TensorRef } from "../../src/model/load.ts";
 import { readMapped } from "../helpers/mapped.ts";
@@ -249,12 +249,12 @@ describe("name mapping", () => {
   test("GGUF <-> HF names are inverse over the whole table", () => {
     const cfg = { ...writeTinyModel(freshDir(), { seed: 1, dims: DIMS, dtype: "F32", format: "gguf", attentionBias: true }).config };
     for (const t of expectedTensors({ ...cfg, tieWordEmbeddings: false })) {
-      const g = ggufNameFromHF(t.name);
+      const g = ggufNameFromHF(t.name, cfg.arch);
       expect(g).not.toBeNull();
-      expect(hfNameFromGGUF(g!)).toBe(t.name);
+      expect(hfNameFromGGUF(g!, cfg.arch)).toBe(t.name);
     }
-    expect(hfNameFromGGUF("blk.3.attn_q.weight")).toBe("model.layers.3.self_attn.q_proj.weight");
-    expect(hfNameFromGGUF("rope_freqs.weight")).toBeNull();
+    expect(hfNameFromGGUF("blk.3.attn_q.weight", "llama")).toBe("model.layers.3.self_attn.q_proj.weight");
+    expect(hfNameFromGGUF("rope_freqs.weight", "llama")).toBeNull();
   });
 });
 

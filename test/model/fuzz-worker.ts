@@ -5,7 +5,8 @@
 
 import { readFileSync, writeFileSync } from "node:fs";
 import { createBackend } from "../../src/backend/index.ts";
-import { loadLlama, type LlamaModel } from "../../src/model/llama.ts";
+import type { CausalLM } from "../../src/model/causal-lm.ts";
+import { loadModel } from "../../src/model/registry.ts";
 import { loadTokenizer } from "../../src/tokenizer/index.ts";
 import { chainLogits } from "../helpers/forward.ts";
 
@@ -31,12 +32,12 @@ const resetPeak = () => writeFileSync("/proc/self/clear_refs", "5");
 
 function runCase(path: string): WorkerReply {
   let stage: WorkerReply["stage"] = "model";
-  let model: LlamaModel | undefined;
+  let model: CausalLM | undefined;
   const before = rss();
   resetPeak();
   const reply = (r: Omit<WorkerReply, "peakGrowth">): WorkerReply => ({ ...r, peakGrowth: Math.max(0, peakRss() - before) });
   try {
-    model = loadLlama(path, backend, { maxBatchTokens: 16 });
+    model = loadModel(path, backend, { maxBatchTokens: 16 });
     stage = "forward";
     const vocab = model.config.vocabSize;
     chainLogits(model, [1, 5, 9].map((t) => t % vocab));

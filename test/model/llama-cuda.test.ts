@@ -6,7 +6,7 @@ import { expect, test } from "bun:test";
 import { join } from "node:path";
 import { CpuBackend } from "../../src/backend/cpu";
 import { createEngine } from "../../src/engine/core";
-import { loadLlama } from "../../src/model/llama";
+import { loadModel } from "../../src/model/registry";
 import type { Backend } from "../../src/backend/backend";
 import { createSpeculator } from "../../src/speculation/speculator";
 
@@ -15,8 +15,8 @@ const models = join(import.meta.dir, "..", "..", "models");
 const prompt = [1, 2869, 4058, 13, 4076, 4049, 2266, 1984, 4080, 13];
 
 function greedy(backend: Backend, speculate: boolean): { tokens: number[]; ms: number } {
-  const llm = loadLlama(join(models, "llama-shakespeare-8m"), backend);
-  const ssm = loadLlama(join(models, "llama-shakespeare-1.4m-draft"), backend);
+  const llm = loadModel(join(models, "llama-shakespeare-8m"), backend);
+  const ssm = loadModel(join(models, "llama-shakespeare-1.4m-draft"), backend);
   const engine = createEngine(llm, { maxRequestsPerBatch: 4, speculator: speculate ? createSpeculator(llm, 4, { ssms: [ssm], tree: "2,2,1,1", ngram: false }) : null });
   const t = performance.now();
   const r = engine.submit(prompt, { maxNewTokens: 64, ignoreEos: true, temperature: 0 });

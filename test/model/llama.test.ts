@@ -8,7 +8,8 @@ import { join } from "node:path";
 import { DType } from "../../src/backend/backend";
 import { CpuBackend } from "../../src/backend/cpu";
 import { BatchBuilder } from "../../src/model/batch";
-import { loadLlama, type LlamaModel } from "../../src/model/llama";
+import type { CausalLM } from "../../src/model/causal-lm";
+import { loadModel } from "../../src/model/registry";
 import { createEngine } from "../../src/engine/core";
 import { referenceForward } from "../helpers/reference-llama";
 import { writeTinyModel, type TinyDims, type TinyModelOptions } from "../helpers/tiny-model";
@@ -30,7 +31,7 @@ let counter = 0;
 function tiny(opts: Partial<TinyModelOptions> & Pick<TinyModelOptions, "dtype" | "format">) {
   const sub = join(dir, `m${counter++}`);
   const written = writeTinyModel(sub, { seed: 7, dims: DIMS, ...opts });
-  return { ...written, model: loadLlama(written.path, backend, { maxBatchTokens: 128 }) };
+  return { ...written, model: loadModel(written.path, backend, { maxBatchTokens: 128 }) };
 }
 
 const PROMPT = [1, 17, 42, 5, 88, 63, 12, 9, 30, 71, 2, 55];
@@ -77,7 +78,7 @@ describe("formats agree", () => {
     const a = chainLogits(hf.model, PROMPT);
     const b = chainLogits(gguf.model, PROMPT);
     expect(maxRelError(a, b.map((r) => Float64Array.from(r)))).toBeLessThan(1e-5);
-    const greedy = (m: LlamaModel) => {
+    const greedy = (m: CausalLM) => {
       const engine = createEngine(m, { maxRequestsPerBatch: 1 });
       const r = engine.submit(PROMPT, { maxNewTokens: 20, ignoreEos: true });
       engine.runUntilDone();
@@ -165,7 +166,7 @@ describe("the vendored trained pair", () => {
   }[];
 
   function greedy(path: string, prompt: number[], n: number): number[] {
-    const model = loadLlama(path, backend, { maxBatchTokens: 128 });
+    const model = loadModel(path, backend, { maxBatchTokens: 128 });
     const engine = createEngine(model, { maxRequestsPerBatch: 1 });
     const r = engine.submit(prompt, { maxNewTokens: n, ignoreEos: true });
     engine.runUntilDone();

@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CpuBackend } from "../../src/backend/cpu";
-import { loadLlama } from "../../src/model/llama";
+import { loadModel } from "../../src/model/registry";
 import { dequantize, encodeQ8_0 } from "../../src/model/encoding";
 import { readFloatWeights, widenedConfig, widenModel, widenTensors, type WidenSpec } from "../../src/model/widen";
 import { ggufModelMetadata, writeGGUF } from "../../src/model/write";
@@ -77,12 +77,12 @@ describe("widened files run in the engine with the original's logits", () => {
 
   test("GGUF F32 (q/k permuted for llama RoPE) and safetensors F32", () => {
     const m = tiny();
-    const original = loadLlama(m.path, backend, { maxBatchTokens: 64 });
+    const original = loadModel(m.path, backend, { maxBatchTokens: 64 });
     const want = chainLogits(original, PROMPT);
     original.close();
     for (const dst of [join(dir, "wide.gguf"), join(dir, "wide-hf")]) {
       widenModel(m.path, dst, spec, { dtype: "F32" });
-      const wide = loadLlama(dst, backend, { maxBatchTokens: 64 });
+      const wide = loadModel(dst, backend, { maxBatchTokens: 64 });
       expect(wide.config.hiddenSize).toBe(128);
       const got = chainLogits(wide, PROMPT);
       wide.close();
@@ -103,12 +103,12 @@ describe("widened files run in the engine with the original's logits", () => {
 
   test("widened F16 GGUF stays within F16 rounding of the original", () => {
     const m = tiny();
-    const original = loadLlama(m.path, backend, { maxBatchTokens: 64 });
+    const original = loadModel(m.path, backend, { maxBatchTokens: 64 });
     const want = chainLogits(original, PROMPT);
     original.close();
     const dst = join(dir, "wide-f16.gguf");
     widenModel(m.path, dst, spec, { dtype: "F16" });
-    const wide = loadLlama(dst, backend, { maxBatchTokens: 64 });
+    const wide = loadModel(dst, backend, { maxBatchTokens: 64 });
     const got = chainLogits(wide, PROMPT);
     wide.close();
     expect(maxRelError(got, want)).toBeLessThan(1e-2);

@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { CpuBackend } from "../../src/backend/cpu";
 import { createEngine } from "../../src/engine/core";
-import { loadLlama } from "../../src/model/llama";
+import { loadModel } from "../../src/model/registry";
 import { Rng } from "../../src/speculation/rng";
 import { GREEDY } from "../../src/speculation/sampling";
 import { SSMDrafter } from "../../src/speculation/ssm";
@@ -19,7 +19,7 @@ const backend = CpuBackend.create({ threads: 2 });
 const dir = mkdtempSync(join(tmpdir(), "specinfer-ssm-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 const dims = { vocab: 48, hidden: 32, intermediate: 64, layers: 2, heads: 2, kvHeads: 1 };
-const ssmModel = loadLlama(writeTinyModel(dir, { seed: 5, dims, dtype: "F16", format: "gguf" }).path, backend, { maxBatchTokens: 256 });
+const ssmModel = loadModel(writeTinyModel(dir, { seed: 5, dims, dtype: "F16", format: "gguf" }).path, backend, { maxBatchTokens: 256 });
 
 function greedyContinuation(prompt: number[], n: number): number[] {
   const engine = createEngine(ssmModel, { maxRequestsPerBatch: 1 });

@@ -1,0 +1,209 @@
+// Blocks every architecture's forward shares: weight lookup, the batch's device
+// buffers and checks, linear layers, paged attention, and the logits head. A family
+// file (llama.ts, starcoder.ts, ...) extends NativeModel and writes its forward from
+// these blocks and backend ops, top to bottom.
+
+import { DType, type Backend, type DeviceBuffer, type KVDType, type Ptr } from "../backend/backend";
+import type { PagedKV, TokenBatch } from "./batch";
+import type { CausalLM, ForwardOptions } from "./causal-lm";
+import type { ModelConfig } from "./config";
+import type { LoadedModel, TensorRef } from "./load";
+
+export interface Matrix {
+  ptr: Ptr;
+  dtype: DType;
+  rows: number;
+  cols: number;
+}
+
+/** A linear layer: weight [out, in] and an optional f32 bias (0 = none). */
+export interface Linear {
+  w: Matrix;
+  bias: Ptr;
+}
+
+/** LayerNorm weight and bias (bias 0 = none; RMSNorm uses only the weight). */
+export interface Norm {
+  weight: Ptr;
+  bias: Ptr;
+}
+
+export abstract class NativeModel implements CausalLM {
+  readonly config: ModelConfig;
+  readonly maxBatchTokens: number;
+  readonly maxLogitRows: number;
+  readonly maxWords: number;
+  private readonly owned: DeviceBuffer[] = [];
+  // The uploaded batch, sized for maxBatchTokens.
+  protected readonly tokensDev: Ptr;
+  protected readonly positionsDev: Ptr;
+  protected readonly seqDev: Ptr;
+  protected readonly slotDev: Ptr;
+  protected readonly ancestorsDev: Ptr;
+  protected readonly logitRowsDev: Ptr;
+  private readonly lastHidden: Ptr;
+  private readonly logitsBuf: DeviceBuffer;
+  private readonly logitsHost: Float32Array;
+
+  constructor(readonly backend: Backend, readonly files: LoadedModel, opts: ForwardOptions = {}) {
+    const c = files.config;
+    this.config = c;
+    this.maxBatchTokens = opts.maxBatchTokens ?? 512;
+    // Every row may want logits unless that would take more than 64 MB.
+    this.maxLogitRows = opts.maxLogitRows ?? Math.max(1, Math.min(this.maxBatchTokens, Math.floor((64 << 20) / (4 * c.vocabSize))));
+    // Masks are compacted per batch (BatchBuilder.build), so a generous limit is free:
+    // drafters index up to a whole grown tree (2048 nodes) across several forwards.
+    this.maxWords = Math.max(64, Math.ceil(this.maxBatchTokens / 32));
+    const n = this.maxBatchTokens;
+    this.tokensDev = this.f32(n);
+    this.positionsDev = this.f32(n);
+    this.seqDev = this.f32(n);
+    this.slotDev = this.f32(n);
+    this.ancestorsDev = this.f32(n * this.maxWords);
+    this.logitRowsDev = this.f32(this.maxLogitRows);
+    this.lastHidden = this.f32(this.maxLogitRows * c.hiddenSize);
+    this.logitsBuf = this.own(this.maxLogitRows * c.vocabSize * 4);
+    this.logitsHost = this.logitsBuf.host
+      ? new Float32Array(this.logitsBuf.host)
+      : new Float32Array(this.maxLogitRows * c.vocabSize);
+  }
+
+  abstract forward(batch: TokenBatch, kv: PagedKV): Float32Array;
+
+  close(): void {
+    for (const buf of this.owned) this.backend.free(buf);
+    this.owned.length = 0;
+    this.files.close();
+  }
+
+  /** Checks the batch against the limits and the cache, then uploads it. */
+  protected uploadBatch(batch: TokenBatch, kv: PagedKV): void {
+    this.checkBatch(batch, kv);
+    const b = this.backend;
+    const n = batch.n;
+    b.upload(this.tokensDev, batch.tokens.subarray(0, n));
+    b.upload(this.positionsDev, batch.positions.subarray(0, n));
+    b.upload(this.seqDev, batch.seq.subarray(0, n));
+    b.upload(this.slotDev, batch.slot.subarray(0, n));
+    b.upload(this.ancestorsDev, batch.ancestors.subarray(0, n * batch.words));
+    b.upload(this.logitRowsDev, batch.logitRows);
+    kv.syncIndex();
+  }
+
+  protected linear(x: Ptr, n: number, l: Linear, y: Ptr): void {
+    this.backend.matmul(x, n, l.w.cols, l.w.ptr, l.w.dtype, l.w.rows, l.bias, y);
+  }
+
+  /** Writes this layer's K/V rows into the cache, then attends: out = attention(q). */
+  protected attend(
+    layer: number, batch: TokenBatch, kv: PagedKV, q: Ptr, k: Ptr, v: Ptr, out: Ptr,
+  ): void {
+    const c = this.config;
+    const kvDim = c.numKvHeads * c.headDim;
+    const b = this.backend;
+    b.kvWrite(k, v, batch.n, kvDim, this.seqDev, this.slotDev, kv.blockTablesPtr, kv.maxBlocksPerSeq, kv.blockSize, kv.kPlane(layer), kv.vPlane(layer), kv.dtype);
+    b.attention(
+      q, batch.n, c.numHeads, c.numKvHeads, c.headDim, kv.kPlane(layer), kv.vPlane(layer), kv.dtype as KVDType,
+      kv.blockTablesPtr, kv.maxBlocksPerSeq, kv.blockSize, this.seqDev, kv.committedPtr, this.ancestorsDev,
+      batch.words, 1 / Math.sqrt(c.headDim), out,
+    );
+  }
+
+  /** Logits of the batch's logit rows of x [n, hidden]: gathers them, applies the final
+   *  norm (`normalize` works in place on [rows, hidden]), then the head. */
+  protected logits(batch: TokenBatch, x: Ptr, normalize: (h: Ptr, rows: number) => void, head: Linear): Float32Array {
+    const rows = batch.logitRows.length;
+    if (rows === 0) return this.logitsHost.subarray(0, 0);
+    const c = this.config;
+    // An f32 "embedding" lookup gathers the rows.
+    this.backend.embedding(x, DType.F32, batch.n, c.hiddenSize, this.logitRowsDev, rows, this.lastHidden);
+    normalize(this.lastHidden, rows);
+    this.linear(this.lastHidden, rows, head, this.logitsBuf.ptr);
+    const out = this.logitsHost.subarray(0, rows * c.vocabSize);
+    if (!this.logitsBuf.host) this.backend.download(out, this.logitsBuf.ptr);
+    return out;
+  }
+
+  private checkBatch(batch: TokenBatch, kv: PagedKV): void {
+    const n = batch.n;
+    if (n < 1 || n > this.maxBatchTokens) throw new Error(`forward: batch of ${n} tokens, this model takes 1..${this.maxBatchTokens}`);
+    if (batch.logitRows.length > this.maxLogitRows) throw new Error(`forward: ${batch.logitRows.length} logit rows, at most ${this.maxLogitRows}`);
+    if (batch.words > this.maxWords) throw new Error(`forward: ${batch.words}-word ancestor masks, at most ${this.maxWords}`);
+    for (let i = 0; i < n; i++) {
+      const id = batch.tokens[i];
+      if (id < 0 || id >= this.config.vocabSize) throw new Error(`forward: token id ${id} is outside the vocabulary (0..${this.config.vocabSize - 1})`);
+      const row = batch.seq[i];
+      if (batch.slot[i] >= kv.capacity(row)) throw new Error(`forward: slot ${batch.slot[i]} of sequence row ${row} was not reserved`);
+    }
+    for (const r of batch.logitRows) if (r < 0 || r >= n) throw new Error(`forward: logit row ${r} outside the batch`);
+  }
+
+  // ---- buffers and weights ----------------------------------------------------------
+
+  protected own(bytes: number): DeviceBuffer {
+    const buf = this.backend.alloc(bytes);
+    this.owned.push(buf);
+    return buf;
+  }
+
+  /** A device buffer of `count` f32 (or i32) elements. */
+  protected f32(count: number): Ptr {
+    return this.own(count * 4).ptr;
+  }
+
+  /** Uploads host floats into a new device buffer. */
+  protected constant(values: Float32Array): Ptr {
+    const p = this.f32(values.length);
+    this.backend.upload(p, values);
+    return p;
+  }
+
+  protected has(name: string): boolean {
+    return this.files.tensors.has(name);
+  }
+
+  protected tensor(name: string): TensorRef {
+    const t = this.files.tensors.get(name);
+    if (!t) throw new Error(`${this.files.path}: missing tensor ${name}`);
+    return t;
+  }
+
+  protected matrix(name: string): Matrix {
+    const t = this.tensor(name);
+    return { ptr: this.backend.weights(t.file, t.offset, t.bytes), dtype: t.dtype, rows: t.shape[0]!, cols: t.shape[1]! };
+  }
+
+  /** Rows [from, from + count) of a matrix (a slice of a fused QKV weight); the slice
+   *  starts on a row, so it is whole quantization blocks. */
+  protected rowsOf(m: Matrix, from: number, count: number, name: string): Matrix {
+    const t = this.tensor(name);
+    const rowBytes = t.bytes / m.rows;
+    return { ptr: this.backend.weights(t.file, t.offset + from * rowBytes, count * rowBytes), dtype: m.dtype, rows: count, cols: m.cols };
+  }
+
+  /** Norm weights and biases as f32 device vectors, whatever their stored dtype (one
+   *  embedding-row lookup does the conversion). */
+  protected vectorF32(name: string): Ptr {
+    return this.sliceF32(name, 0, this.tensor(name).shape[0]!);
+  }
+
+  /** Elements [from, from + count) of a 1-D tensor as an f32 device vector. */
+  protected sliceF32(name: string, from: number, count: number): Ptr {
+    const t = this.tensor(name);
+    const elem = t.bytes / t.shape[0]!;
+    const src = this.backend.weights(t.file, t.offset + from * elem, count * elem);
+    if (t.dtype === DType.F32 && this.backend.name === "cpu") return src;
+    const out = this.f32(count);
+    const zero = this.own(4);
+    this.backend.embedding(src, t.dtype, 1, count, zero.ptr, 1, out);
+    return out;
+  }
+
+  protected linearOf(name: string, withBias: boolean): Linear {
+    return { w: this.matrix(`${name}.weight`), bias: withBias ? this.vectorF32(`${name}.bias`) : 0 };
+  }
+
+  protected normOf(name: string, withBias: boolean): Norm {
+    return { weight: this.vectorF32(`${name}.weight`), bias: withBias ? this.vectorF32(`${name}.bias`) : 0 };
+  }
+}

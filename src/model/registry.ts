@@ -1,0 +1,112 @@
+// The architecture registry: for each family, how its config is read (config.json or
+// GGUF metadata), which tensors it needs (HF names and shapes), how GGUF tensor names
+// map to HF ones, and the builder of its forward. Nothing outside src/model/ names an
+// architecture: callers use loadModel and the CausalLM it returns.
+
+import type { Backend } from "../backend/backend";
+import { llamaGGUFNameFromHF, llamaHFNameFromGGUF, llamaTensors, type ExpectedTensor } from "./arch";
+import type { CausalLM, ForwardOptions } from "./causal-lm";
+import { LLAMA_HF_ARCHITECTURES, llamaConfigFromGGUF, llamaConfigFromHF, type Arch, type Fail, type LlamaArch, type ModelConfig } from "./config";
+import { ModelFormatError, shown } from "./errors";
+import { LlamaModel } from "./llama";
+import { loadModelFiles, type LoadedModel } from "./load";
+
+export interface Family {
+  /** HF `architectures[0]` (or `model_type`) -> arch. */
+  hfArchitectures: Record<string, Arch>;
+  /** GGUF `general.architecture` values this family reads (each is also its arch). */
+  ggufArchs: readonly Arch[];
+  configFromHF(j: Record<string, unknown>, arch: Arch, fail: Fail): ModelConfig;
+  configFromGGUF(metadata: Map<string, unknown>, tensorNames: Set<string>, arch: Arch, fail: Fail): ModelConfig;
+  /** Every tensor the config needs, HF names and shapes. */
+  tensors(cfg: ModelConfig): ExpectedTensor[];
+  /** A tensor every layer l has: checked first, so a damaged layer count fails fast. */
+  layerTensor(l: number): string;
+  hfNameFromGGUF(name: string): string | null;
+  ggufNameFromHF(name: string): string | null;
+  build(backend: Backend, files: LoadedModel, opts: ForwardOptions): CausalLM;
+}
+
+const LLAMA: Family = {
+  hfArchitectures: LLAMA_HF_ARCHITECTURES,
+  ggufArchs: ["llama", "mistral", "qwen2"],
+  configFromHF: (j, arch, fail) => llamaConfigFromHF(j, arch as LlamaArch, fail),
+  configFromGGUF: (metadata, names, arch, fail) => llamaConfigFromGGUF(metadata, names, arch as LlamaArch, fail),
+  tensors: llamaTensors,
+  layerTensor: (l) => `model.layers.${l}.input_layernorm.weight`,
+  hfNameFromGGUF: llamaHFNameFromGGUF,
+  ggufNameFromHF: llamaGGUFNameFromHF,
+  build: (backend, files, opts) => new LlamaModel(backend, files, opts),
+};
+
+const FAMILIES: readonly Family[] = [LLAMA];
+
+/** The family serving `arch`. */
+export function familyOf(arch: Arch): Family {
+  const family = FAMILIES.find((f) => Object.values(f.hfArchitectures).includes(arch) || f.ggufArchs.includes(arch));
+  if (!family) throw new Error(`no model family serves architecture ${arch}`);
+  return family;
+}
+
+const HF_NAMES = () => FAMILIES.flatMap((f) => Object.keys(f.hfArchitectures));
+
+/** Config from a config.json's text; its `architectures[0]` (or `model_type`) picks the family. */
+export function configFromHF(path: string, text: string): ModelConfig {
+  const fail = (detail: string): never => {
+    throw new ModelFormatError(path, detail);
+  };
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (e) {
+    return fail(`not valid JSON: ${(e as Error).message}`);
+  }
+  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) return fail("not a JSON object");
+  const j = raw as Record<string, unknown>;
+  const first: unknown = Array.isArray(j.architectures) ? j.architectures[0] : undefined;
+  for (const family of FAMILIES) {
+    const byName = typeof first === "string" && Object.hasOwn(family.hfArchitectures, first) ? family.hfArchitectures[first] : undefined;
+    const arch = byName ?? Object.values(family.hfArchitectures).find((a) => a === j.model_type);
+    if (arch) return family.configFromHF(j, arch, fail);
+  }
+  const named = first ?? j.model_type;
+  return fail(`unsupported architecture ${typeof named === "string" ? named : shown(named)} (supported: ${HF_NAMES().join(", ")})`);
+}
+
+/** Config from GGUF metadata; `general.architecture` picks the family. */
+export function configFromGGUF(path: string, metadata: Map<string, unknown>, tensorNames: Set<string>): ModelConfig {
+  const fail = (detail: string): never => {
+    throw new ModelFormatError(path, detail);
+  };
+  const arch = metadata.get("general.architecture");
+  if (typeof arch !== "string") return fail("missing key general.architecture");
+  const family = FAMILIES.find((f) => f.ggufArchs.includes(arch as Arch));
+  if (!family) return fail(`unsupported architecture ${arch} (supported: ${FAMILIES.flatMap((f) => f.ggufArchs).join(", ")})`);
+  return family.configFromGGUF(metadata, tensorNames, arch as Arch, fail);
+}
+
+/** The tensors a config needs, HF names and shapes. */
+export function expectedTensors(cfg: ModelConfig): ExpectedTensor[] {
+  return familyOf(cfg.arch).tensors(cfg);
+}
+
+/** HF name of a GGUF tensor of an `arch` model, or null for tensors outside its table. */
+export function hfNameFromGGUF(name: string, arch: Arch): string | null {
+  return familyOf(arch).hfNameFromGGUF(name);
+}
+
+/** GGUF name of an HF tensor of an `arch` model (inverse of hfNameFromGGUF). */
+export function ggufNameFromHF(name: string, arch: Arch): string | null {
+  return familyOf(arch).ggufNameFromHF(name);
+}
+
+/** Maps the files at `path` (HF directory or GGUF) and builds its family's model on `backend`. */
+export function loadModel(path: string, backend: Backend, opts: ForwardOptions = {}): CausalLM {
+  const files = loadModelFiles(path, (p) => backend.mapFile(p));
+  try {
+    return familyOf(files.config.arch).build(backend, files, opts);
+  } catch (e) {
+    files.close();
+    throw e;
+  }
+}
