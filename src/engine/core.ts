@@ -5,7 +5,8 @@
 import type { DType } from "../backend/backend";
 import { createKVCache, type KVCache } from "../kv/cache";
 import type { CausalLM } from "../model/causal-lm";
-import { greedyToken, isGreedy, processLogits, sample, topIndices } from "../speculation/sampling";
+import { uniformAt } from "../speculation/rng";
+import { greedyToken, isGreedy, processLogits, sampleAt, topIndices } from "../speculation/sampling";
 import type { Speculator } from "../speculation/speculator";
 import type { Tokenizer } from "../tokenizer/tokenizer";
 import { resolveGenerationConfig, type GenerationConfig } from "./config";
@@ -159,10 +160,9 @@ export class Engine {
   private speculationMode(cfg: GenerationConfig): SpeculationMode {
     const s = cfg.speculation;
     if (s === false || !this.speculator) return { kind: "off" };
-    // Auto sizes greedy requests' trees by measured cost. A sampled request's random
-    // draws depend on its trees, so it keeps the compiled tree: the same seed then gives
-    // the same text whatever else runs beside it.
-    if (s === "auto" && this.opts.cost && this.speculator.hasModels && cfg.temperature === 0) return { kind: "auto", ngram: this.speculator.opts.ngram };
+    // Auto sizes trees by measured cost. Its trees are verified with one fixed draw per
+    // position, so a sampled request's text does not depend on the sizes chosen.
+    if (s === "auto" && this.opts.cost && this.speculator.hasModels) return { kind: "auto", ngram: this.speculator.opts.ngram };
     if (s === "auto") return { kind: "fixed", plan: this.speculator.fixedPlan(undefined, undefined) };
     try {
       return { kind: "fixed", plan: this.speculator.fixedPlan(s.tree, s.ngram) };
@@ -277,7 +277,8 @@ export class Engine {
       req.stats.step(run.forwardMs, run.draftMs / Math.max(1, decodeEntries.length), tree?.size ?? 0);
       this.lastStep.treeNodes.push(tree?.size ?? 0);
       if (tree) {
-        const result = tree.verify(rows, req.params, req.rng, req.tokens);
+        const at0 = req.tokens.length;
+        const result = tree.verify(rows, req.params, req.rng, req.tokens, entry.draft?.perPosition ? (depth) => uniformAt(req.config.seed, at0 + depth) : undefined);
         if (entry.autoDepth > 0) {
           req.acceptance.observe(tree.size, result.acceptedNodes.length);
           this.opts.cost?.acceptance.observe(tree.size, result.acceptedNodes.length);
@@ -314,10 +315,12 @@ export class Engine {
     for (const d of acceptedDepths) c.acceptedPerPosition[d - 1] = (c.acceptedPerPosition[d - 1] ?? 0) + 1;
   }
 
-  /** The next token from one row of logits: argmax, or a seeded sample. */
+  /** The next token from one row of logits: argmax, or a sample with the draw fixed by
+   *  the request's seed and the token's position (the draw per-position verification
+   *  replays, so auto trees never change a seeded text). */
   private pick(req: Request, row: Float32Array): number {
     if (isGreedy(req.params)) return greedyToken(row, req.params, req.tokens);
-    return sample(processLogits(row, req.params, req.tokens), req.rng);
+    return sampleAt(processLogits(row, req.params, req.tokens), uniformAt(req.config.seed, req.tokens.length));
   }
 
   /** Appends tokens until a stop condition (EOS, stop ids, max tokens, context, stop

@@ -242,6 +242,6 @@ export class Scheduler {
   /** An auto request's plan: a chain of `depth` SSM nodes. */
   private autoPlan(req: Request, depth: number): DraftPlan | null {
     if (req.speculation.kind !== "auto" || !this.speculator) return null;
-    return { shape: chainShape(Math.max(1, depth)), ngram: false };
+    return { shape: chainShape(Math.max(1, depth)), ngram: false, perPosition: true };
   }
 }

@@ -12,6 +12,17 @@ function rotl(x: number, k: number): number {
   return (x << k) | (x >>> (32 - k));
 }
 
+/** A uniform number in [0, 1) fixed by (seed, position): the random draw of the token at
+ *  `position`. Sampling every position from its own draw makes a seeded request's text
+ *  independent of how its steps were batched or speculated. */
+export function uniformAt(seed: number, position: number): number {
+  const s = splitmix32((seed >>> 0) ^ splitmix32(Math.floor(seed / 4294967296) >>> 0));
+  const p = splitmix32(s ^ splitmix32((position >>> 0) ^ 0x632be5ab));
+  const q = splitmix32(p ^ splitmix32(Math.floor(position / 4294967296) ^ 0x9e3779b9));
+  // Two mixed 32-bit words make the 53-bit seed of a fresh generator.
+  return new Rng(p * 2097152 + (q >>> 11)).next();
+}
+
 export class Rng {
   private s0: number;
   private s1: number;

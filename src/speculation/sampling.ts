@@ -251,10 +251,16 @@ export function processLogits(logits: Float32Array, params: SamplingParams, cont
 
 /** Draws an index with probability proportional to `probs` (need not sum to 1). */
 export function sample(probs: ArrayLike<number>, rng: Rng): number {
+  return sampleAt(probs, rng.next());
+}
+
+/** The index whose cumulative interval holds `u * total` (inverse CDF): `u` uniform in
+ *  [0, 1) draws from `probs`. */
+export function sampleAt(probs: ArrayLike<number>, u: number): number {
   let total = 0;
   for (let i = 0; i < probs.length; i++) total += probs[i];
   if (!(total > 0)) throw new Error("sampling: the distribution has no mass");
-  const target = rng.next() * total;
+  const target = u * total;
   let cumulative = 0;
   let last = -1;
   for (let i = 0; i < probs.length; i++) {

@@ -10,7 +10,7 @@ import type { CausalLM } from "../model/causal-lm";
 import { growthCapacity } from "./expand";
 import { NgramDrafter } from "./ngram";
 import type { Rng } from "./rng";
-import type { SamplingParams } from "./sampling";
+import { isGreedy, type SamplingParams } from "./sampling";
 import { SSMDrafter } from "./ssm";
 import { linearize, mergeTrees, parseTreeShape, shapeCapacity, type DraftTree, type TokenTree, type TreeShape } from "./tree";
 import { verify } from "./verify";
@@ -43,6 +43,10 @@ export interface DraftPlan {
   /** The SSMs' tree shape; null drafts without SSMs. */
   shape: TreeShape | null;
   ngram: boolean;
+  /** Verify with a fixed draw per position (see verify's `uniforms`) and let drafters
+   *  propose their most likely tokens: a sampled request's text then does not depend on
+   *  its trees. Otherwise sampled requests use multi-step speculative sampling. */
+  perPosition?: boolean;
 }
 
 /** One request's merged tree for one step. */
@@ -72,9 +76,10 @@ export class StepDraft {
     linearize(this.tree, { seqRow: row, committed, rootToken, rootPosition }, builder);
   }
 
-  /** `rows`: the LLM's logits at the root and every node, in linearize order. */
-  verify(rows: Float32Array, params: SamplingParams, rng: Rng, context: readonly number[]) {
-    const r = verify(this.tree, rows, this.vocab, { params, rng, context });
+  /** `rows`: the LLM's logits at the root and every node, in linearize order.
+   *  `uniforms`: per-position draws (DraftPlan.perPosition) instead of `rng`. */
+  verify(rows: Float32Array, params: SamplingParams, rng: Rng, context: readonly number[], uniforms?: (depth: number) => number) {
+    const r = verify(this.tree, rows, this.vocab, { params, rng, context, uniforms });
     return { acceptedNodes: r.accepted, tokens: r.tokens };
   }
 }
@@ -178,7 +183,9 @@ export class Speculator {
   /** One merged tree per request (null when no drafter proposed anything). */
   draft(requests: SpeculatingRequest[]): (StepDraft | null)[] {
     const withModels = requests.filter((r) => r.plan.shape !== null);
-    const perSSM = this.ssms.map((s) => s.draft(withModels.map((r) => ({ request: r.request, shape: r.plan.shape!, tokens: r.tokens, params: r.params, rng: r.rng }))));
+    const perSSM = this.ssms.map((s) =>
+      s.draft(withModels.map((r) => ({ request: r.request, shape: r.plan.shape!, sample: !isGreedy(r.params) && !r.plan.perPosition, tokens: r.tokens, params: r.params, rng: r.rng }))),
+    );
     return requests.map((r) => {
       const at = withModels.indexOf(r);
       const trees: DraftTree[] = at >= 0 ? perSSM.map((trees) => trees[at]) : [];

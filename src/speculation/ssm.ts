@@ -16,13 +16,15 @@ import { BatchBuilder } from "../model/batch";
 import type { CausalLM } from "../model/causal-lm";
 import { draftParams, growTree, type DraftView, type ExpandedTree } from "./expand";
 import type { Rng } from "./rng";
-import { isGreedy, processLogits, type SamplingParams } from "./sampling";
+import { processLogits, type SamplingParams } from "./sampling";
 import { pathTo, type TreeShape } from "./tree";
 
 export interface DraftRequest {
   request: number;
   /** How this request's tree grows this step. */
   shape: TreeShape;
+  /** Children drawn from q (stochastic verification) or the most likely ones. */
+  sample: boolean;
   /** Prompt + generated tokens; the last one is the root of the tree. */
   tokens: readonly number[];
   params: SamplingParams;
@@ -76,7 +78,7 @@ export class SSMDrafter {
   draft(requests: DraftRequest[]): ExpandedTree[] {
     const rootLogits = this.catchUp(requests);
     const states = requests.map((r) => this.state(r.request));
-    const growths = requests.map((r) => growTree(r.shape, { sample: !isGreedy(r.params), rng: r.rng }));
+    const growths = requests.map((r) => growTree(r.shape, { sample: r.sample, rng: r.rng }));
     const results: ExpandedTree[] = new Array(requests.length);
     let steps = growths.map((g) => g.next());
     for (;;) {

@@ -18,13 +18,18 @@
 //     leads to the same trie node when accepted).
 
 import type { Rng } from "./rng.ts";
-import { greedyToken, isGreedy, processLogits, readsContext, sample, type SamplingParams } from "./sampling.ts";
+import { greedyToken, isGreedy, processLogits, readsContext, sample, sampleAt, type SamplingParams } from "./sampling.ts";
 import type { Draw, TokenTree } from "./tree.ts";
 
 export interface VerifyOptions {
   params: SamplingParams;
-  /** Used when sampling. */
+  /** Used when sampling (multi-step speculative sampling). */
   rng?: Rng;
+  /** Sampling with a fixed draw per position instead: the uniform for the token after
+   *  a node at depth d (0 = the root). The LLM's own sample at each position is then
+   *  the token kept, and the child equal to it is followed, as in greedy: the output is
+   *  the incremental one with the same draws, whatever the tree. */
+  uniforms?: (depth: number) => number;
   /** Tokens before the tree (prompt + generated, the root token last): the repetition
    *  penalty's context. */
   context?: ArrayLike<number>;
@@ -48,9 +53,9 @@ export function verify(tree: TokenTree, logits: Float32Array, vocab: number, opt
   if (logits.length < rows * vocab) {
     throw new Error(`verify: ${rows} logits rows of ${vocab} needed, got ${logits.length} values`);
   }
-  const { params } = options;
-  const rng = isGreedy(params) ? undefined : options.rng;
-  if (!isGreedy(params) && !rng) throw new Error("verify: sampling needs an rng");
+  const { params, uniforms } = options;
+  const rng = isGreedy(params) || uniforms ? undefined : options.rng;
+  if (!isGreedy(params) && !rng && !uniforms) throw new Error("verify: sampling needs an rng or per-position uniforms");
   const penalizing = options.context !== undefined && readsContext(params);
   const history = penalizing ? Array.from(options.context!) : undefined;
 
@@ -65,7 +70,8 @@ export function verify(tree: TokenTree, logits: Float32Array, vocab: number, opt
       next = step.child;
       bonus = step.child < 0 ? step.token : -1;
     } else {
-      const token = greedyToken(row, params, history);
+      const depth = node < 0 ? 0 : tree.depths[node];
+      const token = isGreedy(params) ? greedyToken(row, params, history) : sampleAt(processLogits(row, params, history), uniforms!(depth));
       next = tree.children[node + 1].find((child) => tree.tokens[child] === token) ?? -1;
       if (next < 0) bonus = token;
     }

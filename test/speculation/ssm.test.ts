@@ -36,7 +36,7 @@ test("a width-1 draft is the draft model's own greedy continuation, across steps
   const seqs = [[1, 4, 9, 16], [1, 2], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 3]];
   seqs.forEach((_, i) => drafter.open(i));
   for (let step = 0; step < 4; step++) {
-    const trees = drafter.draft(seqs.map((tokens, i) => ({ request: i, shape, tokens, params: GREEDY, rng: new Rng(i) })));
+    const trees = drafter.draft(seqs.map((tokens, i) => ({ request: i, shape, sample: false, tokens, params: GREEDY, rng: new Rng(i) })));
     seqs.forEach((tokens, i) => {
       expect(Array.from(trees[i].parents)).toEqual([-1, 0, 1, 2, 3]);
       expect(Array.from(trees[i].tokens)).toEqual(greedyContinuation(tokens, depth));

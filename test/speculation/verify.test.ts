@@ -12,7 +12,7 @@ import { draftParams, expandTree } from "../../src/speculation/expand.ts";
 import { promptLookup } from "../../src/speculation/ngram.ts";
 import { Rng } from "../../src/speculation/rng.ts";
 import {
-  GREEDY, greedyToken, processLogits, sample, samplingParams, type SamplingParams,
+  GREEDY, greedyToken, processLogits, sample, sampleAt, samplingParams, type SamplingParams,
 } from "../../src/speculation/sampling.ts";
 import {
   linearize, maskWords, mergeTrees, parseTreeShape, pathTo, type DraftTree, type TokenTree,
@@ -108,6 +108,39 @@ describe("greedy: speculative output is the incremental output, token for token"
       expect(tokens / steps).toBeGreaterThan(config.minSpeedup ?? 1.3);
     });
   }
+});
+
+describe("sampling with one fixed draw per position: speculative output is the incremental output", () => {
+  const VOCAB = 16;
+  const uniform = (seed: number, position: number) => new Rng(seed * 1000 + position).next();
+  test("for trees of any shape, drafters ranking their children, with and without penalties", () => {
+    const shapes = ["1,1,1", "2,2,1", "dynamic:10:5:3", "1"];
+    let steps = 0;
+    let tokens = 0;
+    for (let seed = 0; seed < 40; seed++) {
+      const params = samplingParams({ temperature: 0.9, topK: 8, repetitionPenalty: seed % 2 ? 1.3 : 1 });
+      const llm = new ToyModel(VOCAB, 2000 + seed, 2);
+      const draft = ssm(new ToyModel(VOCAB, 3000 + seed, 1, llm), shapes[seed % shapes.length], false);
+      const prompt = randomPrompt(new Rng(seed), VOCAB);
+      const incremental = [...prompt];
+      for (let t = 0; t < 30; t++) {
+        incremental.push(sampleAt(processLogits(llm.logits(incremental), params, incremental), uniform(seed, incremental.length)));
+      }
+      const context = [...prompt];
+      while (context.length < incremental.length) {
+        const at = context.length;
+        const result = speculativeStep(llm, [draft], context, params, new Rng(seed), (tree, logits, vocab, options) =>
+          verify(tree, logits, vocab, { ...options, uniforms: (depth) => uniform(seed, at + depth) }),
+        );
+        context.push(...result.tokens);
+        steps++;
+      }
+      expect(context.slice(0, incremental.length)).toEqual(incremental);
+      tokens += 30;
+    }
+    // The drafts are the LLM's near relatives: several tokens per step on average.
+    expect(tokens / steps).toBeGreaterThan(1.3);
+  });
 });
 
 /** A verifier with one deliberate flaw, sharing verify's walk and node step. */
