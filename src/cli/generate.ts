@@ -25,6 +25,7 @@ default pair (llama-shakespeare-8m verified, llama-shakespeare-1.4m-draft drafti
   --max-seqs N            most requests decoded together (default 8)
   --ctx-size N            longest prompt + generation (default: the model's)
   --kv-dtype f16|f32      KV cache element type (default f16)
+  --kv-memory BYTES       bytes for the KV cache (default: --max-seqs full sequences)
   --threads N             CPU threads (default: all cores)
   --backend cpu|cuda      (default cpu)
   --json                  print one JSON object at the end instead of streaming text
@@ -57,6 +58,7 @@ export const ENGINE_FLAGS: Options = {
   "max-seqs": { type: "string" },
   "ctx-size": { type: "string" },
   "kv-dtype": { type: "string" },
+  "kv-memory": { type: "string" },
 };
 
 type Values = Record<string, unknown>;
@@ -95,6 +97,7 @@ export function loadOptions(v: Values): LoadOptions {
     maxRequestsPerBatch: intFlag(v, "max-seqs", 1),
     maxSeqLength: intFlag(v, "ctx-size", 1),
     kvDtype,
+    kvMemory: intFlag(v, "kv-memory", 1),
     onProgress: progressPrinter("loading"),
   };
 }

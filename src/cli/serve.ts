@@ -27,7 +27,7 @@ Without --model it serves the embedded default pair.
   --max-queue N              most generations waiting beyond the running ones; more get
                              a 429 (default: no limit)
   --served-model-name NAME   the model id clients use (default: the model's file name)
-  --kv-dtype f16|f32  --threads N  --backend cpu|cuda
+  --kv-dtype f16|f32  --kv-memory BYTES  --threads N  --backend cpu|cuda
 
 Requests choose speculation per request with the extension field "speculation":
 false, "auto" (default) or {"tree": "1,1,3", "ngram": true}.

@@ -1,10 +1,13 @@
 // Bun.serve around the app. Bun closes a connection idle for `idleTimeout` seconds, but
 // a generation may be silent far longer (a long prefill, a queue wait, a whole
-// non-streamed answer): POST requests get no idle timeout until their answer is
-// written, then the connection idles out as usual.
+// non-streamed answer). So a POST body is first read whole under the idle timeout (a
+// client that stops sending mid-body is cut off, not waited on forever), then the
+// request gets no idle timeout until its answer is written, and the connection idles
+// out as usual afterwards.
 
 import type { Hono } from "hono";
 import { DEFAULT_MAX_BODY_BYTES } from "./app";
+import { ApiError } from "./errors";
 
 export interface ListenOptions {
   hostname: string;
@@ -12,21 +15,26 @@ export interface ListenOptions {
   port: number;
   /** Seconds an idle connection stays open (Bun's default: 10). */
   idleTimeout?: number;
-  /** Bun's own cap on bodies; keep it above the app's limit so the app answers 413 as JSON. */
+  /** Largest POST body, in bytes (default 4 MiB, the app's default); a larger one gets a
+   *  JSON 413 without being read whole. */
   maxBodyBytes?: number;
 }
 
 export function listen(app: Hono, opts: ListenOptions) {
   const idle = opts.idleTimeout ?? 10;
+  const maxBody = opts.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
   return Bun.serve({
     hostname: opts.hostname,
     port: opts.port,
     idleTimeout: idle,
-    maxRequestBodySize: 2 * (opts.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES),
+    // Bun's own refusal is a bare 413; readBody enforces the limit with a JSON one.
+    maxRequestBodySize: Number.MAX_SAFE_INTEGER,
     async fetch(request, server) {
       if (request.method !== "POST") return app.fetch(request);
+      const body = await readBody(request, maxBody);
+      if (body instanceof Response) return body;
       server.timeout(request, 0);
-      const response = await app.fetch(request);
+      const response = await app.fetch(new Request(request.url, { method: "POST", headers: request.headers, body, signal: request.signal }));
       const restore = () => server.timeout(request, idle);
       if (!response.body || !response.headers.get("Content-Type")?.startsWith("text/event-stream")) {
         restore();
@@ -35,4 +43,25 @@ export function listen(app: Hono, opts: ListenOptions) {
       return new Response(response.body.pipeThrough(new TransformStream({ flush: restore })), response);
     },
   });
+}
+
+const refusal = (e: ApiError) => Response.json(e.body(), { status: e.status });
+
+/** The whole body, or the error answer when it is over `limit` bytes or the client
+ *  stopped sending (then nobody reads the answer). */
+async function readBody(request: Request, limit: number): Promise<Uint8Array | Response> {
+  const tooLarge = () => refusal(new ApiError(413, `the request body is over the limit of ${limit} bytes`, null, "body_too_large"));
+  if (Number(request.headers.get("Content-Length") ?? 0) > limit) return tooLarge();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  try {
+    for await (const chunk of request.body ?? []) {
+      size += chunk.byteLength;
+      if (size > limit) return tooLarge();
+      chunks.push(chunk);
+    }
+  } catch (e) {
+    return refusal(new ApiError(400, `the request body could not be read: ${(e as Error).message}`, null, "body_incomplete"));
+  }
+  return Buffer.concat(chunks);
 }

@@ -1,5 +1,6 @@
 // Body validation with zod through @hono/zod-validator; a failure becomes our 400.
 
+import { isUtf8 } from "node:buffer";
 import { zValidator } from "@hono/zod-validator";
 import type { MiddlewareHandler } from "hono";
 import type { ZodType } from "zod";
@@ -11,6 +12,8 @@ export const requireJson: MiddlewareHandler = async (c, next) => {
   if (!/^application\/([\w.-]+\+)?json\b/i.test(c.req.header("Content-Type") ?? "")) {
     throw badRequest("the request body must be JSON, sent with Content-Type: application/json");
   }
+  // JSON text is UTF-8 (RFC 8259); decoding bad bytes as U+FFFD would change the prompt.
+  if (!isUtf8(await c.req.arrayBuffer())) throw badRequest("the request body is not valid UTF-8");
   await next();
 };
 
