@@ -60,6 +60,7 @@ enum {
   E_ATT_BLOCK,
   E_KVM_SLOT,
   E_KVM_BLOCK,
+  E_ADDROWS_ID,
 };
 
 struct DevErr {
@@ -118,6 +119,9 @@ static void format_async(si_ctx *c, const DevErr *e, const char *where) {
   const char *which = e->d ? "dst" : "src";
   switch (e->kind) {
     case E_EMB_ID: snprintf(m, sizeof m, "si_embedding: id %lld at index %lld is outside [0, %lld)", a, b, cc); break;
+    case E_ADDROWS_ID:
+      snprintf(m, sizeof m, "si_add_rows: id %lld + offset %lld at index %lld is outside [0, %lld)", a, e->d, b, cc);
+      break;
     case E_KVW_SEQ: snprintf(m, sizeof m, "si_kv_write: seq[%lld]=%lld is negative", a, b); break;
     case E_KVW_SLOT: snprintf(m, sizeof m, "si_kv_write: slot %lld (token %lld) is outside [0, %lld)", a, b, cc); break;
     case E_KVW_BLOCK: snprintf(m, sizeof m, "si_kv_write: slot %lld (token %lld) maps to block id %lld", a, b, cc); break;
@@ -1164,6 +1168,115 @@ extern "C" int32_t si_add(si_ctx *c, float *x, const float *y, int64_t count) {
   return launched(c, op);
 }
 
+// ---- layernorm, activations, learned positions -------------------------------------------
+
+// Two block reductions: the mean, then the centered sum of squares (as the CPU does).
+__global__ void layernorm_kernel(const float *x, const float *w, const float *b, int dim, float eps, float *y) {
+  __shared__ float red[32];
+  const float *xr = x + (size_t)blockIdx.x * dim;
+  float *yr = y + (size_t)blockIdx.x * dim;
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) sum += xr[i];
+  const float mean = block_sum(sum, red) / (float)dim;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float d = xr[i] - mean;
+    ss = fmaf(d, d, ss);
+  }
+  const float inv = 1.0f / sqrtf(block_sum(ss, red) / (float)dim + eps);
+  // y may equal x: each thread rewrites only the elements it read itself.
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = (xr[i] - mean) * inv * w[i];
+    yr[i] = b ? v + b[i] : v;
+  }
+}
+
+extern "C" int32_t si_layernorm(si_ctx *c, const float *x, const float *weight, const float *bias, int32_t n,
+                                int32_t dim, float eps, float *y) {
+  if (!c) return SI_ERR_ARG;
+  const char *op = "si_layernorm";
+  int rc = non_negative(c, op, "n", n);
+  if (!rc) rc = positive(c, op, "dim", dim);
+  if (rc || n == 0) return rc;
+  rc = need(c, op, "x", x);
+  if (!rc) rc = need(c, op, "weight", weight);
+  if (!rc) rc = need(c, op, "y", y);
+  if (!rc) rc = aligned(c, op, "x", x, 4);
+  if (!rc) rc = aligned(c, op, "weight", weight, 4);
+  if (!rc) rc = aligned(c, op, "bias", bias, 4);
+  if (!rc) rc = aligned(c, op, "y", y, 4);
+  if (rc) return rc;
+  if (!c->ok) return no_device(c, op);
+  const int threads = dim >= 4096 ? 1024 : (dim >= 1024 ? 512 : 256);
+  layernorm_kernel<<<n, threads, 0, c->stream>>>(x, weight, bias, dim, eps, y);
+  return launched(c, op);
+}
+
+__global__ void activation_kernel(const float *x, long long count, int kind, float *out) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+       i += (long long)gridDim.x * blockDim.x) {
+    const float v = x[i];
+    float r;
+    if (kind == SI_ACT_RELU) r = fmaxf(v, 0.f);
+    else if (kind == SI_ACT_GELU) r = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    else r = 0.5f * v * (1.f + tanhf(0.7978845608028654f * fmaf(0.044715f * v * v, v, v)));
+    out[i] = r;
+  }
+}
+
+extern "C" int32_t si_activation(si_ctx *c, const float *x, int64_t count, int32_t kind, float *out) {
+  if (!c) return SI_ERR_ARG;
+  const char *op = "si_activation";
+  if (kind < SI_ACT_RELU || kind > SI_ACT_GELU_TANH)
+    return fail(c, SI_ERR_ARG, "%s: unknown kind %d (0 = relu, 1 = gelu, 2 = gelu_tanh)", op, kind);
+  int rc = non_negative(c, op, "count", count);
+  if (rc || count == 0) return rc;
+  rc = need(c, op, "x", x);
+  if (!rc) rc = need(c, op, "out", out);
+  if (!rc) rc = aligned(c, op, "x", x, 4);
+  if (!rc) rc = aligned(c, op, "out", out, 4);
+  if (rc) return rc;
+  if (!c->ok) return no_device(c, op);
+  activation_kernel<<<grid_for(c, count, 256), 256, 0, c->stream>>>(x, count, kind, out);
+  return launched(c, op);
+}
+
+__global__ void add_rows_kernel(float *x, const unsigned char *table, int dt, int rows, int dim, size_t rb,
+                                const int *ids, int offset, DevErr *err) {
+  const int i = blockIdx.x;
+  const long long r = (long long)ids[i] + offset;
+  if (r < 0 || r >= rows) {
+    if (threadIdx.x == 0) report(err, E_ADDROWS_ID, ids[i], i, rows, offset);
+    return;
+  }
+  const unsigned char *row = table + (size_t)r * rb;
+  float *o = x + (size_t)i * dim;
+  for (int e = threadIdx.x; e < dim; e += blockDim.x) o[e] += load_elem(dt, row, e);
+}
+
+extern "C" int32_t si_add_rows(si_ctx *c, float *x, const void *table, int32_t dtype, int32_t rows, int32_t dim,
+                               const int32_t *ids, int32_t n, int32_t offset) {
+  if (!c) return SI_ERR_ARG;
+  const char *op = "si_add_rows";
+  int rc = non_negative(c, op, "n", n);
+  if (!rc) rc = positive(c, op, "rows", rows);
+  if (!rc) rc = positive(c, op, "dim", dim);
+  if (!rc) rc = check_dtype(c, op, dtype, dim, "dim");
+  if (rc || n == 0) return rc;
+  rc = need(c, op, "x", x);
+  if (!rc) rc = need(c, op, "table", table);
+  if (!rc) rc = need(c, op, "ids", ids);
+  if (!rc) rc = aligned(c, op, "x", x, 4);
+  if (!rc) rc = aligned(c, op, "table", table, elem_align(dtype));
+  if (!rc) rc = aligned(c, op, "ids", ids, 4);
+  if (rc) return rc;
+  if (!c->ok) return no_device(c, op);
+  int threads = dim >= 256 ? 256 : ((dim + 31) / 32) * 32;
+  add_rows_kernel<<<n, threads, 0, c->stream>>>(x, (const unsigned char *)table, dtype, rows, dim,
+                                                row_bytes(dtype, dim), ids, offset, c->derr);
+  return launched(c, op);
+}
+
 // ---- paged KV cache -------------------------------------------------------------------------
 //
 // Planes hold float (SI_F32) or __half (SI_F16) elements; every KV kernel is a template
@@ -1271,6 +1384,7 @@ struct AttnArgs {
   const unsigned *anc;
   int words;
   float scale;
+  const float *alibi;  // per query head slopes, or NULL
   float *out;
   DevErr *err;
 };
@@ -1281,7 +1395,7 @@ struct AttnArgs {
 template <int E, bool LIST, typename T>
 __device__ __forceinline__ void attn_group(const AttnArgs &a, const float (&q)[E], float (&acc)[E], float &m, float &s,
                                            const int *list, int base, int cnt, int lane, const int *bt, size_t row,
-                                           size_t koff) {
+                                           size_t koff, float slope, int rank0, int last) {
   const int hd = a.head_dim;
   size_t off[ATT_G];
   float sc[ATT_G];
@@ -1306,7 +1420,8 @@ __device__ __forceinline__ void attn_group(const AttnArgs &a, const float (&q)[E
   float tmax = -INFINITY;
 #pragma unroll
   for (int g = 0; g < ATT_G; g++) {
-    sc[g] = g < cnt ? sc[g] * a.scale : -INFINITY;
+    // ALiBi: -slope * (slots seen after this one); rank0 + base + g is this slot's rank.
+    sc[g] = g < cnt ? fmaf(sc[g], a.scale, -slope * (float)(last - (rank0 + base + g))) : -INFINITY;
     tmax = fmaxf(tmax, sc[g]);
   }
   const float mn = fmaxf(m, tmax);
@@ -1334,7 +1449,7 @@ template <int E, typename T>
 __global__ void __launch_bounds__(512) attention_kernel(AttnArgs a) {
   extern __shared__ float smem[];  // [nw][hd] partial outputs, then m[nw], s[nw], f[nw]
   __shared__ int list[ATT_LIST];
-  __shared__ int s_sq, s_cm, s_nblk, s_bad, s_cnt;
+  __shared__ int s_sq, s_cm, s_nblk, s_bad, s_cnt, s_seen;
   const int i = blockIdx.x, h = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
   const int hd = a.head_dim, bs = a.block_size;
@@ -1354,6 +1469,9 @@ __global__ void __launch_bounds__(512) attention_kernel(AttnArgs a) {
         bad = 1;
       } else {
         top = cm;
+        int seen = cm;
+        for (int wi = 0; wi < a.words; wi++) seen += __popc(a.anc[(size_t)i * a.words + wi]);
+        s_seen = seen;
         for (int wi = a.words - 1; wi >= 0; wi--) {
           const unsigned mk = a.anc[(size_t)i * a.words + wi];
           if (mk) {
@@ -1398,11 +1516,14 @@ __global__ void __launch_bounds__(512) attention_kernel(AttnArgs a) {
     acc[j] = 0.f;
   }
   float m = -INFINITY, s = 0.f;
+  const float slope = a.alibi ? a.alibi[h] : 0.f;
+  const int last = s_seen - 1;
 
   for (int base = w * ATT_G; base < cm; base += nw * ATT_G) {
     const int cnt = cm - base < ATT_G ? cm - base : ATT_G;
-    attn_group<E, false, T>(a, q, acc, m, s, list, base, cnt, lane, bt, row, koff);
+    attn_group<E, false, T>(a, q, acc, m, s, list, base, cnt, lane, bt, row, koff, slope, 0, last);
   }
+  int listed = 0;  // batch slots of earlier chunks: this chunk's ranks start at cm + listed
   for (int w0 = 0; w0 < a.words; w0 += 32) {  // uniform loop: barriers are safe
     __syncthreads();                           // the previous chunk's list is consumed
     if (w == 0) {
@@ -1427,8 +1548,9 @@ __global__ void __launch_bounds__(512) attention_kernel(AttnArgs a) {
     const int cnt_all = s_cnt;
     for (int base = w * ATT_G; base < cnt_all; base += nw * ATT_G) {
       const int cnt = cnt_all - base < ATT_G ? cnt_all - base : ATT_G;
-      attn_group<E, true, T>(a, q, acc, m, s, list, base, cnt, lane, bt, row, koff);
+      attn_group<E, true, T>(a, q, acc, m, s, list, base, cnt, lane, bt, row, koff, slope, cm + listed, last);
     }
+    listed += cnt_all;
   }
 
   // Merge the warps: out = sum_w acc_w e^(m_w - M) / sum_w s_w e^(m_w - M).
@@ -1490,7 +1612,7 @@ extern "C" int32_t si_attention(si_ctx *c, const float *q, int32_t n, int32_t n_
                                 int32_t head_dim, const void *k_plane, const void *v_plane, int32_t kv_dtype,
                                 const int32_t *block_tables, int32_t max_blocks, int32_t block_size,
                                 const int32_t *seq, const int32_t *committed, const uint32_t *ancestors, int32_t words,
-                                float scale, float *out) {
+                                float scale, float *out, const float *alibi_slopes) {
   if (!c) return SI_ERR_ARG;
   const char *op = "si_attention";
   int rc = check_kv_dtype(c, op, kv_dtype);
@@ -1514,6 +1636,7 @@ extern "C" int32_t si_attention(si_ctx *c, const float *q, int32_t n, int32_t n_
   for (int j = 0; j < 7; j++)
     if ((rc = aligned(c, op, names[j], ps[j], j == 1 || j == 2 ? kv_size(kv_dtype) : 4))) return rc;
   if (words > 0 && (rc = aligned(c, op, "ancestors", ancestors, 4))) return rc;
+  if ((rc = aligned(c, op, "alibi_slopes", alibi_slopes, 4))) return rc;
   if (n_heads > 65535) return fail(c, SI_ERR_ARG, "%s: n_heads=%d exceeds the CUDA grid limit 65535", op, n_heads);
   if (!c->ok) return no_device(c, op);
 
@@ -1533,6 +1656,7 @@ extern "C" int32_t si_attention(si_ctx *c, const float *q, int32_t n, int32_t n_
   a.anc = ancestors;
   a.words = words;
   a.scale = scale;
+  a.alibi = alibi_slopes;
   a.out = out;
   a.err = c->derr;
   // More warps per block when there are few blocks (decode), so long prefixes still

@@ -464,6 +464,121 @@ export fn si_add(ctx: ?*Ctx, x: ?[*]f32, y: ?[*]const f32, count: i64) callconv(
     return SI_OK;
 }
 
+export fn si_layernorm(ctx: ?*Ctx, x: ?[*]const f32, weight: ?[*]const f32, bias: ?[*]const f32, n: i32, dim: i32, eps: f32, y: ?[*]f32) callconv(.C) i32 {
+    const c = ctx orelse return SI_ERR_ARG;
+    const op = "si_layernorm";
+    var rc = nonNegative(c, op, "n", n);
+    if (rc == 0) rc = positive(c, op, "dim", dim);
+    if (rc != 0) return rc;
+    if (n == 0) return SI_OK;
+    rc = need(c, op, "x", x);
+    if (rc == 0) rc = need(c, op, "weight", weight);
+    if (rc == 0) rc = need(c, op, "y", y);
+    if (rc != 0) return rc;
+    const A = struct {
+        x: [*]const f32,
+        w: [*]const f32,
+        b: ?[*]const f32,
+        dim: usize,
+        eps: f32,
+        y: [*]f32,
+        ref: bool,
+        fn body(a: *const @This(), lo: usize, hi: usize) void {
+            for (lo..hi) |i| {
+                const xi = a.x + i * a.dim;
+                const yi = a.y + i * a.dim;
+                if (a.ref) nn.layernormRef(xi, a.w, a.b, a.dim, a.eps, yi) else nn.layernorm(xi, a.w, a.b, a.dim, a.eps, yi);
+            }
+        }
+    };
+    const a = A{ .x = x.?, .w = weight.?, .b = bias, .dim = @intCast(dim), .eps = eps, .y = y.?, .ref = c.reference };
+    parallelFor(&c.pool, @intCast(n), grainOf(c, @intCast(n), @intCast(dim)), &a, A.body);
+    return SI_OK;
+}
+
+export fn si_activation(ctx: ?*Ctx, x: ?[*]const f32, count: i64, kind: i32, out: ?[*]f32) callconv(.C) i32 {
+    const c = ctx orelse return SI_ERR_ARG;
+    const op = "si_activation";
+    if (kind < 0 or kind > 2)
+        return c.fail(SI_ERR_ARG, op ++ ": unknown kind {d} (0 = relu, 1 = gelu, 2 = gelu_tanh)", .{kind});
+    var rc = nonNegative(c, op, "count", count);
+    if (rc != 0 or count == 0) return rc;
+    rc = need(c, op, "x", x);
+    if (rc == 0) rc = need(c, op, "out", out);
+    if (rc != 0) return rc;
+    const A = struct {
+        x: [*]const f32,
+        out: [*]f32,
+        kind: nn.Activation,
+        ref: bool,
+        fn body(a: *const @This(), lo: usize, hi: usize) void {
+            if (a.ref) return nn.activationRef(a.kind, a.x, a.out, lo, hi);
+            switch (a.kind) {
+                inline else => |k| nn.activation(k, a.x, a.out, lo, hi),
+            }
+        }
+    };
+    const a = A{ .x = x.?, .out = out.?, .kind = @enumFromInt(kind), .ref = c.reference };
+    const cu: usize = @intCast(count);
+    parallelFor(&c.pool, cu, elementGrain(c, cu), &a, A.body);
+    return SI_OK;
+}
+
+export fn si_add_rows(ctx: ?*Ctx, x: ?[*]f32, table: ?*const anyopaque, dtype: i32, rows: i32, dim: i32, ids: ?[*]const i32, n: i32, offset: i32) callconv(.C) i32 {
+    const c = ctx orelse return SI_ERR_ARG;
+    const op = "si_add_rows";
+    var rc = nonNegative(c, op, "n", n);
+    if (rc == 0) rc = positive(c, op, "rows", rows);
+    if (rc == 0) rc = positive(c, op, "dim", dim);
+    if (rc != 0) return rc;
+    const d = switch (getDtype(c, op, dtype, dim, "dim")) {
+        .ok => |d| d,
+        .err => |e| return e,
+    };
+    if (n == 0) return SI_OK;
+    rc = need(c, op, "x", x);
+    if (rc == 0) rc = need(c, op, "table", table);
+    if (rc == 0) rc = need(c, op, "ids", ids);
+    if (rc != 0) return rc;
+    for (0..@intCast(n)) |i| {
+        const r = @as(i64, ids.?[i]) + offset;
+        if (r < 0 or r >= rows)
+            return c.fail(SI_ERR_ARG, op ++ ": id {d} + offset {d} at index {d} is outside [0, {d})", .{ ids.?[i], offset, i, rows });
+    }
+    const A = struct {
+        x: [*]f32,
+        t: [*]const u8,
+        d: DType,
+        dim: usize,
+        ids: [*]const i32,
+        offset: i32,
+        ref: bool,
+        fn body(a: *const @This(), lo: usize, hi: usize) void {
+            const chunk = 256; // whole quantization blocks, dequantized on the stack
+            var buf: [chunk]f32 = undefined;
+            for (lo..hi) |i| {
+                const row = a.t + @as(usize, @intCast(a.ids[i] + a.offset)) * mm.rowBytes(a.d, a.dim);
+                const xi = a.x + i * a.dim;
+                var e: usize = 0;
+                while (e < a.dim) : (e += chunk) {
+                    const len = @min(chunk, a.dim - e);
+                    const src = row + mm.rowBytes(a.d, e);
+                    if (a.ref) {
+                        mm.dequantRowRef(a.d, src, len, &buf);
+                        nn.addRef(xi + e, &buf, 0, len);
+                    } else {
+                        mm.dequantRow(a.d, src, len, &buf);
+                        nn.add(xi + e, &buf, 0, len);
+                    }
+                }
+            }
+        }
+    };
+    const a = A{ .x = x.?, .t = @ptrCast(table.?), .d = d, .dim = @intCast(dim), .ids = ids.?, .offset = offset, .ref = c.reference };
+    parallelFor(&c.pool, @intCast(n), grainOf(c, @intCast(n), @intCast(dim)), &a, A.body);
+    return SI_OK;
+}
+
 /// Element type of a KV cache plane (ffi/specinfer.h: SI_F32 or SI_F16).
 const KvType = enum { f32, f16 };
 
@@ -539,7 +654,7 @@ export fn si_kv_write(ctx: ?*Ctx, k: ?[*]const f32, v: ?[*]const f32, n: i32, ro
     return SI_OK;
 }
 
-export fn si_attention(ctx: ?*Ctx, q: ?[*]const f32, n: i32, n_heads: i32, n_kv_heads: i32, head_dim: i32, k_plane: ?*const anyopaque, v_plane: ?*const anyopaque, kv_dtype: i32, block_tables: ?[*]const i32, max_blocks: i32, block_size: i32, seq: ?[*]const i32, committed: ?[*]const i32, ancestors: ?[*]const u32, words: i32, scale: f32, out: ?[*]f32) callconv(.C) i32 {
+export fn si_attention(ctx: ?*Ctx, q: ?[*]const f32, n: i32, n_heads: i32, n_kv_heads: i32, head_dim: i32, k_plane: ?*const anyopaque, v_plane: ?*const anyopaque, kv_dtype: i32, block_tables: ?[*]const i32, max_blocks: i32, block_size: i32, seq: ?[*]const i32, committed: ?[*]const i32, ancestors: ?[*]const u32, words: i32, scale: f32, out: ?[*]f32, alibi_slopes: ?[*]const f32) callconv(.C) i32 {
     const c = ctx orelse return SI_ERR_ARG;
     const op = "si_attention";
     const kt = switch (getKvType(c, op, kv_dtype)) {
@@ -623,6 +738,7 @@ export fn si_attention(ctx: ?*Ctx, q: ?[*]const f32, n: i32, n_heads: i32, n_kv_
                 .ancestors = ancestors orelse @as([*]const u32, @ptrFromInt(@alignOf(u32))),
                 .words = wu,
                 .scale = scale,
+                .alibi = alibi_slopes,
                 .out = out.?,
             };
             runAttention(T, c, &a);

@@ -108,6 +108,25 @@ int32_t si_swiglu(si_ctx *ctx, const float *gate, const float *up, int64_t count
 /* x[i] += y[i] for count elements. */
 int32_t si_add(si_ctx *ctx, float *x, const float *y, int64_t count);
 
+/* y[i, :] = (x[i, :] - mean) / sqrt(var + eps) * weight (+ bias when bias != NULL),
+ * with the biased variance of row i (f32 weight and bias). y may equal x. */
+int32_t si_layernorm(si_ctx *ctx, const float *x, const float *weight, const float *bias, int32_t n,
+                     int32_t dim, float eps, float *y);
+
+enum si_activation_kind {
+  SI_ACT_RELU = 0,      /* max(x, 0) */
+  SI_ACT_GELU = 1,      /* x/2 (1 + erf(x / sqrt 2)) */
+  SI_ACT_GELU_TANH = 2, /* x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+};
+
+/* out[i] = act(x[i]) for count elements. out may equal x. */
+int32_t si_activation(si_ctx *ctx, const float *x, int64_t count, int32_t kind, float *out);
+
+/* x[i, :] += row ids[i] + offset of table[rows, dim] (any dtype): learned position
+ * embeddings added in place (OPT's offset is 2). Fails on rows outside [0, rows). */
+int32_t si_add_rows(si_ctx *ctx, float *x, const void *table, int32_t dtype, int32_t rows, int32_t dim,
+                    const int32_t *ids, int32_t n, int32_t offset);
+
 /* ---- paged KV cache and tree attention -------------------------------------
  *
  * A cache plane is [n_blocks][block_size][row] elements of kv_dtype, with
@@ -135,13 +154,17 @@ int32_t si_kv_write(si_ctx *ctx, const float *k, const float *v, int32_t n, int3
                     int32_t max_blocks, int32_t block_size, void *k_plane, void *v_plane,
                     int32_t kv_dtype);
 
-/* out[n, n_heads * head_dim] = softmax(q K^T * scale) V over the slots each token may
- * see (see above). GQA: query head h reads KV head h / (n_heads / n_kv_heads). */
+/* out[n, n_heads * head_dim] = softmax(q K^T * scale + bias) V over the slots each token
+ * may see (see above). GQA: query head h reads KV head h / (n_heads / n_kv_heads).
+ * bias is 0 when alibi_slopes is NULL; otherwise ALiBi: -alibi_slopes[h] * distance,
+ * where the distance of a slot is the number of slots the token sees after it. A
+ * token's visible slots are its path (the committed prefix, its tree ancestors, itself),
+ * so that is the distance between the two positions. */
 int32_t si_attention(si_ctx *ctx, const float *q, int32_t n, int32_t n_heads, int32_t n_kv_heads,
                      int32_t head_dim, const void *k_plane, const void *v_plane, int32_t kv_dtype,
                      const int32_t *block_tables, int32_t max_blocks, int32_t block_size,
                      const int32_t *seq, const int32_t *committed, const uint32_t *ancestors,
-                     int32_t words, float scale, float *out);
+                     int32_t words, float scale, float *out, const float *alibi_slopes);
 
 /* For every plane p < n_planes (at cache + p * plane_stride elements of kv_dtype): copy
  * the row at logical slot src[i] of the sequence with block table `table` to slot

@@ -28,8 +28,22 @@ pub fn AttnArgs(comptime T: type) type {
         ancestors: [*]const u32,
         words: usize,
         scale: f32,
+        /// Per query head ALiBi slopes, or null (ffi/specinfer.h si_attention).
+        alibi: ?[*]const f32,
         out: [*]f32,
     };
+}
+
+/// Slots token i sees: its row's committed slots plus its ancestor bits.
+fn visibleCount(a: anytype, i: usize) usize {
+    var count: usize = @intCast(a.committed[@as(usize, @intCast(a.seq[i]))]);
+    for (a.ancestors[i * a.words .. (i + 1) * a.words]) |w| count += @popCount(w);
+    return count;
+}
+
+/// ALiBi slope of head h (0 without ALiBi).
+inline fn slopeOf(a: anytype, h: usize) f32 {
+    return if (a.alibi) |sl| sl[h] else 0;
 }
 
 inline fn widen(x: anytype) f32 {
@@ -99,16 +113,22 @@ pub fn attentionRef(comptime T: type, a: *const AttnArgs(T), it0: usize, it1: us
             q: [*]const f32,
             bt: [*]const i32,
             kvh: usize,
+            slope: f64,
+            last: usize, // rank of the token's own slot among those it sees
+            rank: usize = 0,
             mx: f64 = -std.math.inf(f64),
             sum: f64 = 0,
             acc: [max_head_dim]f64 = undefined,
 
+            /// Score of the next visible slot; ALiBi adds -slope * its distance.
             fn score(c: *@This(), slot: usize) f64 {
                 const row = c.a.n_kv_heads * c.a.head_dim;
                 const kr = c.a.k_plane + rowOffset(c.bt, c.a.block_size, row, slot) + c.kvh * c.a.head_dim;
                 var d: f64 = 0;
                 for (0..c.a.head_dim) |e| d += @as(f64, c.q[e]) * widen(kr[e]);
-                return d * c.a.scale;
+                const dist: f64 = @floatFromInt(c.last - c.rank);
+                c.rank += 1;
+                return d * c.a.scale - c.slope * dist;
             }
             fn passMax(c: *@This(), slot: usize) void {
                 c.mx = @max(c.mx, c.score(slot));
@@ -122,9 +142,11 @@ pub fn attentionRef(comptime T: type, a: *const AttnArgs(T), it0: usize, it1: us
             }
         };
         const sq: usize = @intCast(a.seq[i]);
-        var c = Ctx{ .a = a, .q = a.q + (i * a.n_heads + h) * a.head_dim, .bt = a.block_tables + sq * a.max_blocks, .kvh = kvh };
+        const seen = visibleCount(a, i);
+        var c = Ctx{ .a = a, .q = a.q + (i * a.n_heads + h) * a.head_dim, .bt = a.block_tables + sq * a.max_blocks, .kvh = kvh, .slope = slopeOf(a, h), .last = if (seen > 0) seen - 1 else 0 };
         @memset(c.acc[0..a.head_dim], 0);
         forEachSlot(a, i, &c, Ctx.passMax);
+        c.rank = 0;
         forEachSlot(a, i, &c, Ctx.passSum);
         const o = a.out + (i * a.n_heads + h) * a.head_dim;
         for (0..a.head_dim) |e| o[e] = if (c.sum > 0) @floatCast(c.acc[e] / c.sum) else 0;
@@ -146,14 +168,20 @@ pub fn attention(comptime T: type, a: *const AttnArgs(T), it0: usize, it1: usize
             a: *const AttnArgs(T),
             q: [*]const f32,
             koff: usize,
+            slope: f32,
+            last: usize, // rank of the token's own slot among those it sees
+            rank: usize = 0,
             mx: f32 = -std.math.inf(f32),
             sum: f32 = 0,
             count: usize = 0,
             rows: [tile]usize = undefined,
+            bias: [tile]f32 = undefined, // ALiBi: -slope * distance (0 without)
             acc: [max_head_dim]f32 align(64) = undefined,
 
             fn push(c: *@This(), off: usize) void {
                 c.rows[c.count] = off + c.koff;
+                c.bias[c.count] = -c.slope * @as(f32, @floatFromInt(c.last - c.rank));
+                c.rank += 1;
                 c.count += 1;
                 if (c.count == tile) c.flush();
             }
@@ -182,8 +210,10 @@ pub fn attention(comptime T: type, a: *const AttnArgs(T), it0: usize, it1: usize
                 inline for (0..L) |l| lane[l] = l;
                 const cnt: @Vector(L, u32) = @splat(@as(u32, @intCast(c.count)));
                 const sv = s.splat(c.a.scale);
-                const s0 = @select(f32, lane < cnt, @as(V, sc[0..L].*) * sv, ninf);
-                const s1 = @select(f32, lane + @as(@Vector(L, u32), @splat(L)) < cnt, @as(V, sc[L..tile].*) * sv, ninf);
+                const b0: V = c.bias[0..L].*;
+                const b1: V = c.bias[L..tile].*;
+                const s0 = @select(f32, lane < cnt, @mulAdd(V, @as(V, sc[0..L].*), sv, b0), ninf);
+                const s1 = @select(f32, lane + @as(@Vector(L, u32), @splat(L)) < cnt, @mulAdd(V, @as(V, sc[L..tile].*), sv, b1), ninf);
                 const m_new = @max(c.mx, @reduce(.Max, @max(s0, s1)));
                 const corr = @exp(c.mx - m_new); // 0 on the first tile (mx = -inf)
                 if (corr != 1) scaleRow(&c.acc, hd, corr);
@@ -197,7 +227,8 @@ pub fn attention(comptime T: type, a: *const AttnArgs(T), it0: usize, it1: usize
                 c.count = 0;
             }
         };
-        var c = Ctx{ .a = a, .q = a.q + (i * a.n_heads + h) * a.head_dim, .koff = kvh * a.head_dim };
+        const seen = visibleCount(a, i);
+        var c = Ctx{ .a = a, .q = a.q + (i * a.n_heads + h) * a.head_dim, .koff = kvh * a.head_dim, .slope = slopeOf(a, h), .last = if (seen > 0) seen - 1 else 0 };
         @memset(c.acc[0..a.head_dim], 0);
         forEachRow(a, i, &c, Ctx.push);
         if (c.count > 0) c.flush();

@@ -189,3 +189,108 @@ pub fn argmax(x: [*]const f32, n: usize) i32 {
     }
     return 0; // all NaN
 }
+
+// ---- layernorm ----------------------------------------------------------------------
+
+/// y = (x - mean) / sqrt(var + eps) * w (+ b), biased variance, in f64.
+pub fn layernormRef(x: [*]const f32, w: [*]const f32, b: ?[*]const f32, dim: usize, eps: f32, y: [*]f32) void {
+    const nd: f64 = @floatFromInt(dim);
+    var sum: f64 = 0;
+    for (0..dim) |i| sum += x[i];
+    const mean = sum / nd;
+    var ss: f64 = 0;
+    for (0..dim) |i| ss += (x[i] - mean) * (x[i] - mean);
+    const inv = 1.0 / @sqrt(ss / nd + eps);
+    for (0..dim) |i| {
+        const v = (x[i] - mean) * inv * w[i];
+        y[i] = @floatCast(if (b) |bb| v + bb[i] else v);
+    }
+}
+
+/// Two vector passes (mean, then the centered sum of squares), then the write.
+pub fn layernorm(x: [*]const f32, w: [*]const f32, b: ?[*]const f32, dim: usize, eps: f32, y: [*]f32) void {
+    const nd: f32 = @floatFromInt(dim);
+    var sv = s.splat(0);
+    var i: usize = 0;
+    while (i + L <= dim) : (i += L) sv += s.load(x + i);
+    var sum = @reduce(.Add, sv);
+    while (i < dim) : (i += 1) sum += x[i];
+    const mean = sum / nd;
+    const mv = s.splat(mean);
+    var qv = s.splat(0);
+    i = 0;
+    while (i + L <= dim) : (i += L) {
+        const d = s.load(x + i) - mv;
+        qv = @mulAdd(V, d, d, qv);
+    }
+    var ss = @reduce(.Add, qv);
+    while (i < dim) : (i += 1) ss += (x[i] - mean) * (x[i] - mean);
+    const inv: f32 = 1.0 / @sqrt(ss / nd + eps);
+    const iv = s.splat(inv);
+    i = 0;
+    while (i + L <= dim) : (i += L) {
+        const v = (s.load(x + i) - mv) * iv * s.load(w + i);
+        s.store(y + i, if (b) |bb| v + s.load(bb + i) else v);
+    }
+    while (i < dim) : (i += 1) {
+        const v = (x[i] - mean) * inv * w[i];
+        y[i] = if (b) |bb| v + bb[i] else v;
+    }
+}
+
+// ---- activations --------------------------------------------------------------------
+
+/// ffi/specinfer.h si_activation kinds.
+pub const Activation = enum(i32) { relu = 0, gelu = 1, gelu_tanh = 2 };
+
+extern "c" fn erf(x: f64) f64;
+
+const sqrt_2_over_pi: f64 = 0.7978845608028654;
+
+pub fn activationRef(kind: Activation, x: [*]const f32, out: [*]f32, b: usize, e: usize) void {
+    for (b..e) |i| {
+        const v: f64 = x[i];
+        out[i] = @floatCast(switch (kind) {
+            .relu => @max(v, 0),
+            .gelu => 0.5 * v * (1 + erf(v / std.math.sqrt2)),
+            .gelu_tanh => 0.5 * v * (1 + std.math.tanh(sqrt_2_over_pi * (v + 0.044715 * v * v * v))),
+        });
+    }
+}
+
+/// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), odd-extended.
+inline fn erfV(x: V) V {
+    const ax = @fabs(x);
+    const t = s.splat(1) / (s.splat(1) + s.splat(0.3275911) * ax);
+    var p = s.splat(1.061405429);
+    p = @mulAdd(V, p, t, s.splat(-1.453152027));
+    p = @mulAdd(V, p, t, s.splat(1.421413741));
+    p = @mulAdd(V, p, t, s.splat(-0.284496736));
+    p = @mulAdd(V, p, t, s.splat(0.254829592));
+    const y = s.splat(1) - p * t * s.exp(-ax * ax);
+    return @select(f32, x < s.splat(0), -y, y);
+}
+
+/// tanh(u) = 1 - 2 / (e^(2u) + 1): exp overflow to inf gives 1, underflow gives -1.
+inline fn tanhV(u: V) V {
+    return s.splat(1) - s.splat(2) / (s.exp(u + u) + s.splat(1));
+}
+
+inline fn activationV(comptime kind: Activation, v: V) V {
+    return switch (kind) {
+        .relu => @max(v, s.splat(0)),
+        .gelu => s.splat(0.5) * v * (s.splat(1) + erfV(v * s.splat(std.math.sqrt1_2))),
+        .gelu_tanh => s.splat(0.5) * v * (s.splat(1) + tanhV(s.splat(@floatCast(sqrt_2_over_pi)) * @mulAdd(V, s.splat(0.044715) * v * v, v, v))),
+    };
+}
+
+pub fn activation(comptime kind: Activation, x: [*]const f32, out: [*]f32, b: usize, e: usize) void {
+    var i = b;
+    while (i + L <= e) : (i += L) s.store(out + i, activationV(kind, s.load(x + i)));
+    if (i < e) {
+        var tail: [L]f32 = .{0} ** L;
+        for (i..e) |j| tail[j - i] = x[j];
+        const r: [L]f32 = activationV(kind, tail);
+        for (i..e) |j| out[j] = r[j - i];
+    }
+}

@@ -6,7 +6,7 @@
 // Bun FFI rules followed here (TRAPS.md): every status is an i32 (no BigInt returns);
 // pointers cross as numbers (native addresses), never as cached ptr() of JS memory.
 
-import { BackendError, type DType, type KVDType, type Ptr, type RopeLayout } from "./backend.ts";
+import { type Activation, BackendError, type DType, type KVDType, type Ptr, type RopeLayout } from "./backend.ts";
 
 export const SYMBOLS = {
   si_create: { args: ["i32", "i32"], returns: "ptr" },
@@ -28,6 +28,9 @@ export const SYMBOLS = {
   si_rope: { args: ["ptr", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32"], returns: "i32" },
   si_swiglu: { args: ["ptr", "ptr", "ptr", "i64", "ptr"], returns: "i32" },
   si_add: { args: ["ptr", "ptr", "ptr", "i64"], returns: "i32" },
+  si_layernorm: { args: ["ptr", "ptr", "ptr", "ptr", "i32", "i32", "f32", "ptr"], returns: "i32" },
+  si_activation: { args: ["ptr", "ptr", "i64", "i32", "ptr"], returns: "i32" },
+  si_add_rows: { args: ["ptr", "ptr", "ptr", "i32", "i32", "i32", "ptr", "i32", "i32"], returns: "i32" },
   si_kv_write: {
     args: ["ptr", "ptr", "ptr", "i32", "i32", "ptr", "ptr", "ptr", "i32", "i32", "ptr", "ptr", "i32"],
     returns: "i32",
@@ -35,7 +38,7 @@ export const SYMBOLS = {
   si_attention: {
     args: [
       "ptr", "ptr", "i32", "i32", "i32", "i32", "ptr", "ptr", "i32", "ptr", "i32", "i32",
-      "ptr", "ptr", "ptr", "i32", "f32", "ptr",
+      "ptr", "ptr", "ptr", "i32", "f32", "ptr", "ptr",
     ],
     returns: "i32",
   },
@@ -67,6 +70,9 @@ export interface NativeSymbols {
   si_rope(ctx: P, x: P, n: number, nh: number, hd: number, rd: number, pos: P, invFreq: P, layout: number): number;
   si_swiglu(ctx: P, gate: P, up: P, count: number, out: P): number;
   si_add(ctx: P, x: P, y: P, count: number): number;
+  si_layernorm(ctx: P, x: P, w: P, b: P, n: number, dim: number, eps: number, y: P): number;
+  si_activation(ctx: P, x: P, count: number, kind: number, out: P): number;
+  si_add_rows(ctx: P, x: P, table: P, dtype: number, rows: number, dim: number, ids: P, n: number, offset: number): number;
   si_kv_write(
     ctx: P, k: P, v: P, n: number, row: number, seq: P, slot: P, bt: P, maxBlocks: number,
     blockSize: number, kPlane: P, vPlane: P, kvDtype: number,
@@ -74,6 +80,7 @@ export interface NativeSymbols {
   si_attention(
     ctx: P, q: P, n: number, nh: number, nkv: number, hd: number, kPlane: P, vPlane: P, kvDtype: number, bt: P,
     maxBlocks: number, blockSize: number, seq: P, committed: P, anc: P, words: number, scale: number, out: P,
+    alibi: P,
   ): number;
   si_kv_move(
     ctx: P, cache: P, kvDtype: number, nPlanes: number, planeStride: number, row: number, table: P,
@@ -142,6 +149,18 @@ export abstract class NativeOps {
     this.check("add", this.lib.si_add(this.live, x, y, count));
   }
 
+  layernorm(x: Ptr, weight: Ptr, bias: Ptr, n: number, dim: number, eps: number, y: Ptr): void {
+    this.check("layernorm", this.lib.si_layernorm(this.live, x, weight, bias || null, n, dim, eps, y));
+  }
+
+  activation(x: Ptr, count: number, kind: Activation, out: Ptr): void {
+    this.check("activation", this.lib.si_activation(this.live, x, count, kind, out));
+  }
+
+  addRows(x: Ptr, table: Ptr, dtype: DType, rows: number, dim: number, ids: Ptr, n: number, offset: number): void {
+    this.check("addRows", this.lib.si_add_rows(this.live, x, table, dtype, rows, dim, ids, n, offset));
+  }
+
   kvWrite(
     k: Ptr, v: Ptr, n: number, row: number, seq: Ptr, slot: Ptr,
     blockTables: Ptr, maxBlocks: number, blockSize: number, kPlane: Ptr, vPlane: Ptr, kvDtype: KVDType,
@@ -155,13 +174,13 @@ export abstract class NativeOps {
   attention(
     q: Ptr, n: number, nHeads: number, nKvHeads: number, headDim: number,
     kPlane: Ptr, vPlane: Ptr, kvDtype: KVDType, blockTables: Ptr, maxBlocks: number, blockSize: number,
-    seq: Ptr, committed: Ptr, ancestors: Ptr, words: number, scale: number, out: Ptr,
+    seq: Ptr, committed: Ptr, ancestors: Ptr, words: number, scale: number, out: Ptr, alibiSlopes: Ptr = 0,
   ): void {
     this.check(
       "attention",
       this.lib.si_attention(
         this.live, q, n, nHeads, nKvHeads, headDim, kPlane, vPlane, kvDtype, blockTables, maxBlocks, blockSize,
-        seq, committed, ancestors || null, words, scale, out,
+        seq, committed, ancestors || null, words, scale, out, alibiSlopes || null,
       ),
     );
   }

@@ -45,6 +45,15 @@ export enum RopeLayout {
   Interleaved = 1,
 }
 
+/** si_activation kinds (ffi/specinfer.h). */
+export enum Activation {
+  ReLU = 0,
+  /** Exact (erf) GELU. */
+  GELU = 1,
+  /** GELU's tanh approximation (gelu_new, gelu_pytorch_tanh). */
+  GELUTanh = 2,
+}
+
 /** A device address (host memory on the CPU backend). */
 export type Ptr = number;
 
@@ -88,6 +97,11 @@ export interface Backend {
   ): void;
   swiglu(gate: Ptr, up: Ptr, count: number, out: Ptr): void;
   add(x: Ptr, y: Ptr, count: number): void;
+  /** LayerNorm of each row; `bias` 0 for none. y may equal x. */
+  layernorm(x: Ptr, weight: Ptr, bias: Ptr, n: number, dim: number, eps: number, y: Ptr): void;
+  activation(x: Ptr, count: number, kind: Activation, out: Ptr): void;
+  /** x[i, :] += row ids[i] + offset of `table` (learned position embeddings). */
+  addRows(x: Ptr, table: Ptr, dtype: DType, rows: number, dim: number, ids: Ptr, n: number, offset: number): void;
   /** Writes f32 K/V rows into planes of `kvDtype`. */
   kvWrite(
     k: Ptr, v: Ptr, n: number, row: number, seq: Ptr, slot: Ptr,
@@ -97,6 +111,8 @@ export interface Backend {
     q: Ptr, n: number, nHeads: number, nKvHeads: number, headDim: number,
     kPlane: Ptr, vPlane: Ptr, kvDtype: KVDType, blockTables: Ptr, maxBlocks: number, blockSize: number,
     seq: Ptr, committed: Ptr, ancestors: Ptr, words: number, scale: number, out: Ptr,
+    /** Per query head ALiBi slopes (0 = no ALiBi). */
+    alibiSlopes?: Ptr,
   ): void;
   /** `planeStride` counts elements of `kvDtype`, not bytes. */
   kvMove(

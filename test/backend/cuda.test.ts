@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type Backend, BackendError, DType, DTYPE_NAMES, type KVDType, type Ptr, RopeLayout } from "../../src/backend/backend.ts";
+import { Activation, type Backend, BackendError, DType, DTYPE_NAMES, type KVDType, type Ptr, RopeLayout } from "../../src/backend/backend.ts";
 import { CpuBackend } from "../../src/backend/cpu.ts";
 import { CudaBackend } from "../../src/backend/cuda.ts";
 import { SEED, randInt, randF32, shuffle } from "../helpers/random.ts";
@@ -319,6 +319,8 @@ interface AttnCase {
   nHeads: number;
   nKv: number;
   seqs: { committed: number; parents: number[] }[];
+  /** Pass per-head ALiBi slopes. */
+  alibi?: boolean;
 }
 
 /** Random tree of `len` nodes in DFS-like order: each node's parent is an earlier node. */
@@ -379,11 +381,65 @@ function runAttention(c: AttnCase): void {
   const [ac, ag] = put(anc);
   const [oc, og] = zeros(n * nHeads * headDim * 4);
   const scale = 1 / Math.sqrt(headDim);
-  cpu.attention(qc, n, nHeads, nKv, headDim, kc, vc, kvDtype, tc, maxBlocks, blockSize, sc, cc, ac, words, scale, oc);
-  gpu.attention(qg, n, nHeads, nKv, headDim, kg, vg, kvDtype, tg, maxBlocks, blockSize, sg, cg, ag, words, scale, og);
+  const [lc, lg] = c.alibi ? put(Float32Array.from({ length: nHeads }, (_, h) => 2 ** (-(8 * (h + 1)) / nHeads))) : [0, 0];
+  cpu.attention(qc, n, nHeads, nKv, headDim, kc, vc, kvDtype, tc, maxBlocks, blockSize, sc, cc, ac, words, scale, oc, lc);
+  gpu.attention(qg, n, nHeads, nKv, headDim, kg, vg, kvDtype, tg, maxBlocks, blockSize, sg, cg, ag, words, scale, og, lg);
   const size = n * nHeads * headDim;
   expectClose("attention", f32(gpu, og, size), f32(cpu, oc, size), 1e-4);
 }
+
+describe("layernorm, activation, addRows", () => {
+  for (const withBias of [true, false]) {
+    gpuTest(`layernorm ${withBias ? "with" : "without"} bias == CPU, in place too`, () => {
+      for (const [n, dim] of [[1, 64], [7, 77], [33, 4096]]) {
+        const [xc, xg] = put(Float32Array.from(randF32(n * dim, 3), (v) => v + 20));
+        const [wc, wg] = put(randF32(dim));
+        const [bc, bg] = withBias ? put(randF32(dim)) : [0, 0];
+        const [yc, yg] = zeros(n * dim * 4);
+        cpu.layernorm(xc, wc, bc, n, dim, 1e-5, yc);
+        gpu.layernorm(xg, wg, bg, n, dim, 1e-5, yg);
+        expectClose(`layernorm n=${n} dim=${dim}`, f32(gpu, yg, n * dim), f32(cpu, yc, n * dim), 1e-4);
+        gpu.layernorm(xg, wg, bg, n, dim, 1e-5, xg);
+        expectSame("layernorm in place", f32(gpu, xg, n * dim), f32(gpu, yg, n * dim));
+      }
+    });
+  }
+  for (const [kind, name] of [[Activation.ReLU, "ReLU"], [Activation.GELU, "GELU"], [Activation.GELUTanh, "GELU (tanh)"]] as const) {
+    gpuTest(`${name} == CPU`, () => {
+      const count = 100_003;
+      const x = randF32(count, 8);
+      x[0] = -30;
+      x[1] = 30;
+      const [xc, xg] = put(x);
+      const [oc, og] = zeros(count * 4);
+      cpu.activation(xc, count, kind, oc);
+      gpu.activation(xg, count, kind, og);
+      expectClose(name, f32(gpu, og, count), f32(cpu, oc, count), 1e-5);
+    });
+  }
+  for (const dtype of DTYPES) {
+    gpuTest(`addRows ${DTYPE_NAMES[dtype]}: x += table[ids + offset], bit-exact`, () => {
+      const rows = 50;
+      const dim = 768;
+      const [tc, tg] = put(randWeights(dtype, rows, dim));
+      const ids = Int32Array.from({ length: 37 }, () => randInt(rows - 2));
+      ids[0] = -2;
+      const [ic, ig] = put(ids);
+      const x = randF32(ids.length * dim);
+      const [xc, xg] = put(x);
+      cpu.addRows(xc, tc, dtype, rows, dim, ic, ids.length, 2);
+      gpu.addRows(xg, tg, dtype, rows, dim, ig, ids.length, 2);
+      expectSame("addRows", f32(gpu, xg, ids.length * dim), f32(cpu, xc, ids.length * dim));
+    });
+  }
+  gpuTest("addRows: an id outside the table is reported by the next sync", () => {
+    const [, tg] = put(new Float32Array(4 * 32));
+    const [, xg] = put(new Float32Array(2 * 32));
+    const [, ig] = put(Int32Array.from([0, 2]));
+    gpu.addRows(xg, tg, DType.F32, 4, 32, ig, 2, 2);
+    expect(() => gpu.sync()).toThrow(/si_add_rows: id 2 \+ offset 2 at index 1 is outside \[0, 4\)/);
+  });
+});
 
 describe("kvWrite + attention", () => {
   // A 40-node tree (W = 2) over a long prefix, a chain over nothing committed, a decode
@@ -416,6 +472,20 @@ describe("kvWrite + attention", () => {
 
   gpuTest("F32 cache, prefill chain of 1100 tokens: mask over 35 words (two 1024-bit chunks)", () => {
     runAttention({ kvDtype: DType.F32, headDim: 64, nHeads: 2, nKv: 1, seqs: [{ committed: 20, parents: chain(1100) }] });
+  }, 300_000);
+
+  // ALiBi: the bias depends on each slot's rank among those a token sees, so the warps'
+  // split of committed slots and the chunked batch list must count ranks as the CPU does.
+  for (const kvDtype of [DType.F32, DType.F16] as const) {
+    gpuTest(`${DTYPE_NAMES[kvDtype]} cache, ALiBi: MQA tree over a 1000-slot prefix, a chain, a decode token`, () => {
+      runAttention({
+        kvDtype, headDim: 64, nHeads: 8, nKv: 1, alibi: true,
+        seqs: [{ committed: 1000, parents: tree(40) }, { committed: 0, parents: chain(5) }, { committed: 37, parents: [-1] }],
+      });
+    });
+  }
+  gpuTest("F32 cache, ALiBi: prefill chain of 1100 tokens (ranks across two 1024-bit chunks)", () => {
+    runAttention({ kvDtype: DType.F32, headDim: 64, nHeads: 4, nKv: 4, alibi: true, seqs: [{ committed: 20, parents: chain(1100) }] });
   }, 300_000);
 });
 

@@ -6,9 +6,10 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { BackendError, DType, DTYPE_NAMES, RopeLayout, type DeviceBuffer, type KVDType } from "../../src/backend/backend.ts";
+import { Activation, BackendError, DType, DTYPE_NAMES, RopeLayout, type DeviceBuffer, type KVDType } from "../../src/backend/backend.ts";
 import { CpuBackend } from "../../src/backend/cpu.ts";
 import { SEED, rand, randInt, randF32, shuffle } from "../helpers/random.ts";
+import { gelu, geluTanh, layerNorm, relu } from "../helpers/reference-math.ts";
 
 const simd = CpuBackend.create({ threads: 2 });
 const ref = CpuBackend.create({ reference: true, threads: 1 });
@@ -375,6 +376,106 @@ test("swiglu and add: SIMD == reference == float64", () => {
   }
 });
 
+describe("layernorm", () => {
+  for (const withBias of [true, false]) {
+    test(`${withBias ? "with" : "without"} bias: SIMD == reference == float64, in place too`, () => {
+      for (const [n, dim] of [[1, 64], [3, 77], [16, 768]]) {
+        // An offset mean: the centered variance must not cancel.
+        const x = Float32Array.from(randF32(n * dim, 3), (v) => v + 40);
+        const w = randF32(dim);
+        const b = randF32(dim);
+        const xp = dev(x);
+        const wp = dev(w);
+        const bp = withBias ? dev(b) : 0;
+        const ys = zeros(n * dim * 4);
+        const yr = zeros(n * dim * 4);
+        simd.layernorm(xp, wp, bp, n, dim, 1e-5, ys.ptr);
+        ref.layernorm(xp, wp, bp, n, dim, 1e-5, yr.ptr);
+        const want = new Float64Array(n * dim);
+        const scale = new Float64Array(n * dim);
+        for (let i = 0; i < n; i++) {
+          const row = x.subarray(i * dim, (i + 1) * dim);
+          want.set(layerNorm(row, w, withBias ? b : null, 1e-5), i * dim);
+          // Error scale: the terms summed (|normalized * w|, |bias|) and |w|, which
+          // f32 rounding of the inputs near their mean (one standard deviation ~ 1.7) scales.
+          const plain = layerNorm(row, Float64Array.from(w, Math.abs), null, 1e-5);
+          for (let j = 0; j < dim; j++) scale[i * dim + j] = Math.abs(plain[j]) + Math.abs(w[j]) + (withBias ? Math.abs(b[j]) : 0);
+        }
+        const label = `layernorm n=${n} dim=${dim}`;
+        expectClose(`${label} SIMD vs ref`, f32Of(ys), f32Of(yr), 2e-5, 1e-6, scale);
+        expectClose(`${label} vs f64`, f32Of(ys), want, 2e-5, 1e-6, scale);
+        simd.layernorm(xp, wp, bp, n, dim, 1e-5, xp); // y == x
+        const inPlace = new Float32Array(n * dim);
+        simd.download(inPlace, xp);
+        expectClose(`${label} in place`, inPlace, f32Of(ys), 0, 0);
+      }
+    });
+  }
+});
+
+describe("activation", () => {
+  const kinds: [Activation, (x: number) => number][] = [[Activation.ReLU, relu], [Activation.GELU, gelu], [Activation.GELUTanh, geluTanh]];
+  for (const [kind, f] of kinds) {
+    test(`${Activation[kind]}: SIMD == reference == float64, in place too`, () => {
+      for (const count of [1, 15, 1000, 100_003]) {
+        const x = randF32(count, 8);
+        x[0] = count > 1 ? -30 : 0; // saturated tails
+        if (count > 1) x[1] = 30;
+        const xp = dev(x);
+        const os = zeros(count * 4);
+        const or = zeros(count * 4);
+        simd.activation(xp, count, kind, os.ptr);
+        ref.activation(xp, count, kind, or.ptr);
+        const want = Float64Array.from(x, f);
+        // |x| scales the error: the GELUs are x times a function in [0, 1].
+        const scale = Float64Array.from(x, Math.abs);
+        expectClose(`${Activation[kind]} ${count} SIMD vs ref`, f32Of(os), f32Of(or), 4e-7, 1e-7, scale);
+        expectClose(`${Activation[kind]} ${count} vs f64`, f32Of(os), want, 4e-7, 1e-7, scale);
+        simd.activation(xp, count, kind, xp);
+        const inPlace = new Float32Array(count);
+        simd.download(inPlace, xp);
+        expectClose(`${Activation[kind]} in place`, inPlace, f32Of(os), 0, 0);
+      }
+    });
+  }
+});
+
+describe("addRows (learned positions)", () => {
+  for (const dtype of [DType.F32, DType.F16, DType.BF16, DType.Q8_0, DType.Q4_0]) {
+    test(`${DTYPE_NAMES[dtype]}: x += table[ids + offset], SIMD == reference == float64`, () => {
+      for (const dim of [32, 96, 544]) {
+        const rows = 20;
+        const offset = 2;
+        const table = encode(dtype, randF32(rows * dim), dim);
+        const n = 9;
+        const ids = Int32Array.from({ length: n }, () => randInt(rows - offset));
+        ids[0] = -offset; // row 0
+        ids[1] = rows - 1 - offset; // the last row
+        const x = randF32(n * dim, 2);
+        const tp = dev(table.bytes);
+        const ip = dev(ids);
+        const xs = dev(x);
+        const xr = dev(x);
+        simd.addRows(xs, tp, dtype, rows, dim, ip, n, offset);
+        ref.addRows(xr, tp, dtype, rows, dim, ip, n, offset);
+        const want = Float64Array.from(x, (v, k) => v + table.values[(ids[Math.floor(k / dim)] + offset) * dim + (k % dim)]);
+        const gs = new Float32Array(n * dim);
+        const gr = new Float32Array(n * dim);
+        simd.download(gs, xs);
+        simd.download(gr, xr);
+        expectClose(`addRows ${DTYPE_NAMES[dtype]} dim=${dim} SIMD vs ref`, gs, gr, 0, 0);
+        expectClose(`addRows ${DTYPE_NAMES[dtype]} dim=${dim} vs f64`, gs, Float64Array.from(want, Math.fround), 0, 0);
+      }
+    });
+  }
+  test("an id outside the table (after the offset) is refused, naming it", () => {
+    const tp = dev(new Float32Array(4 * 8));
+    const xp = dev(new Float32Array(2 * 8));
+    expect(() => simd.addRows(xp, tp, DType.F32, 4, 8, dev(Int32Array.from([0, 2])), 2, 2)).toThrow(/si_add_rows: id 2 \+ offset 2 at index 1 is outside \[0, 4\)/);
+    expect(() => simd.addRows(xp, tp, DType.F32, 4, 8, dev(Int32Array.from([-3])), 1, 2)).toThrow(/id -3 \+ offset 2 at index 0/);
+  });
+});
+
 test("softmax and argmax: SIMD == reference", () => {
   for (const [rows, n] of [[1, 5], [3, 100], [4, 32000]]) {
     const x = randF32(rows * n, 10);
@@ -693,6 +794,68 @@ describe("paged KV + tree attention", () => {
 });
 
 // ---- memory, files, bandwidth --------------------------------------------------------------
+
+describe("ALiBi tree attention", () => {
+  for (const kvDtype of [DType.F32, DType.F16] as KVDType[]) {
+    test(`${DTYPE_NAMES[kvDtype]} cache, MQA and GQA: bias -slope * (query position - key position) over committed slots and tree ancestors == float64`, () => {
+      for (const [nHeads, nKv, headDim] of [[4, 1, 32], [8, 2, 40]]) {
+        const row = nKv * headDim;
+        const blockSize = 4;
+        const maxBlocks = 24;
+        const committed = 37;
+        // A 40-node tree (W = 2): node j's parent is an earlier node; position = committed + depth.
+        const parents = Array.from({ length: 40 }, (_, j) => (j === 0 ? -1 : randInt(j)));
+        const depth = parents.map(() => 0);
+        parents.forEach((p, j) => (depth[j] = p < 0 ? 0 : depth[p] + 1));
+        const words = 2;
+        const tables = Int32Array.from(shuffle(Array.from({ length: maxBlocks }, (_, i) => i)));
+        const k = encode(kvDtype, randF32(maxBlocks * blockSize * row), row);
+        const v = encode(kvDtype, randF32(maxBlocks * blockSize * row), row);
+        const n = parents.length;
+        const anc = new Uint32Array(n * words);
+        for (let j = 0; j < n; j++) for (let a = j; a >= 0; a = parents[a]) anc[j * words + (a >> 5)] |= 1 << (a & 31);
+        const q = randF32(n * nHeads * headDim, 2);
+        const slopes = Float32Array.from({ length: nHeads }, (_, h) => 2 ** (-(8 * (h + 1)) / nHeads));
+        const scale = 1 / Math.sqrt(headDim);
+        const args = [dev(tables), maxBlocks, blockSize, dev(new Int32Array(n)), dev(Int32Array.from([committed])), dev(anc), words, scale] as const;
+        const os = zeros(n * nHeads * headDim * 4);
+        const or = zeros(n * nHeads * headDim * 4);
+        const kp = dev(k.bytes);
+        const vp = dev(v.bytes);
+        const sp = dev(slopes);
+        simd.attention(dev(q), n, nHeads, nKv, headDim, kp, vp, kvDtype, ...args, os.ptr, sp);
+        ref.attention(dev(q), n, nHeads, nKv, headDim, kp, vp, kvDtype, ...args, or.ptr, sp);
+
+        const want = new Float64Array(n * nHeads * headDim);
+        const offsetOf = (slot: number) => (tables[Math.floor(slot / blockSize)] * blockSize + (slot % blockSize)) * row;
+        for (let j = 0; j < n; j++) {
+          const keys: { slot: number; pos: number }[] = [];
+          for (let t = 0; t < committed; t++) keys.push({ slot: t, pos: t });
+          for (let a = j; a >= 0; a = parents[a]) keys.push({ slot: committed + a, pos: committed + depth[a] });
+          for (let h = 0; h < nHeads; h++) {
+            const kh = Math.floor(h / (nHeads / nKv)) * headDim;
+            const qo = (j * nHeads + h) * headDim;
+            const sc = keys.map(({ slot, pos }) => {
+              let d = 0;
+              for (let e = 0; e < headDim; e++) d += q[qo + e] * k.values[offsetOf(slot) + kh + e];
+              return d * scale - slopes[h] * (committed + depth[j] - pos);
+            });
+            const mx = Math.max(...sc);
+            const p = sc.map((x) => Math.exp(x - mx));
+            const sum = p.reduce((x, y) => x + y, 0);
+            keys.forEach(({ slot }, ki) => {
+              for (let e = 0; e < headDim; e++) want[qo + e] += (p[ki] / sum) * v.values[offsetOf(slot) + kh + e];
+            });
+          }
+        }
+        const label = `ALiBi attention ${DTYPE_NAMES[kvDtype]} heads=${nHeads}/${nKv}`;
+        expectClose(`${label} SIMD vs ref`, f32Of(os), f32Of(or), 1e-5, 1e-6);
+        expectClose(`${label} vs f64`, f32Of(os), want, 1e-5, 1e-6);
+        expectClose(`${label} ref vs f64`, f32Of(or), want, 1e-5, 1e-6);
+      }
+    });
+  }
+});
 
 test("alloc is 64-byte aligned and zeroed; upload/download round-trip", () => {
   for (const bytes of [1, 100, 4096, 1 << 20]) {
