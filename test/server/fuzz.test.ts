@@ -344,7 +344,7 @@ function rawRequest(chunks: Uint8Array[], gapMs: number, holdMs: number): Promis
     const socket = connect(server.port!, "127.0.0.1");
     const received: Buffer[] = [];
     let byUs = false;
-    socket.on("data", (d) => received.push(d));
+    socket.on("data", (d: Buffer) => received.push(d));
     socket.on("error", () => {});
     socket.on("close", () => {
       const text = Buffer.concat(received).toString("utf8");
