@@ -6,6 +6,11 @@ import { z } from "zod";
 import { ApiError, badRequest } from "./errors";
 import type { ServingLLM, GenerateOptions } from "./client";
 
+/** Temperatures under this are greedy, as in vLLM: dividing logits by a denormal one
+ *  overflows them to Infinity. */
+export const GREEDY_BELOW = 1e-5;
+export const MIN_REPETITION_PENALTY = 0.01;
+
 /** Most choices one request may ask for (each is its own generation). */
 export const MAX_N = 16;
 
@@ -38,7 +43,9 @@ const common = {
   // Extensions (vLLM / llama.cpp names), and this engine's speculation switch.
   top_k: z.int().min(-1).nullish(), // -1 = off, as in vLLM
   min_p: z.number().min(0).max(1).nullish(),
-  repetition_penalty: z.number().gt(0).max(100).nullish(),
+  // Logits are divided by the penalty (and the temperature): a denormal one overflows
+  // them to Infinity and sampling fails, so the range starts where that cannot happen.
+  repetition_penalty: z.number().min(MIN_REPETITION_PENALTY).max(100).nullish(),
   ignore_eos: z.boolean().nullish(),
   speculation: speculation.nullish(),
 };
@@ -96,7 +103,7 @@ export function checkModel(requested: string | null | undefined, served: string)
 export function generationSettings(body: CommonRequest, logprobs: number | undefined, vocabSize: number): GenerateOptions {
   return {
     maxNewTokens: ("max_completion_tokens" in body ? body.max_completion_tokens : undefined) ?? body.max_tokens ?? undefined,
-    temperature: body.temperature ?? undefined,
+    temperature: body.temperature == null ? undefined : body.temperature < GREEDY_BELOW ? 0 : body.temperature,
     topP: body.top_p ?? undefined,
     topK: body.top_k === -1 ? 0 : (body.top_k ?? undefined),
     minP: body.min_p ?? undefined,

@@ -130,7 +130,7 @@ const COMMON_BAD: Record<string, fc.Arbitrary<unknown>> = {
   user: notString,
   top_k: fc.oneof(notInteger, fc.integer({ max: -2 })),
   min_p: fc.oneof(notNumber, outside(0, 1)),
-  repetition_penalty: fc.oneof(notNumber, fc.double({ max: 0, noNaN: true, noDefaultInfinity: true }), fc.double({ min: 100, minExcluded: true, noNaN: true, noDefaultInfinity: true })),
+  repetition_penalty: fc.oneof(notNumber, outside(0.01, 100)),
   ignore_eos: notBoolean,
   speculation: fc.oneof(fc.constant(true), fc.constant("on"), fc.integer(), fc.record({ tree: fc.integer() }), fc.record({ bogus: fc.boolean() }), fc.record({ tree: fc.constantFrom("", "0", "x,y", "-1") })),
   model: notString,
@@ -431,5 +431,42 @@ describe("half-sent and slow bodies over raw sockets", () => {
     expect(r.status).toBe(413);
     expect(expectErrorShape(r.body).message).toContain(`${MAX_BODY} bytes`);
     expect(r.closedAfterMs).toBeLessThan(4000);
+  });
+});
+
+describe("regressions found by the fuzzer", () => {
+  // A denormal temperature or repetition penalty overflowed the logits to Infinity: the
+  // step failed with "sampling: the distribution has no mass", a 500 for every request in it.
+  test("a temperature under 1e-5 (5e-324 included) is greedy: a 200 with the greedy text", async () => {
+    const greedyText = async (temperature: number) => {
+      const a = await send(ROUTES.completions.path, JSON.stringify({ ...ROUTES.completions.body, max_tokens: 8, temperature, ignore_eos: true }));
+      expect(a.status).toBe(200);
+      return JSON.parse(a.text).choices[0].token_ids;
+    };
+    const want = await greedyText(0);
+    for (const t of [5e-324, 1e-320, 1e-30, 9.9e-6]) expect(await greedyText(t)).toEqual(want);
+  });
+
+  test("a repetition_penalty under 0.01 (1e-323 included) is a 400 naming it", async () => {
+    for (const penalty of [1e-323, 1e-30, 0.0099]) {
+      const a = await send(ROUTES.completions.path, JSON.stringify({ ...ROUTES.completions.body, repetition_penalty: penalty, temperature: 1 }));
+      expect(a.status).toBe(400);
+      expect(expectErrorShape(a.text).param).toBe("repetition_penalty");
+    }
+  });
+});
+
+describe("regressions found by the fuzzer: bodies over the limit", () => {
+  // The 413 was sent before the rest of the body was read; the client, still sending,
+  // then saw the connection reset (ECONNRESET) instead of the answer.
+  test("a body over the limit (up to 4x) gets the JSON 413, never a reset connection", async () => {
+    const oversize = (i: number) => JSON.stringify({ ...ROUTES.completions.body, extra: "x".repeat(MAX_BODY + (i % 4) * MAX_BODY * 0.7) });
+    for (let round = 0; round < 50; round++) {
+      const answers = await Promise.all([0, 1, 2, 3].map((i) => send(ROUTES.completions.path, oversize(i))));
+      for (const a of answers) {
+        expect(a.status).toBe(413);
+        expect(expectErrorShape(a.text).code).toBe("body_too_large");
+      }
+    }
   });
 });
