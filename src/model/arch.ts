@@ -1,5 +1,6 @@
-// The LLaMA-family tensor table: which tensors a config needs, with HF names and
-// HF shapes ([out, in] for linear weights), and the GGUF <-> HF name mapping.
+// Tensor tables: which tensors a config needs, with HF names and HF shapes ([out, in]
+// for linear weights), and GGUF <-> HF name mappings. The LLaMA family's table is here;
+// other families keep theirs in their own files.
 
 import type { ModelConfig } from "./config.ts";
 
@@ -45,48 +46,56 @@ export function llamaTensors(cfg: ModelConfig): ExpectedTensor[] {
   return out;
 }
 
-const GGUF_TO_HF_GLOBAL: Record<string, string> = {
-  token_embd: "model.embed_tokens",
-  output_norm: "model.norm",
-  output: "lm_head",
-};
-
-const GGUF_TO_HF_LAYER: Record<string, string> = {
-  attn_norm: "input_layernorm",
-  attn_q: "self_attn.q_proj",
-  attn_k: "self_attn.k_proj",
-  attn_v: "self_attn.v_proj",
-  attn_output: "self_attn.o_proj",
-  ffn_norm: "post_attention_layernorm",
-  ffn_gate: "mlp.gate_proj",
-  ffn_up: "mlp.up_proj",
-  ffn_down: "mlp.down_proj",
-};
-
-const HF_TO_GGUF_LAYER = Object.fromEntries(Object.entries(GGUF_TO_HF_LAYER).map(([g, h]) => [h, g]));
-const HF_TO_GGUF_GLOBAL = Object.fromEntries(Object.entries(GGUF_TO_HF_GLOBAL).map(([g, h]) => [h, g]));
-
-/** HF name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`),
- *  or null for tensors outside the table (e.g. `rope_freqs.weight`). */
-export function llamaHFNameFromGGUF(name: string): string | null {
-  const layer = /^blk\.(\d+)\.(\w+)\.(weight|bias)$/.exec(name);
-  if (layer) {
-    const mapped = GGUF_TO_HF_LAYER[layer[2]!];
-    return mapped ? `model.layers.${layer[1]}.${mapped}.${layer[3]}` : null;
-  }
-  const global = /^(\w+)\.(weight|bias)$/.exec(name);
-  const mapped = global && GGUF_TO_HF_GLOBAL[global[1]!];
-  return mapped ? `${mapped}.${global![2]}` : null;
+/** GGUF <-> HF tensor names of a family: global names, and per-layer names under
+ *  `blk.N.` (GGUF) and `${layerPrefix}N.` (HF). Names outside the tables map to null. */
+export interface NameMap {
+  hfNameFromGGUF(name: string): string | null;
+  ggufNameFromHF(name: string): string | null;
 }
 
-/** GGUF name of an HF tensor (inverse of llamaHFNameFromGGUF). */
-export function llamaGGUFNameFromHF(name: string): string | null {
-  const layer = /^model\.layers\.(\d+)\.(.+)\.(weight|bias)$/.exec(name);
-  if (layer) {
-    const mapped = HF_TO_GGUF_LAYER[layer[2]!];
-    return mapped ? `blk.${layer[1]}.${mapped}.${layer[3]}` : null;
-  }
-  const global = /^(.+)\.(weight|bias)$/.exec(name);
-  const mapped = global && HF_TO_GGUF_GLOBAL[global[1]!];
-  return mapped ? `${mapped}.${global![2]}` : null;
+export function nameMap(global: Record<string, string>, layerPrefix: string, layer: Record<string, string>): NameMap {
+  const invert = (m: Record<string, string>) => Object.fromEntries(Object.entries(m).map(([g, h]) => [h, g]));
+  const hfGlobal = invert(global);
+  const hfLayer = invert(layer);
+  const prefix = new RegExp(`^${layerPrefix.replaceAll(".", "\\.")}(\\d+)\\.(.+)\\.(weight|bias)$`);
+  return {
+    hfNameFromGGUF(name) {
+      const l = /^blk\.(\d+)\.(\w+)\.(weight|bias)$/.exec(name);
+      if (l) {
+        const mapped = Object.hasOwn(layer, l[2]!) ? layer[l[2]!] : undefined;
+        return mapped ? `${layerPrefix}${l[1]}.${mapped}.${l[3]}` : null;
+      }
+      const g = /^(\w+)\.(weight|bias)$/.exec(name);
+      const mapped = g && Object.hasOwn(global, g[1]!) ? global[g[1]!] : undefined;
+      return mapped ? `${mapped}.${g![2]}` : null;
+    },
+    ggufNameFromHF(name) {
+      const l = prefix.exec(name);
+      if (l) {
+        const mapped = Object.hasOwn(hfLayer, l[2]!) ? hfLayer[l[2]!] : undefined;
+        return mapped ? `blk.${l[1]}.${mapped}.${l[3]}` : null;
+      }
+      const g = /^(.+)\.(weight|bias)$/.exec(name);
+      const mapped = g && Object.hasOwn(hfGlobal, g[1]!) ? hfGlobal[g[1]!] : undefined;
+      return mapped ? `${mapped}.${g![2]}` : null;
+    },
+  };
 }
+
+/** LLaMA's names (`blk.3.attn_q.weight` <-> `model.layers.3.self_attn.q_proj.weight`);
+ *  `rope_freqs.weight` is outside the table. */
+export const LLAMA_NAMES = nameMap(
+  { token_embd: "model.embed_tokens", output_norm: "model.norm", output: "lm_head" },
+  "model.layers.",
+  {
+    attn_norm: "input_layernorm",
+    attn_q: "self_attn.q_proj",
+    attn_k: "self_attn.k_proj",
+    attn_v: "self_attn.v_proj",
+    attn_output: "self_attn.o_proj",
+    ffn_norm: "post_attention_layernorm",
+    ffn_gate: "mlp.gate_proj",
+    ffn_up: "mlp.up_proj",
+    ffn_down: "mlp.down_proj",
+  },
+);

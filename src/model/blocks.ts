@@ -94,9 +94,10 @@ export abstract class NativeModel implements CausalLM {
     this.backend.matmul(x, n, l.w.cols, l.w.ptr, l.w.dtype, l.w.rows, l.bias, y);
   }
 
-  /** Writes this layer's K/V rows into the cache, then attends: out = attention(q). */
+  /** Writes this layer's K/V rows into the cache, then attends: out = attention(q),
+   *  with ALiBi when per-head slopes are given. */
   protected attend(
-    layer: number, batch: TokenBatch, kv: PagedKV, q: Ptr, k: Ptr, v: Ptr, out: Ptr,
+    layer: number, batch: TokenBatch, kv: PagedKV, q: Ptr, k: Ptr, v: Ptr, out: Ptr, alibiSlopes: Ptr = 0,
   ): void {
     const c = this.config;
     const kvDim = c.numKvHeads * c.headDim;
@@ -105,20 +106,21 @@ export abstract class NativeModel implements CausalLM {
     b.attention(
       q, batch.n, c.numHeads, c.numKvHeads, c.headDim, kv.kPlane(layer), kv.vPlane(layer), kv.dtype as KVDType,
       kv.blockTablesPtr, kv.maxBlocksPerSeq, kv.blockSize, this.seqDev, kv.committedPtr, this.ancestorsDev,
-      batch.words, 1 / Math.sqrt(c.headDim), out,
+      batch.words, 1 / Math.sqrt(c.headDim), out, alibiSlopes,
     );
   }
 
-  /** Logits of the batch's logit rows of x [n, hidden]: gathers them, applies the final
-   *  norm (`normalize` works in place on [rows, hidden]), then the head. */
-  protected logits(batch: TokenBatch, x: Ptr, normalize: (h: Ptr, rows: number) => void, head: Linear): Float32Array {
+  /** Logits of the batch's logit rows of x [n, hidden]: gathers them, applies `finish`
+   *  (the final norm, in place on [rows, hidden]; it returns the head's input, which a
+   *  final projection may put elsewhere), then the head. */
+  protected logits(batch: TokenBatch, x: Ptr, finish: (h: Ptr, rows: number) => Ptr | void, head: Linear): Float32Array {
     const rows = batch.logitRows.length;
     if (rows === 0) return this.logitsHost.subarray(0, 0);
     const c = this.config;
     // An f32 "embedding" lookup gathers the rows.
     this.backend.embedding(x, DType.F32, batch.n, c.hiddenSize, this.logitRowsDev, rows, this.lastHidden);
-    normalize(this.lastHidden, rows);
-    this.linear(this.lastHidden, rows, head, this.logitsBuf.ptr);
+    const input = finish(this.lastHidden, rows) ?? this.lastHidden;
+    this.linear(input, rows, head, this.logitsBuf.ptr);
     const out = this.logitsHost.subarray(0, rows * c.vocabSize);
     if (!this.logitsBuf.host) this.backend.download(out, this.logitsBuf.ptr);
     return out;

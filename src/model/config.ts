@@ -6,7 +6,10 @@ import { shown } from "./errors.ts";
 
 /** The LLaMA family's architectures (one forward, llama.ts). */
 export type LlamaArch = "llama" | "mistral" | "qwen2";
-export type Arch = LlamaArch;
+export type Arch = LlamaArch | "starcoder" | "opt" | "mpt" | "falcon";
+
+/** The MLP's activation (families with a plain, ungated MLP). */
+export type HiddenAct = "gelu" | "gelu_tanh" | "relu";
 
 export type Fail = (detail: string) => never;
 
@@ -24,6 +27,7 @@ export interface ModelConfig {
   numHeads: number;
   numKvHeads: number;
   headDim: number;
+  /** The epsilon of the model's norms (RMSNorm, or LayerNorm in LayerNorm families). */
   rmsNormEps: number;
   ropeTheta: number;
   ropeScaling: RopeScaling;
@@ -34,6 +38,17 @@ export interface ModelConfig {
   tieWordEmbeddings: boolean;
   /** q/k/v projections carry biases (Qwen2). */
   attentionBias: boolean;
+  /** The plain MLP's activation (absent for the gated SiLU MLP of the LLaMA family). */
+  hiddenAct?: HiddenAct;
+  /** OPT's layout: embeddings of wordEmbedProjDim (projected in and out when it differs
+   *  from hiddenSize), LayerNorm before or after each block, an optional final one. */
+  opt?: { wordEmbedProjDim: number; layerNormBefore: boolean; finalLayerNorm: boolean };
+  /** ALiBi instead of position embeddings (MPT): slopes from this maximum bias. */
+  alibiMaxBias?: number;
+  /** Falcon: separate LayerNorms for attention and MLP (new_decoder_architecture), and
+   *  how the fused QKV rows are laid out: per KV group [q heads.., k, v] (HF) or all q,
+   *  then all k, then all v (llama.cpp's converter reorders them so). */
+  falcon?: { twoNorms: boolean; qkvLayout: "grouped" | "contiguous" };
   bosTokenId: number | null;
   eosTokenIds: number[];
 }

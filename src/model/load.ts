@@ -144,14 +144,15 @@ function loadGGUF(path: string, mapFile: MapFile, opts: LoadOptions): LoadedMode
         config.ropeFreqFactors = ropeFreqFactors(file, t, config);
         continue;
       }
-      const name = hfNameFromGGUF(t.name, config.arch);
+      const name = hfNameFromGGUF(t.name, config.arch, config);
       if (name) found.set(name, { name, dtype: t.dtype, shape: [...t.dims].reverse(), file, offset: t.offset, bytes: t.bytes });
     }
     const tensors = validate(config, found, path, "GGUF metadata");
     checkMemory(path, file.size, bufferBytes(config, opts.maxBatchTokens), opts);
     // llama.cpp's converters permute q/k rows for the adjacent-pair RoPE of its llama
     // graph; qwen2 GGUFs keep the HF rows and rotate halves (NEOX).
-    const ropeLayout = config.arch === "qwen2" ? RopeLayout.Half : RopeLayout.Interleaved;
+    // Falcon's converter keeps HF's rows too.
+    const ropeLayout = config.arch === "llama" || config.arch === "mistral" ? RopeLayout.Interleaved : RopeLayout.Half;
     return {
       path, format: "gguf", config, ropeLayout, tensors, gguf: { metadata: gguf.metadata }, files, close: closer(files),
     };

@@ -4,27 +4,42 @@
 // architecture: callers use loadModel and the CausalLM it returns.
 
 import type { Backend } from "../backend/backend";
-import { llamaGGUFNameFromHF, llamaHFNameFromGGUF, llamaTensors, type ExpectedTensor } from "./arch";
+import { LLAMA_NAMES, llamaTensors, type ExpectedTensor } from "./arch";
 import type { CausalLM, ForwardOptions } from "./causal-lm";
 import { LLAMA_HF_ARCHITECTURES, llamaConfigFromGGUF, llamaConfigFromHF, type Arch, type Fail, type LlamaArch, type ModelConfig } from "./config";
 import { ModelFormatError, shown } from "./errors";
 import { LlamaModel } from "./llama";
 import { loadModelFiles, type LoadedModel } from "./load";
+import { FALCON } from "./falcon";
+import { MPT } from "./mpt";
+import { OPT } from "./opt";
+import { STARCODER } from "./starcoder";
+import type { GGUFValue } from "./write";
 
 export interface Family {
-  /** HF `architectures[0]` (or `model_type`) -> arch. */
+  /** HF `architectures[0]` -> arch. */
   hfArchitectures: Record<string, Arch>;
-  /** GGUF `general.architecture` values this family reads (each is also its arch). */
+  /** HF `model_type` -> arch, read when `architectures` names none (default: the arch names). */
+  modelTypes?: Record<string, Arch>;
+  /** GGUF `general.architecture` values this family reads (each is also its arch);
+   *  none where llama.cpp has no such architecture. */
   ggufArchs: readonly Arch[];
   configFromHF(j: Record<string, unknown>, arch: Arch, fail: Fail): ModelConfig;
-  configFromGGUF(metadata: Map<string, unknown>, tensorNames: Set<string>, arch: Arch, fail: Fail): ModelConfig;
+  configFromGGUF?(metadata: Map<string, unknown>, tensorNames: Set<string>, arch: Arch, fail: Fail): ModelConfig;
   /** Every tensor the config needs, HF names and shapes. */
   tensors(cfg: ModelConfig): ExpectedTensor[];
   /** A tensor every layer l has: checked first, so a damaged layer count fails fast. */
   layerTensor(l: number): string;
-  hfNameFromGGUF(name: string): string | null;
+  /** `config` is the file's (some families name a tensor by the config). */
+  hfNameFromGGUF(name: string, config?: ModelConfig): string | null;
   ggufNameFromHF(name: string): string | null;
   build(backend: Backend, files: LoadedModel, opts: ForwardOptions): CausalLM;
+  /** config.json for a config (writers of test models and conversions); LLaMA's is write.ts's. */
+  hfConfig?(c: ModelConfig): Record<string, unknown>;
+  /** The `{arch}.*` GGUF keys for a config; LLaMA's are write.ts's. */
+  ggufMetadata?(c: ModelConfig): Record<string, GGUFValue>;
+  /** A tensor's values as llama.cpp's converter stores them (e.g. reordered rows). */
+  ggufTensor?(hfName: string, values: Float32Array, c: ModelConfig): Float32Array;
 }
 
 const LLAMA: Family = {
@@ -34,12 +49,11 @@ const LLAMA: Family = {
   configFromGGUF: (metadata, names, arch, fail) => llamaConfigFromGGUF(metadata, names, arch as LlamaArch, fail),
   tensors: llamaTensors,
   layerTensor: (l) => `model.layers.${l}.input_layernorm.weight`,
-  hfNameFromGGUF: llamaHFNameFromGGUF,
-  ggufNameFromHF: llamaGGUFNameFromHF,
+  ...LLAMA_NAMES,
   build: (backend, files, opts) => new LlamaModel(backend, files, opts),
 };
 
-const FAMILIES: readonly Family[] = [LLAMA];
+const FAMILIES: readonly Family[] = [LLAMA, STARCODER, OPT, MPT, FALCON];
 
 /** The family serving `arch`. */
 export function familyOf(arch: Arch): Family {
@@ -48,7 +62,12 @@ export function familyOf(arch: Arch): Family {
   return family;
 }
 
-const HF_NAMES = () => FAMILIES.flatMap((f) => Object.keys(f.hfArchitectures));
+/** The HF architectures we read, short: `{Llama,Mistral,...}ForCausalLM`. */
+function hfNames(): string {
+  const names = [...new Set(FAMILIES.flatMap((f) => Object.keys(f.hfArchitectures)))];
+  const stems = names.filter((n) => n.endsWith("ForCausalLM")).map((n) => n.slice(0, -"ForCausalLM".length));
+  return [`{${stems.join(",")}}ForCausalLM`, ...names.filter((n) => !n.endsWith("ForCausalLM"))].join(", ");
+}
 
 /** Config from a config.json's text; its `architectures[0]` (or `model_type`) picks the family. */
 export function configFromHF(path: string, text: string): ModelConfig {
@@ -66,11 +85,12 @@ export function configFromHF(path: string, text: string): ModelConfig {
   const first: unknown = Array.isArray(j.architectures) ? j.architectures[0] : undefined;
   for (const family of FAMILIES) {
     const byName = typeof first === "string" && Object.hasOwn(family.hfArchitectures, first) ? family.hfArchitectures[first] : undefined;
-    const arch = byName ?? Object.values(family.hfArchitectures).find((a) => a === j.model_type);
+    const types = family.modelTypes ?? Object.fromEntries(Object.values(family.hfArchitectures).map((a) => [a, a]));
+    const arch = byName ?? (typeof j.model_type === "string" && Object.hasOwn(types, j.model_type) ? types[j.model_type] : undefined);
     if (arch) return family.configFromHF(j, arch, fail);
   }
   const named = first ?? j.model_type;
-  return fail(`unsupported architecture ${typeof named === "string" ? named : shown(named)} (supported: ${HF_NAMES().join(", ")})`);
+  return fail(`unsupported architecture ${typeof named === "string" ? named : shown(named)} (supported: ${hfNames()})`);
 }
 
 /** Config from GGUF metadata; `general.architecture` picks the family. */
@@ -82,7 +102,7 @@ export function configFromGGUF(path: string, metadata: Map<string, unknown>, ten
   if (typeof arch !== "string") return fail("missing key general.architecture");
   const family = FAMILIES.find((f) => f.ggufArchs.includes(arch as Arch));
   if (!family) return fail(`unsupported architecture ${arch} (supported: ${FAMILIES.flatMap((f) => f.ggufArchs).join(", ")})`);
-  return family.configFromGGUF(metadata, tensorNames, arch as Arch, fail);
+  return family.configFromGGUF!(metadata, tensorNames, arch as Arch, fail);
 }
 
 /** The tensors a config needs, HF names and shapes. */
@@ -91,8 +111,8 @@ export function expectedTensors(cfg: ModelConfig): ExpectedTensor[] {
 }
 
 /** HF name of a GGUF tensor of an `arch` model, or null for tensors outside its table. */
-export function hfNameFromGGUF(name: string, arch: Arch): string | null {
-  return familyOf(arch).hfNameFromGGUF(name);
+export function hfNameFromGGUF(name: string, arch: Arch, config?: ModelConfig): string | null {
+  return familyOf(arch).hfNameFromGGUF(name, config);
 }
 
 /** GGUF name of an HF tensor of an `arch` model (inverse of hfNameFromGGUF). */

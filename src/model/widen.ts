@@ -47,6 +47,8 @@ export interface FloatWeights {
 }
 
 export function widenedConfig(c: ModelConfig, spec: WidenSpec): ModelConfig {
+  // The rules below know the LLaMA family's tensors only.
+  if (!["llama", "mistral", "qwen2"].includes(c.arch)) throw new Error(`widen: ${c.arch} models are not supported (LLaMA family only)`);
   const { k, m, p, extra } = factors(spec);
   return {
     ...c,

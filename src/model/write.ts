@@ -6,7 +6,7 @@
 import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { DType, dtypeBytes } from "../backend/backend.ts";
-import { expectedTensors, ggufNameFromHF } from "./registry.ts";
+import { expectedTensors, familyOf, ggufNameFromHF } from "./registry.ts";
 import type { ModelConfig } from "./config.ts";
 import { encodeTensor, GGML_TYPE, permuteRowsForGGUF, QUANT_BLOCK, type WriteDType } from "./encoding.ts";
 import { GGUFValueType, SCALAR_BYTES } from "./gguf.ts";
@@ -74,12 +74,23 @@ const LLAMA_FILE_TYPE: Record<WriteDType, number> = { F32: 0, F16: 1, Q4_0: 2, Q
 
 /** GGUF metadata describing `c` (llama.cpp's keys), without a tokenizer. */
 export function ggufModelMetadata(c: ModelConfig, dtype: WriteDType, name: string): Record<string, GGUFValue> {
-  const a = c.arch === "qwen2" ? "qwen2" : "llama";
-  const meta: Record<string, GGUFValue> = {
+  const family = familyOf(c.arch);
+  const a = family.ggufMetadata ? c.arch : c.arch === "qwen2" ? "qwen2" : "llama";
+  const general: Record<string, GGUFValue> = {
     "general.architecture": gguf.str(a),
     "general.name": gguf.str(name),
     "general.file_type": gguf.u32(LLAMA_FILE_TYPE[dtype]),
     "general.alignment": gguf.u32(ALIGNMENT),
+  };
+  const meta = { ...general, ...(family.ggufMetadata ? family.ggufMetadata(c) : llamaMetadata(c, a)) };
+  if (c.bosTokenId !== null) meta["tokenizer.ggml.bos_token_id"] = gguf.u32(c.bosTokenId);
+  if (c.eosTokenIds.length > 0) meta["tokenizer.ggml.eos_token_id"] = gguf.u32(c.eosTokenIds[0]!);
+  return meta;
+}
+
+/** The `llama.*` / `qwen2.*` keys llama.cpp reads. */
+function llamaMetadata(c: ModelConfig, a: string): Record<string, GGUFValue> {
+  const meta: Record<string, GGUFValue> = {
     [`${a}.vocab_size`]: gguf.u32(c.vocabSize),
     [`${a}.context_length`]: gguf.u32(c.maxPositionEmbeddings),
     [`${a}.embedding_length`]: gguf.u32(c.hiddenSize),
@@ -107,8 +118,6 @@ export function ggufModelMetadata(c: ModelConfig, dtype: WriteDType, name: strin
     meta[`${a}.rope.scaling.high_freq_factor`] = gguf.f32(s.highFreqFactor);
     meta[`${a}.rope.scaling.original_context_length`] = gguf.u32(s.originalMaxPositionEmbeddings);
   }
-  if (c.bosTokenId !== null) meta["tokenizer.ggml.bos_token_id"] = gguf.u32(c.bosTokenId);
-  if (c.eosTokenIds.length > 0) meta["tokenizer.ggml.eos_token_id"] = gguf.u32(c.eosTokenIds[0]!);
   return meta;
 }
 
@@ -240,6 +249,7 @@ export function encodeGGUF(metadata: GGUFMetadata, tensors: GGUFTensorEntry[], {
  * are permuted for llama-arch RoPE. Peak memory: one tensor.
  */
 export function writeGGUF(path: string, config: ModelConfig, tensors: Iterable<NamedTensor>, dtype: WriteDType, metadata: GGUFMetadata): void {
+  if (familyOf(config.arch).ggufArchs.length === 0) throw new Error(`GGUF writer: llama.cpp has no ${config.arch} architecture`);
   const expected = expectedTensors(config);
   const typeOf = (shape: number[]): WriteDType => (shape.length === 1 ? "F32" : dtype);
   const infos: TensorInfo[] = expected.map((t) => {
@@ -266,7 +276,8 @@ export function writeGGUF(path: string, config: ModelConfig, tensors: Iterable<N
     for (const t of tensors) {
       const want = expected[i++];
       if (!want || want.name !== t.name) throw new Error(`GGUF writer: got tensor ${t.name}, expected ${want?.name ?? "no more"}`);
-      const data = encodeTensor(typeOf(t.shape), t.values);
+      const values = familyOf(config.arch).ggufTensor?.(t.name, t.values, config) ?? t.values;
+      const data = encodeTensor(typeOf(t.shape), values);
       const heads = t.name.endsWith("q_proj.weight") ? config.numHeads : t.name.endsWith("k_proj.weight") ? config.numKvHeads : 0;
       writeAligned(config.arch !== "qwen2" && heads > 0 ? permuteRowsForGGUF(data, heads, config.headDim) : data);
     }
@@ -340,6 +351,8 @@ export function writeSafetensors(dir: string, config: ModelConfig, tensors: Iter
 const TORCH_DTYPE = { F32: "float32", F16: "float16", BF16: "bfloat16" };
 
 function hfConfig(c: ModelConfig, dtype: keyof typeof TORCH_DTYPE) {
+  const family = familyOf(c.arch);
+  if (family.hfConfig) return { ...family.hfConfig(c), torch_dtype: TORCH_DTYPE[dtype] };
   const s = c.ropeScaling;
   return {
     architectures: [c.arch === "qwen2" ? "Qwen2ForCausalLM" : c.arch === "mistral" ? "MistralForCausalLM" : "LlamaForCausalLM"],

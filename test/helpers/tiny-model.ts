@@ -7,7 +7,7 @@
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { expectedTensors } from "../../src/model/registry.ts";
-import type { ModelConfig, RopeScaling } from "../../src/model/config.ts";
+import type { HiddenAct, ModelConfig, RopeScaling } from "../../src/model/config.ts";
 import { dequantize, encodeTensor, GGML_TYPE, type WriteDType } from "../../src/model/encoding.ts";
 import { ggufModelMetadata, writeGGUF, writeSafetensors, type GGUFMetadata, type NamedTensor } from "../../src/model/write.ts";
 
@@ -26,6 +26,19 @@ export interface TinyDims {
 
 export interface TinyModelOptions {
   seed: number;
+  /** The model family (default LLaMA). StarCoder takes dims.kvHeads = 1 and ignores the
+   *  RoPE and bias options. */
+  family?: "llama" | "starcoder" | "opt" | "mpt" | "falcon";
+  /** Falcon: separate attention and MLP LayerNorms (new_decoder_architecture). */
+  twoNorms?: boolean;
+  /** MPT: ALiBi's maximum bias (default 8). */
+  alibiMaxBias?: number;
+  /** OPT: embedding width (project_in/out when it differs from hidden), and LayerNorm
+   *  after the blocks instead of before (which drops the final LayerNorm). */
+  wordEmbedProjDim?: number;
+  layerNormAfter?: boolean;
+  /** Plain-MLP families: the activation (StarCoder default gelu_tanh). */
+  hiddenAct?: HiddenAct;
   dims: TinyDims;
   dtype: TinyDType;
   format: "safetensors" | "gguf";
@@ -53,6 +66,8 @@ export interface TinyModel {
 }
 
 const BOS = 1;
+/** Token embeddings and output heads of every family. */
+const VOCAB_MATRICES = new Set(["model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight", "transformer.word_embeddings.weight", "lm_head.weight"]);
 const EOS = 2;
 
 export function writeTinyModel(dir: string, opts: TinyModelOptions): TinyModel {
@@ -68,7 +83,7 @@ export function writeTinyModel(dir: string, opts: TinyModelOptions): TinyModel {
     else {
       // Embeddings/lm_head at 2/sqrt(hidden) give logits of std ~2 (tied or not);
       // linears at 1/sqrt(in) keep activations near unit scale.
-      const isVocab = t.name === "model.embed_tokens.weight" || t.name === "lm_head.weight";
+      const isVocab = VOCAB_MATRICES.has(t.name);
       const std = isVocab ? 2 / Math.sqrt(config.hiddenSize) : 1 / Math.sqrt(t.shape[1]!);
       for (let i = 0; i < count; i++) values[i] = std * rng.normal();
     }
@@ -97,6 +112,61 @@ export function writeTinyModel(dir: string, opts: TinyModelOptions): TinyModel {
 }
 
 function tinyConfig(opts: TinyModelOptions): ModelConfig {
+  if (opts.family === "starcoder") return starcoderConfig(opts);
+  if (opts.family === "opt") return optConfig(opts);
+  if (opts.family === "mpt") return mptConfig(opts);
+  if (opts.family === "falcon") return falconConfig(opts);
+  return llamaConfig(opts);
+}
+
+function falconConfig(opts: TinyModelOptions): ModelConfig {
+  return {
+    ...llamaConfig({ ...opts, attentionBias: false, ropeScaling: null }),
+    arch: "falcon",
+    tieWordEmbeddings: opts.tied ?? true,
+    hiddenAct: "gelu",
+    falcon: { twoNorms: opts.twoNorms ?? false, qkvLayout: "grouped" },
+  };
+}
+
+function mptConfig(opts: TinyModelOptions): ModelConfig {
+  return {
+    ...llamaConfig({ ...opts, attentionBias: false, ropeScaling: null }),
+    arch: "mpt",
+    numKvHeads: opts.dims.heads,
+    tieWordEmbeddings: true,
+    hiddenAct: "gelu",
+    alibiMaxBias: opts.alibiMaxBias ?? 8,
+  };
+}
+
+function optConfig(opts: TinyModelOptions): ModelConfig {
+  const before = !opts.layerNormAfter;
+  return {
+    ...llamaConfig({ ...opts, attentionBias: false, ropeScaling: null }),
+    arch: "opt",
+    numKvHeads: opts.dims.heads,
+    rmsNormEps: 1e-5,
+    tieWordEmbeddings: opts.tied ?? true,
+    attentionBias: true,
+    hiddenAct: "relu",
+    opt: { wordEmbedProjDim: opts.wordEmbedProjDim ?? opts.dims.hidden, layerNormBefore: before, finalLayerNorm: before },
+  };
+}
+
+function starcoderConfig(opts: TinyModelOptions): ModelConfig {
+  const d = opts.dims;
+  if (d.kvHeads !== 1) throw new Error("StarCoder is multi-query: dims.kvHeads must be 1");
+  return {
+    ...llamaConfig({ ...opts, attentionBias: false, ropeScaling: null }),
+    arch: "starcoder",
+    tieWordEmbeddings: opts.tied ?? true,
+    attentionBias: true,
+    hiddenAct: opts.hiddenAct ?? "gelu_tanh",
+  };
+}
+
+function llamaConfig(opts: TinyModelOptions): ModelConfig {
   const d = opts.dims;
   const headDim = d.headDim ?? d.hidden / d.heads;
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) throw new Error(`head dim ${headDim} must be an even integer`);
