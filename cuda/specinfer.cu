@@ -1241,6 +1241,26 @@ extern "C" int32_t si_activation(si_ctx *c, const float *x, int64_t count, int32
   return launched(c, op);
 }
 
+__global__ void clamp_kernel(float *x, long long count, float limit) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+       i += (long long)gridDim.x * blockDim.x)
+    x[i] = fminf(fmaxf(x[i], -limit), limit);
+}
+
+extern "C" int32_t si_clamp(si_ctx *c, float *x, int64_t count, float limit) {
+  if (!c) return SI_ERR_ARG;
+  const char *op = "si_clamp";
+  if (!(limit > 0.f)) return fail(c, SI_ERR_ARG, "%s: limit=%g must be positive", op, (double)limit);
+  int rc = non_negative(c, op, "count", count);
+  if (rc || count == 0) return rc;
+  rc = need(c, op, "x", x);
+  if (!rc) rc = aligned(c, op, "x", x, 4);
+  if (rc) return rc;
+  if (!c->ok) return no_device(c, op);
+  clamp_kernel<<<grid_for(c, count, 256), 256, 0, c->stream>>>(x, count, limit);
+  return launched(c, op);
+}
+
 __global__ void add_rows_kernel(float *x, const unsigned char *table, int dt, int rows, int dim, size_t rb,
                                 const int *ids, int offset, DevErr *err) {
   const int i = blockIdx.x;

@@ -524,6 +524,28 @@ export fn si_activation(ctx: ?*Ctx, x: ?[*]const f32, count: i64, kind: i32, out
     return SI_OK;
 }
 
+export fn si_clamp(ctx: ?*Ctx, x: ?[*]f32, count: i64, limit: f32) callconv(.C) i32 {
+    const c = ctx orelse return SI_ERR_ARG;
+    const op = "si_clamp";
+    if (!(limit > 0)) return c.fail(SI_ERR_ARG, op ++ ": limit={d} must be positive", .{limit});
+    var rc = nonNegative(c, op, "count", count);
+    if (rc != 0 or count == 0) return rc;
+    rc = need(c, op, "x", x);
+    if (rc != 0) return rc;
+    const A = struct {
+        x: [*]f32,
+        limit: f32,
+        ref: bool,
+        fn body(a: *const @This(), lo: usize, hi: usize) void {
+            if (a.ref) nn.clampRef(a.x, a.limit, lo, hi) else nn.clamp(a.x, a.limit, lo, hi);
+        }
+    };
+    const a = A{ .x = x.?, .limit = limit, .ref = c.reference };
+    const cu: usize = @intCast(count);
+    parallelFor(&c.pool, cu, elementGrain(c, cu), &a, A.body);
+    return SI_OK;
+}
+
 export fn si_add_rows(ctx: ?*Ctx, x: ?[*]f32, table: ?*const anyopaque, dtype: i32, rows: i32, dim: i32, ids: ?[*]const i32, n: i32, offset: i32) callconv(.C) i32 {
     const c = ctx orelse return SI_ERR_ARG;
     const op = "si_add_rows";

@@ -122,6 +122,10 @@ enum si_activation_kind {
 /* out[i] = act(x[i]) for count elements. out may equal x. */
 int32_t si_activation(si_ctx *ctx, const float *x, int64_t count, int32_t kind, float *out);
 
+/* In place: x[i] = min(max(x[i], -limit), limit) for count elements, limit > 0 (MPT's
+ * clip_qkv). */
+int32_t si_clamp(si_ctx *ctx, float *x, int64_t count, float limit);
+
 /* x[i, :] += row ids[i] + offset of table[rows, dim] (any dtype): learned position
  * embeddings added in place (OPT's offset is 2). Fails on rows outside [0, rows). */
 int32_t si_add_rows(si_ctx *ctx, float *x, const void *table, int32_t dtype, int32_t rows, int32_t dim,

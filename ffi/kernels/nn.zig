@@ -238,6 +238,19 @@ pub fn layernorm(x: [*]const f32, w: [*]const f32, b: ?[*]const f32, dim: usize,
     }
 }
 
+// ---- clamp --------------------------------------------------------------------------
+
+pub fn clampRef(x: [*]f32, limit: f32, b: usize, e: usize) void {
+    for (b..e) |i| x[i] = if (x[i] > limit) limit else if (x[i] < -limit) -limit else x[i];
+}
+
+pub fn clamp(x: [*]f32, limit: f32, b: usize, e: usize) void {
+    const hi = s.splat(limit);
+    var i = b;
+    while (i + L <= e) : (i += L) s.store(x + i, @min(@max(s.load(x + i), -hi), hi));
+    while (i < e) : (i += 1) x[i] = @min(@max(x[i], -limit), limit);
+}
+
 // ---- activations --------------------------------------------------------------------
 
 /// ffi/specinfer.h si_activation kinds.

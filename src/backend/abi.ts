@@ -30,6 +30,7 @@ export const SYMBOLS = {
   si_add: { args: ["ptr", "ptr", "ptr", "i64"], returns: "i32" },
   si_layernorm: { args: ["ptr", "ptr", "ptr", "ptr", "i32", "i32", "f32", "ptr"], returns: "i32" },
   si_activation: { args: ["ptr", "ptr", "i64", "i32", "ptr"], returns: "i32" },
+  si_clamp: { args: ["ptr", "ptr", "i64", "f32"], returns: "i32" },
   si_add_rows: { args: ["ptr", "ptr", "ptr", "i32", "i32", "i32", "ptr", "i32", "i32"], returns: "i32" },
   si_kv_write: {
     args: ["ptr", "ptr", "ptr", "i32", "i32", "ptr", "ptr", "ptr", "i32", "i32", "ptr", "ptr", "i32"],
@@ -72,6 +73,7 @@ export interface NativeSymbols {
   si_add(ctx: P, x: P, y: P, count: number): number;
   si_layernorm(ctx: P, x: P, w: P, b: P, n: number, dim: number, eps: number, y: P): number;
   si_activation(ctx: P, x: P, count: number, kind: number, out: P): number;
+  si_clamp(ctx: P, x: P, count: number, limit: number): number;
   si_add_rows(ctx: P, x: P, table: P, dtype: number, rows: number, dim: number, ids: P, n: number, offset: number): number;
   si_kv_write(
     ctx: P, k: P, v: P, n: number, row: number, seq: P, slot: P, bt: P, maxBlocks: number,
@@ -155,6 +157,10 @@ export abstract class NativeOps {
 
   activation(x: Ptr, count: number, kind: Activation, out: Ptr): void {
     this.check("activation", this.lib.si_activation(this.live, x, count, kind, out));
+  }
+
+  clamp(x: Ptr, count: number, limit: number): void {
+    this.check("clamp", this.lib.si_clamp(this.live, x, count, limit));
   }
 
   addRows(x: Ptr, table: Ptr, dtype: DType, rows: number, dim: number, ids: Ptr, n: number, offset: number): void {

@@ -100,6 +100,8 @@ export interface Backend {
   /** LayerNorm of each row; `bias` 0 for none. y may equal x. */
   layernorm(x: Ptr, weight: Ptr, bias: Ptr, n: number, dim: number, eps: number, y: Ptr): void;
   activation(x: Ptr, count: number, kind: Activation, out: Ptr): void;
+  /** In place: x clipped to [-limit, limit]. */
+  clamp(x: Ptr, count: number, limit: number): void;
   /** x[i, :] += row ids[i] + offset of `table` (learned position embeddings). */
   addRows(x: Ptr, table: Ptr, dtype: DType, rows: number, dim: number, ids: Ptr, n: number, offset: number): void;
   /** Writes f32 K/V rows into planes of `kvDtype`. */

@@ -45,6 +45,8 @@ export interface ModelConfig {
   opt?: { wordEmbedProjDim: number; layerNormBefore: boolean; finalLayerNorm: boolean };
   /** ALiBi instead of position embeddings (MPT): slopes from this maximum bias. */
   alibiMaxBias?: number;
+  /** MPT's clip_qkv: q, k and v clipped to [-clipQkv, clipQkv]. */
+  clipQkv?: number;
   /** Falcon: separate LayerNorms for attention and MLP (new_decoder_architecture), and
    *  how the fused QKV rows are laid out: per KV group [q heads.., k, v] (HF) or all q,
    *  then all k, then all v (llama.cpp's converter reorders them so). */

@@ -3,6 +3,7 @@
 //   x = wte(tokens)                                          no position embeddings: ALiBi
 //   for each layer:
 //     h = layernorm1(x) ; q | k | v = h Wqkv                 fused, no biases, LayerNorm without bias
+//     q, k, v = clip(q, k, v to +-clip_qkv)                  when the config sets clip_qkv
 //     write k, v into the paged KV cache
 //     x += attention(q, K, V, ALiBi bias -slope_h * distance) Wout
 //     h = layernorm2(x) ; x += gelu(h Wup) Wdown             exact (erf) GELU, as HF computes it
@@ -29,9 +30,9 @@ function configFromHF(j: Record<string, unknown>, fail: Fail): ModelConfig {
   if (typeof raw !== "object" || raw === null) return fail(`attn_config must be an object, got ${shown(raw)}`);
   const a = raw as Record<string, unknown>;
   if (a.alibi === false) fail("attn_config.alibi false (learned positions) is not supported");
-  for (const key of ["clip_qkv", "softmax_scale"]) {
-    if (a[key] !== undefined && a[key] !== null) fail(`attn_config.${key} ${shown(a[key])} is not supported`);
-  }
+  if (a.softmax_scale !== undefined && a.softmax_scale !== null) fail(`attn_config.softmax_scale ${shown(a.softmax_scale)} is not supported`);
+  const clip = a.clip_qkv ?? undefined;
+  if (clip !== undefined && !(typeof clip === "number" && clip > 0)) fail(`attn_config.clip_qkv must be a positive number or null, got ${shown(clip)}`);
   if (a.qk_ln === true) fail("attn_config.qk_ln is not supported");
   if (a.attn_type !== undefined && a.attn_type !== "multihead_attention") fail(`attn_config.attn_type ${shown(a.attn_type)} is not supported`);
   if (j.no_bias === false) fail("no_bias false is not supported");
@@ -57,6 +58,7 @@ function configFromHF(j: Record<string, unknown>, fail: Fail): ModelConfig {
     attentionBias: false,
     hiddenAct: "gelu",
     alibiMaxBias: alibiMax as number,
+    ...(clip !== undefined ? { clipQkv: clip as number } : {}),
     bosTokenId: tokenId(j.bos_token_id, "bos_token_id", fail),
     eosTokenIds: tokenIds(j.eos_token_id, "eos_token_id", fail),
   };
@@ -66,7 +68,6 @@ function configFromHF(j: Record<string, unknown>, fail: Fail): ModelConfig {
 
 function configFromGGUF(metadata: Map<string, unknown>, tensorNames: Set<string>, fail: Fail): ModelConfig {
   const { get, int, num } = ggufFields(metadata, "mpt", fail);
-  if (get("attention.clamp_kqv") !== undefined) fail(`mpt.attention.clamp_kqv ${shown(get("attention.clamp_kqv"))} is not supported`);
   const hiddenSize = int("embedding_length");
   const numHeads = int("attention.head_count");
   const tokens = metadata.get("tokenizer.ggml.tokens");
@@ -91,6 +92,7 @@ function configFromGGUF(metadata: Map<string, unknown>, tensorNames: Set<string>
     attentionBias: false,
     hiddenAct: "gelu",
     alibiMaxBias: num("attention.max_alibi_bias", 8),
+    ...(get("attention.clamp_kqv") !== undefined ? { clipQkv: num("attention.clamp_kqv") } : {}),
     bosTokenId: tokenId(metadata.get("tokenizer.ggml.bos_token_id"), "tokenizer.ggml.bos_token_id", fail),
     eosTokenIds: tokenIds([metadata.get("tokenizer.ggml.eos_token_id")].filter((x) => x !== undefined), "tokenizer.ggml.eos_token_id", fail),
   };
@@ -157,7 +159,7 @@ function hfConfig(c: ModelConfig): Record<string, unknown> {
     max_seq_len: c.maxPositionEmbeddings,
     no_bias: true,
     layer_norm_epsilon: c.rmsNormEps,
-    attn_config: { attn_type: "multihead_attention", alibi: true, alibi_bias_max: c.alibiMaxBias, clip_qkv: null, qk_ln: false, softmax_scale: null },
+    attn_config: { attn_type: "multihead_attention", alibi: true, alibi_bias_max: c.alibiMaxBias, clip_qkv: c.clipQkv ?? null, qk_ln: false, softmax_scale: null },
     bos_token_id: c.bosTokenId,
     eos_token_id: c.eosTokenIds[0] ?? null,
   };
@@ -173,6 +175,7 @@ function ggufMetadata(c: ModelConfig): Record<string, GGUFValue> {
     "mpt.attention.head_count": gguf.u32(c.numHeads),
     "mpt.attention.layer_norm_epsilon": gguf.f32(c.rmsNormEps),
     "mpt.attention.max_alibi_bias": gguf.f32(c.alibiMaxBias ?? 8),
+    ...(c.clipQkv !== undefined ? { "mpt.attention.clamp_kqv": gguf.f32(c.clipQkv) } : {}),
   };
 }
 
@@ -253,6 +256,7 @@ export class MPTModel extends NativeModel {
       this.linear(this.h, n, w.q, this.q);
       this.linear(this.h, n, w.k, this.k);
       this.linear(this.h, n, w.v, this.v);
+      if (c.clipQkv !== undefined) for (const p of [this.q, this.k, this.v]) b.clamp(p, n * d, c.clipQkv);
       this.attend(l, batch, kv, this.q, this.k, this.v, this.attn, this.slopes);
       this.linear(this.attn, n, w.out, this.h);
       b.add(this.x, this.h, n * d);

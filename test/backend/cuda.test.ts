@@ -417,6 +417,13 @@ describe("layernorm, activation, addRows", () => {
       expectClose(name, f32(gpu, og, count), f32(cpu, oc, count), 1e-5);
     });
   }
+  gpuTest("clamp == CPU, bit-exact", () => {
+    const count = 100_003;
+    const [xc, xg] = put(randF32(count, 8));
+    cpu.clamp(xc, count, 2.5);
+    gpu.clamp(xg, count, 2.5);
+    expectSame("clamp", f32(gpu, xg, count), f32(cpu, xc, count));
+  });
   for (const dtype of DTYPES) {
     gpuTest(`addRows ${DTYPE_NAMES[dtype]}: x += table[ids + offset], bit-exact`, () => {
       const rows = 50;

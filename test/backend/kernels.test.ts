@@ -440,6 +440,24 @@ describe("activation", () => {
   }
 });
 
+test("clamp: SIMD == reference == float64 clip to [-limit, limit]; a non-positive limit is refused", () => {
+  for (const count of [1, 15, 1000, 100_003]) {
+    const x = randF32(count, 8);
+    const xs = dev(x);
+    const xr = dev(x);
+    simd.clamp(xs, count, 2.5);
+    ref.clamp(xr, count, 2.5);
+    const gs = new Float32Array(count);
+    const gr = new Float32Array(count);
+    simd.download(gs, xs);
+    simd.download(gr, xr);
+    const want = Float64Array.from(x, (v) => Math.min(Math.max(v, -2.5), 2.5));
+    expectClose(`clamp ${count} SIMD vs ref`, gs, gr, 0, 0);
+    expectClose(`clamp ${count} vs f64`, gs, want, 0, 0);
+  }
+  expect(() => simd.clamp(dev(new Float32Array(4)), 4, 0)).toThrow(/si_clamp: limit=0 must be positive/);
+});
+
 describe("addRows (learned positions)", () => {
   for (const dtype of [DType.F32, DType.F16, DType.BF16, DType.Q8_0, DType.Q4_0]) {
     test(`${DTYPE_NAMES[dtype]}: x += table[ids + offset], SIMD == reference == float64`, () => {

@@ -1,4 +1,4 @@
-// An independent float64 MPT forward for tests: ALiBi (slopes from alibi_bias_max),
+// An independent float64 MPT forward for tests: ALiBi (slopes from alibi_bias_max), clip_qkv,
 // LayerNorm without bias, fused Wqkv, exact GELU, no biases, tied head; full causal
 // attention over the whole token list, no KV cache, no native code.
 
@@ -12,6 +12,7 @@ export interface MPTReferenceConfig {
   numHeads: number;
   rmsNormEps: number;
   alibiMaxBias?: number;
+  clipQkv?: number;
 }
 
 type Weights = Map<string, ArrayLike<number>>;
@@ -55,9 +56,11 @@ export function mptReferenceForward(cfg: MPTReferenceConfig, w: Weights, tokens:
     const p = `transformer.blocks.${l}.`;
     const hs = xs.map((x) => layerNorm(x, get(w, `${p}norm_1.weight`), null, cfg.rmsNormEps));
     const qkv = get(w, `${p}attn.Wqkv.weight`);
-    const qs = hs.map((h) => matvec(qkv, h, d, 0));
-    const ks = hs.map((h) => matvec(qkv, h, d, d));
-    const vs = hs.map((h) => matvec(qkv, h, d, 2 * d));
+    const c = cfg.clipQkv ?? Infinity;
+    const clip = (y: Float64Array) => y.map((v) => Math.min(Math.max(v, -c), c));
+    const qs = hs.map((h) => clip(matvec(qkv, h, d, 0)));
+    const ks = hs.map((h) => clip(matvec(qkv, h, d, d)));
+    const vs = hs.map((h) => clip(matvec(qkv, h, d, 2 * d)));
     xs = xs.map((x, i) => {
       const attn = new Float64Array(d);
       for (let head = 0; head < cfg.numHeads; head++) {

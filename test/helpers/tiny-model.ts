@@ -31,8 +31,9 @@ export interface TinyModelOptions {
   family?: "llama" | "starcoder" | "opt" | "mpt" | "falcon";
   /** Falcon: separate attention and MLP LayerNorms (new_decoder_architecture). */
   twoNorms?: boolean;
-  /** MPT: ALiBi's maximum bias (default 8). */
+  /** MPT: ALiBi's maximum bias (default 8), and clip_qkv. */
   alibiMaxBias?: number;
+  clipQkv?: number;
   /** OPT: embedding width (project_in/out when it differs from hidden), and LayerNorm
    *  after the blocks instead of before (which drops the final LayerNorm). */
   wordEmbedProjDim?: number;
@@ -137,6 +138,7 @@ function mptConfig(opts: TinyModelOptions): ModelConfig {
     tieWordEmbeddings: true,
     hiddenAct: "gelu",
     alibiMaxBias: opts.alibiMaxBias ?? 8,
+    ...(opts.clipQkv !== undefined ? { clipQkv: opts.clipQkv } : {}),
   };
 }
 

@@ -57,6 +57,19 @@ describe("forward vs float64 reference", () => {
     expect(err).toBeLessThanOrEqual(1e-4);
   });
 
+  for (const format of ["safetensors", "gguf"] as const) {
+    test(`clip_qkv 0.5 (clips most q/k/v values here), ${format}: matches the reference, and differs from the unclipped model`, () => {
+      const m = tiny({ dtype: "F32", format, clipQkv: 0.5 });
+      expect(m.model.config.clipQkv).toBe(0.5);
+      const want = mptReferenceForward(m.config, m.weights, PROMPT);
+      const err = maxRelError(chainLogits(m.model, PROMPT, DType.F32), want);
+      m.model.close();
+      expect(err).toBeLessThanOrEqual(1e-4);
+      const unclipped = mptReferenceForward({ ...m.config, clipQkv: undefined }, m.weights, PROMPT);
+      expect(maxRelError(unclipped, want)).toBeGreaterThan(1e-2);
+    });
+  }
+
   test("HF and GGUF forms of the same weights give the same logits", () => {
     const hf = tiny({ dtype: "F16", format: "safetensors" });
     const gguf = tiny({ dtype: "F16", format: "gguf" });
@@ -75,8 +88,8 @@ describe("unsupported configs are refused naming the field", () => {
     writeFileSync(join(m.path, "config.json"), JSON.stringify(j));
     return () => loadModel(m.path, backend);
   };
-  test("clip_qkv", () => {
-    expect(rewrite((j) => ((j.attn_config as Record<string, unknown>).clip_qkv = 8))).toThrow(/attn_config.clip_qkv 8 is not supported/);
+  test("a clip_qkv that is not a positive number", () => {
+    expect(rewrite((j) => ((j.attn_config as Record<string, unknown>).clip_qkv = -1))).toThrow(/attn_config.clip_qkv must be a positive number or null, got -1/);
   });
   test("alibi false", () => {
     expect(rewrite((j) => ((j.attn_config as Record<string, unknown>).alibi = false))).toThrow(/attn_config.alibi false .* is not supported/);
