@@ -27,7 +27,7 @@ import type { CausalLM } from "../src/model/causal-lm";
 import { loadModel } from "../src/model/registry";
 import type { WriteDType } from "../src/model/encoding";
 import { readFloatWeights, widenedConfig } from "../src/model/widen";
-import { widenedPair, widenSpecs } from "./lib/widened";
+import { WIDENED_TREES, widenedPair, widenSpecs } from "./lib/widened";
 import { DEFAULT_TREE } from "../src/speculation/speculator";
 import { referenceForward } from "../test/helpers/reference-llama";
 import { LlamaCpp, LlamaCppSession, NODE_LLAMA_CPP_VERSION } from "./llamacpp";
@@ -449,7 +449,7 @@ if (on("widen")) {
   const oursSetups: { name: string; tree: string | null }[] = [
     { name: "ours incremental", tree: null },
     { name: `ours spec tree ${DEFAULT_TREE} (default)`, tree: DEFAULT_TREE },
-    ...(process.env.WIDEN_TREES ?? "1,1,1,1;2,1,1,1;dynamic:16").split(";").map((t) => ({ name: `ours spec tree ${t}`, tree: t })),
+    ...(process.env.WIDEN_TREES?.split(";") ?? WIDENED_TREES).map((t) => ({ name: `ours spec tree ${t}`, tree: t })),
   ];
   await llm.generate(prompts[0], { maxNewTokens: 4 }); // warm-up
   for (const setup of oursSetups) {

@@ -7,6 +7,10 @@ import type { WriteDType } from "../../src/model/encoding";
 import { widenModel, type WidenSpec } from "../../src/model/widen";
 import { DEFAULT_DRAFT, DEFAULT_MODEL } from "../../src/runtime/paths";
 
+/** Fixed trees compared on the widened pair, besides the default 1,1,1 (bench:cpu and
+ *  bench:serve both run them). */
+export const WIDENED_TREES = ["1,1,1,1", "2,1,1,1", "dynamic:16"];
+
 export interface WidenSpecs {
   target: WidenSpec;
   draft: WidenSpec;

@@ -80,14 +80,17 @@ export class CostModel {
   /** Predicted drafting time for chains of the given lengths (one SSM forward per depth
    *  for all requests still growing, the catch-up pass at depth 0). */
   draftMs(depths: readonly number[]): number {
+    const growing: number[] = [];
+    for (const k of depths) for (let d = 0; d < k; d++) growing[d] = (growing[d] ?? 0) + 1;
+    return this.draftMsOf(growing);
+  }
+
+  /** Drafting time given, per depth, how many chains reach past it. */
+  private draftMsOf(growing: readonly number[]): number {
     if (!this.drafter) return 0;
-    const deepest = Math.max(0, ...depths);
     let ms = 0;
-    for (let d = 0; d < deepest; d++) {
-      const growing = depths.filter((k) => k > d).length;
-      // The catch-up pass feeds the root and the tokens accepted last step.
-      ms += this.drafter.at(d === 0 ? 2 * growing : growing);
-    }
+    // The catch-up pass feeds the root and the tokens accepted last step.
+    for (let d = 0; d < growing.length && growing[d] > 0; d++) ms += this.drafter.at(d === 0 ? 2 * growing[d] : growing[d]);
     return ms * this.draftOverhead;
   }
 
@@ -100,38 +103,38 @@ export class CostModel {
    *  step, given `fixedRows` batch rows already taken (prefill chunks, fixed trees,
    *  plain decodes) and `fixedTokens` tokens those yield. Greedy: apply the one
    *  lengthening (of any request, by any number of nodes, since a first node pays the
-   *  whole drafting pass) that raises the step's rate most, while one does. */
+   *  whole drafting pass) that raises the step's rate most, while one does. Each trial
+   *  is costed from running sums, so a step with many requests stays cheap to plan. */
   choose(candidates: readonly AutoCandidate[], fixedRows: number, fixedTokens: number, rowBudget: number): number[] {
     const depths = candidates.map(() => 0);
-    const rate = () => {
-      let tokens = fixedTokens;
-      let rows = fixedRows;
-      candidates.forEach((c, i) => {
-        tokens += c.acceptance.expectedTokens(depths[i]);
-        rows += 1 + depths[i];
-      });
-      return tokens / (this.llm.at(rows) + this.draftMs(depths));
-    };
-    let best = rate();
-    let used = fixedRows + candidates.length;
+    const maxDepth = Math.max(0, ...candidates.map((c) => c.maxDepth));
+    const growing = new Array<number>(maxDepth).fill(0);
+    let tokens = fixedTokens + candidates.reduce((n, c) => n + c.acceptance.expectedTokens(0), 0);
+    let rows = fixedRows + candidates.length;
+    const rate = (t: number, r: number) => t / (this.llm.at(r) + this.draftMsOf(growing));
+    let best = rate(tokens, rows);
     for (;;) {
       let pick = -1;
       let pickDepth = 0;
       candidates.forEach((c, i) => {
         const from = depths[i];
-        for (let d = from + 1; d <= c.maxDepth && used + d - from <= rowBudget; d++) {
-          depths[i] = d;
-          const r = rate();
+        const base = tokens - c.acceptance.expectedTokens(from);
+        for (let d = from + 1; d <= c.maxDepth && rows + d - from <= rowBudget; d++) {
+          growing[d - 1]++; // this chain now reaches past depth d - 1
+          const r = rate(base + c.acceptance.expectedTokens(d), rows + d - from);
           if (r > best * 1.0001) {
             best = r;
             pick = i;
             pickDepth = d;
           }
         }
-        depths[i] = from;
+        for (let d = from + 1; d <= c.maxDepth && rows + d - from <= rowBudget; d++) growing[d - 1]--;
       });
       if (pick < 0) return depths;
-      used += pickDepth - depths[pick];
+      const c = candidates[pick];
+      tokens += c.acceptance.expectedTokens(pickDepth) - c.acceptance.expectedTokens(depths[pick]);
+      rows += pickDepth - depths[pick];
+      for (let d = depths[pick]; d < pickDepth; d++) growing[d]++;
       depths[pick] = pickDepth;
     }
   }

@@ -10,7 +10,7 @@ import type { KVCache } from "../kv/cache";
 import type { DraftPlan, Speculator } from "../speculation/speculator";
 import { AUTO_MAX_DEPTH, chainShape } from "../speculation/speculator";
 import type { CostModel } from "./cost";
-import type { Request } from "./request";
+import { AcceptanceByDepth, type Request } from "./request";
 
 export interface PrefillEntry {
   kind: "prefill";
@@ -52,6 +52,9 @@ export interface SchedulerLimits {
  *  its acceptance estimate would otherwise never be refreshed. */
 const PROBE_INTERVAL = 64;
 const PROBE_DEPTH = 2;
+/** A probe is spent only where a chain would pay if this share of drafted tokens were
+ *  accepted: when even that loses (a full batch, a costly drafter), probing is waste. */
+const PROBE_IF_PAYS_AT = new AcceptanceByDepth(Array(PROBE_DEPTH).fill(0.9));
 
 export class Scheduler {
   readonly waiting: Request[] = [];
@@ -222,7 +225,8 @@ export class Scheduler {
       .map((req, i) => ({ req, i }))
       .filter(({ req }) => req.speculation.kind === "auto" && this.speculator !== null);
     if (auto.length === 0 || !this.cost) return out;
-    const fixedRows = prefillRows + out.reduce((n, o, i) => n + (auto.some((a) => a.i === i) ? 0 : 1 + (o.draft ? this.speculator!.maxNodes(o.draft) : 0)), 0);
+    const isAuto = new Set(auto.map((a) => a.i));
+    const fixedRows = prefillRows + out.reduce((n, o, i) => n + (isAuto.has(i) ? 0 : 1 + (o.draft ? this.speculator!.maxNodes(o.draft) : 0)), 0);
     const fixedTokens = decoding.length - auto.length;
     const remaining = (req: Request) => req.config.maxNewTokens - req.generated.length - 1;
     const depths = this.cost.choose(
@@ -231,9 +235,12 @@ export class Scheduler {
       fixedTokens,
       Math.min(this.limits.maxTokensPerBatch, this.limits.maxLogitRows),
     );
+    const batchRows = fixedRows + depths.reduce((n, d) => n + 1 + d, 0);
+    const probePays = () =>
+      this.cost!.choose([{ acceptance: PROBE_IF_PAYS_AT, maxDepth: PROBE_DEPTH }], batchRows - 1, decoding.length - 1, Infinity)[0] > 0;
     auto.forEach(({ req, i }, k) => {
       let depth = depths[k];
-      if (depth === 0 && req.stepsWithoutDraft >= PROBE_INTERVAL) depth = Math.min(PROBE_DEPTH, Math.max(0, remaining(req)));
+      if (depth === 0 && req.stepsWithoutDraft >= PROBE_INTERVAL && probePays()) depth = Math.min(PROBE_DEPTH, Math.max(0, remaining(req)));
       out[i] = { draft: depth > 0 ? this.autoPlan(req, depth) : null, autoDepth: depth };
     });
     return out;
