@@ -32,12 +32,20 @@ export class CostCurve {
     return ms[n - 1] + slope * (tokens - xs[n - 1]);
   }
 
-  /** Moves the nearest measured point a little towards an observed time. */
+  /** Moves the measured points around `tokens` a little towards an observed time, each
+   *  by its share in the interpolation there (past the grid: the last point), so sizes
+   *  between grid points, the ones trees make, correct the curve too. */
   observe(tokens: number, ms: number, weight = 0.05): void {
-    let nearest = 0;
-    for (let i = 1; i < this.xs.length; i++) if (Math.abs(this.xs[i] - tokens) < Math.abs(this.xs[nearest] - tokens)) nearest = i;
-    if (this.xs[nearest] !== tokens) return; // only exact grid sizes refine it
-    this.ms[nearest] += weight * (ms - this.ms[nearest]);
+    const { xs } = this;
+    const step = weight * (ms - this.at(tokens));
+    const i = xs.findIndex((x) => tokens <= x);
+    if (i <= 0) {
+      this.ms[i === 0 ? 0 : xs.length - 1] += step;
+      return;
+    }
+    const f = (tokens - xs[i - 1]) / (xs[i] - xs[i - 1]);
+    this.ms[i - 1] += (1 - f) * step;
+    this.ms[i] += f * step;
   }
 
   get points(): { tokens: number; ms: number }[] {

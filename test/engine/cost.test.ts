@@ -14,12 +14,14 @@ describe("CostCurve", () => {
     expect(curve.at(12)).toBeCloseTo(29, 10);
     expect(curve.at(0)).toBe(10);
   });
-  test("observations at a measured size move it; others leave it alone", () => {
-    const c = new CostCurve([{ tokens: 1, ms: 10 }, { tokens: 2, ms: 12 }]);
-    c.observe(2, 22, 0.5);
-    expect(c.at(2)).toBe(17);
-    c.observe(3, 100, 0.5);
-    expect(c.at(2)).toBe(17);
+  test("an observation moves the measured points around it by their share; farther points stay", () => {
+    const c = new CostCurve([{ tokens: 1, ms: 10 }, { tokens: 3, ms: 14 }, { tokens: 5, ms: 18 }]);
+    c.observe(3, 24, 0.5); // on a grid point: only that point, half way
+    expect([c.at(1), c.at(3), c.at(5)]).toEqual([10, 19, 18]);
+    c.observe(2, 24.5, 0.5); // half way between 1 and 3: predicted 14.5, each moves 0.5 * 0.5 * 10
+    expect([c.at(1), c.at(3), c.at(5)]).toEqual([12.5, 21.5, 18]);
+    c.observe(9, 30, 0.5); // past the grid: the last point; predicted 18 + 4 * -1.75 = 11, moves 0.5 * 19
+    expect([c.at(1), c.at(3), c.at(5)]).toEqual([12.5, 21.5, 27.5]);
   });
   test("the measurement grid is powers of two up to the limit", () => {
     expect(measurementGrid(40)).toEqual([1, 2, 4, 8, 16, 32, 40]);
