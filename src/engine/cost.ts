@@ -53,11 +53,14 @@ export class CostCurve {
   }
 }
 
-/** Batch sizes the load-time measurement times: powers of two up to `max`. */
+/** Batch sizes the load-time measurement times: every size up to 16 (kernels work in
+ *  token tiles, so t(L) rises in steps there, where chains are sized), then powers of
+ *  two up to `max`. */
 export function measurementGrid(max: number): number[] {
   const grid: number[] = [];
-  for (let l = 1; l < max; l *= 2) grid.push(l);
-  grid.push(max);
+  for (let l = 1; l <= Math.min(max, 16); l++) grid.push(l);
+  for (let l = 32; l < max; l *= 2) grid.push(l);
+  if (grid[grid.length - 1] !== max) grid.push(max);
   return grid;
 }
 

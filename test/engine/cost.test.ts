@@ -23,8 +23,10 @@ describe("CostCurve", () => {
     c.observe(9, 30, 0.5); // past the grid: the last point; predicted 18 + 4 * -1.75 = 11, moves 0.5 * 19
     expect([c.at(1), c.at(3), c.at(5)]).toEqual([12.5, 21.5, 27.5]);
   });
-  test("the measurement grid is powers of two up to the limit", () => {
-    expect(measurementGrid(40)).toEqual([1, 2, 4, 8, 16, 32, 40]);
+  test("the measurement grid is every size up to 16, then powers of two up to the limit", () => {
+    expect(measurementGrid(40)).toEqual([...Array.from({ length: 16 }, (_, i) => i + 1), 32, 40]);
+    expect(measurementGrid(64)).toEqual([...Array.from({ length: 16 }, (_, i) => i + 1), 32, 64]);
+    expect(measurementGrid(5)).toEqual([1, 2, 3, 4, 5]);
     expect(measurementGrid(1)).toEqual([1]);
   });
 });
