@@ -126,7 +126,7 @@ async function benchPair(
     }
   }
   for (const tree of extraTrees) {
-    const r = await load(llm, 1, 8, { ...opts, speculation: { tree } });
+    const r = await load(llm, 1, Math.max(requestsPerClient, 8), { ...opts, speculation: { tree } });
     rows.push({ mode: `fixed ${tree}`, ...r });
     log(`  ${name} c=1 fixed ${tree}: ${r.tokensPerSecond} tok/s, tree ${r.meanTreeNodesPerStep}, accepted ${r.meanAcceptedLength} (other load ${r.otherProcessesCores})`);
   }
@@ -157,7 +157,7 @@ const results: Record<string, unknown> = { date: new Date().toISOString(), threa
 if (PAIRS.includes("embedded")) (results.pairs as unknown[]).push(await benchPair("embedded", undefined, [DEFAULT_DRAFT], QUICK ? 32 : 128, { requestsPerClient: QUICK ? 2 : 8, repeats: QUICK ? 1 : 5 }));
 if (PAIRS.includes("widened")) {
   const { target, draft } = widenedPair(widenSpecs(QUICK, (process.env.WIDEN_DTYPE ?? "Q8_0") as WriteDType), join(import.meta.dir, ".models"), log);
-  (results.pairs as unknown[]).push(await benchPair("widened", target, [draft], QUICK ? 16 : 48, { requestsPerClient: 1, repeats: 1, extraTrees: WIDENED_TREES }));
+  (results.pairs as unknown[]).push(await benchPair("widened", target, [draft], QUICK ? 16 : 48, { requestsPerClient: 4, repeats: 1, extraTrees: WIDENED_TREES }));
 }
 results.loadavgAfter = loadavg();
 process.stdout.write(JSON.stringify(results, null, 2) + "\n");

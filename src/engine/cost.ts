@@ -71,11 +71,17 @@ export interface AutoCandidate {
   maxDepth: number;
 }
 
+/** Least predicted gain in tokens per second for which a step drafts at all. */
+const REQUIRED_GAIN = 0.1;
+
 export class CostModel {
   /** Engine-wide acceptance by depth: the starting point of every new request's. */
   readonly acceptance: AcceptanceByDepth;
   /** Observed draft time over predicted SSM forward time (JS overhead per depth). */
   private draftOverhead = 1;
+  /** Observed forward time of steps with tree rows over t(L) (measured on one chain,
+   *  refined by plain steps): what verifying trees of many requests costs beyond it. */
+  private treeOverhead = 1;
 
   constructor(
     readonly llm: CostCurve,
@@ -105,6 +111,13 @@ export class CostModel {
     return ms * this.draftOverhead;
   }
 
+  /** A step's forward time: plain steps refine t(L), steps with tree rows the
+   *  overhead of trees over it. */
+  observeStep(tokens: number, ms: number, treeRows: boolean): void {
+    if (!treeRows) return this.llm.observe(tokens, ms);
+    this.treeOverhead += 0.1 * (Math.min(3, Math.max(0.5, ms / this.llm.at(tokens))) - this.treeOverhead);
+  }
+
   observeDraft(depths: readonly number[], ms: number): void {
     const predicted = this.draftMs(depths) / this.draftOverhead;
     if (predicted > 0) this.draftOverhead += 0.1 * (Math.min(10, ms / predicted) - this.draftOverhead);
@@ -112,18 +125,21 @@ export class CostModel {
 
   /** Chain length per candidate maximising expected tokens per second of the whole
    *  step, given `fixedRows` batch rows already taken (prefill chunks, fixed trees,
-   *  plain decodes) and `fixedTokens` tokens those yield. Greedy: apply the one
+   *  plain decodes; `fixedTrees` when they hold trees) and `fixedTokens` tokens those
+   *  yield. Greedy: apply the one
    *  lengthening (of any request, by any number of nodes, since a first node pays the
    *  whole drafting pass) that raises the step's rate most, while one does. Each trial
    *  is costed from running sums, so a step with many requests stays cheap to plan. */
-  choose(candidates: readonly AutoCandidate[], fixedRows: number, fixedTokens: number, rowBudget: number): number[] {
+  choose(candidates: readonly AutoCandidate[], fixedRows: number, fixedTokens: number, rowBudget: number, fixedTrees = false): number[] {
     const depths = candidates.map(() => 0);
     const maxDepth = Math.max(0, ...candidates.map((c) => c.maxDepth));
     const growing = new Array<number>(maxDepth).fill(0);
     let tokens = fixedTokens + candidates.reduce((n, c) => n + c.acceptance.expectedTokens(0), 0);
     let rows = fixedRows + candidates.length;
-    const rate = (t: number, r: number) => t / (this.llm.at(r) + this.draftMsOf(growing));
-    let best = rate(tokens, rows);
+    const rate = (t: number, r: number) =>
+      t / (this.llm.at(r) * (growing[0] > 0 || fixedTrees ? this.treeOverhead : 1) + this.draftMsOf(growing));
+    const none = rate(tokens, rows);
+    let best = none;
     for (;;) {
       let pick = -1;
       let pickDepth = 0;
@@ -141,7 +157,9 @@ export class CostModel {
         }
         for (let d = from + 1; d <= c.maxDepth && rows + d - from <= rowBudget; d++) growing[d - 1]--;
       });
-      if (pick < 0) return depths;
+      // Trees must beat no tree by a clear margin: the estimates behind them (t(L) under
+      // a noisy machine, acceptance, requests finishing apart) err by several percent.
+      if (pick < 0) return best >= none * (1 + REQUIRED_GAIN) ? depths : depths.fill(0);
       const c = candidates[pick];
       tokens += c.acceptance.expectedTokens(pickDepth) - c.acceptance.expectedTokens(depths[pick]);
       rows += pickDepth - depths[pick];

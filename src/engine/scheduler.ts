@@ -228,16 +228,18 @@ export class Scheduler {
     const isAuto = new Set(auto.map((a) => a.i));
     const fixedRows = prefillRows + out.reduce((n, o, i) => n + (isAuto.has(i) ? 0 : 1 + (o.draft ? this.speculator!.maxNodes(o.draft) : 0)), 0);
     const fixedTokens = decoding.length - auto.length;
+    const fixedTrees = out.some((o, i) => !isAuto.has(i) && o.draft !== null);
     const remaining = (req: Request) => req.config.maxNewTokens - req.generated.length - 1;
     const depths = this.cost.choose(
       auto.map(({ req }) => ({ acceptance: req.acceptance, maxDepth: Math.max(0, Math.min(AUTO_MAX_DEPTH, remaining(req))) })),
       fixedRows,
       fixedTokens,
       Math.min(this.limits.maxTokensPerBatch, this.limits.maxLogitRows),
+      fixedTrees,
     );
     const batchRows = fixedRows + depths.reduce((n, d) => n + 1 + d, 0);
     const probePays = () =>
-      this.cost!.choose([{ acceptance: PROBE_IF_PAYS_AT, maxDepth: PROBE_DEPTH }], batchRows - 1, decoding.length - 1, Infinity)[0] > 0;
+      this.cost!.choose([{ acceptance: PROBE_IF_PAYS_AT, maxDepth: PROBE_DEPTH }], batchRows - 1, decoding.length - 1, Infinity, fixedTrees || depths.some((d) => d > 0))[0] > 0;
     auto.forEach(({ req, i }, k) => {
       let depth = depths[k];
       if (depth === 0 && req.stepsWithoutDraft >= PROBE_INTERVAL && probePays()) depth = Math.min(PROBE_DEPTH, Math.max(0, remaining(req)));

@@ -56,6 +56,27 @@ describe("CostModel.choose", () => {
     expect(model.choose([good()], 0, 0, 512)).toEqual([0]);
   });
 
+  test("no tree when the best one gains less than 10% over none; a tree when it gains more", () => {
+    // A chain of one node accepted with p yields (1 + p) tokens in 16 ms of verifying
+    // plus 0.2 ms of drafting (the catch-up pass of 2 tokens), against 1 token in 10 ms.
+    const steep = new CostCurve([{ tokens: 1, ms: 10 }, { tokens: 2, ms: 16 }, { tokens: 3, ms: 22 }]);
+    const model = new CostModel(steep, new CostCurve([{ tokens: 1, ms: 0.1 }]), 1);
+    const chain = (p: number) => model.choose([{ acceptance: new AcceptanceByDepth([p]), maxDepth: 1 }], 0, 0, 512)[0];
+    expect(chain(0.7)).toBe(0); // 1.7 / 1.62 = +4.9%
+    expect(chain(0.8)).toBe(1); // 1.8 / 1.62 = +11.1%
+  });
+
+  test("steps with trees observed slower than t(L) make trees pay less; plain steps refine t(L) only", () => {
+    const model = new CostModel(flatThenLinear, cheapDraft, 6);
+    const half = () => [{ acceptance: new AcceptanceByDepth([0.5, 0.5, 0.5, 0.5, 0.5, 0.5]), maxDepth: 6 }];
+    expect(model.choose(half(), 0, 0, 512)[0]).toBeGreaterThan(0);
+    for (let i = 0; i < 50; i++) model.observeStep(1, 10, false); // as predicted
+    expect(model.choose(half(), 0, 0, 512)[0]).toBeGreaterThan(0);
+    for (let i = 0; i < 50; i++) model.observeStep(7, 30, true); // trees cost 3x the curve
+    expect(model.choose(half(), 0, 0, 512)[0]).toBe(0);
+    expect(flatThenLinear.at(7)).toBe(10); // the curve itself is left alone
+  });
+
   test("deep chains when verifying is nearly free and acceptance is high", () => {
     const model = new CostModel(flatThenLinear, cheapDraft, 6);
     expect(model.choose([good()], 0, 0, 512)).toEqual([6]);
