@@ -259,7 +259,7 @@ export class Engine {
     this.lastStep = { decodes: decodeEntries.length, treeNodes: [] };
     const autoDepths = decodeEntries.filter((e) => e.autoDepth > 0).map((e) => e.autoDepth);
     if (autoDepths.length > 0) this.opts.cost?.observeDraft(autoDepths, run.draftMs);
-    this.opts.cost?.llm.observe(run.batchTokens, run.forwardMs);
+    this.opts.cost?.observeStep(run.batchTokens, run.forwardMs, run.rows.some((r) => r.tree !== null));
 
     plan.entries.forEach((entry, i) => {
       const req = entry.req;
