@@ -10,6 +10,7 @@ const mm = @import("kernels/matmul.zig");
 const nn = @import("kernels/nn.zig");
 const at = @import("kernels/attention.zig");
 const simd = @import("kernels/simd.zig");
+const sp = @import("kernels/sampling.zig");
 
 const Pool = pool_mod.Pool;
 const parallelFor = pool_mod.parallelFor;
@@ -894,6 +895,122 @@ export fn si_softmax(ctx: ?*Ctx, x: ?[*]f32, rows: i32, n: i32, temperature: f32
     return SI_OK;
 }
 
+export fn si_sample(ctx: ?*Ctx, logits: ?[*]const f32, rows: i32, vocab: i32, params: ?[*]const f64, list_start: ?[*]const i32, list_token: ?[*]const i32, list_count: ?[*]const i32, list_bias: ?[*]const f64, probs: ?[*]f32, out: ?[*]i32) callconv(.C) i32 {
+    const c = ctx orelse return SI_ERR_ARG;
+    const op = "si_sample";
+    var rc = nonNegative(c, op, "rows", rows);
+    if (rc == 0) rc = positive(c, op, "vocab", vocab);
+    if (rc != 0 or rows == 0) return rc;
+    rc = need(c, op, "logits", logits);
+    if (rc == 0) rc = need(c, op, "params", params);
+    if (rc == 0) rc = need(c, op, "list_start", list_start);
+    if (rc == 0) rc = need(c, op, "probs", probs);
+    if (rc == 0) rc = need(c, op, "out", out);
+    if (rc != 0) return rc;
+    const ru: usize = @intCast(rows);
+    const n: usize = @intCast(vocab);
+    for (0..ru) |r| {
+        if (sp.paramsProblem(params.? + r * sp.fields)) |why| return c.fail(SI_ERR_ARG, op ++ ": row {d}: {s}", .{ r, why });
+    }
+    const starts = list_start.?;
+    if (starts[0] != 0) return c.fail(SI_ERR_ARG, op ++ ": list_start[0]={d} must be 0", .{starts[0]});
+    for (0..ru) |r| {
+        if (starts[r + 1] < starts[r]) return c.fail(SI_ERR_ARG, op ++ ": list_start decreases at row {d}", .{r});
+    }
+    const entries: usize = @intCast(starts[ru]);
+    if (entries > 0) {
+        rc = need(c, op, "list_token", list_token);
+        if (rc == 0) rc = need(c, op, "list_count", list_count);
+        if (rc == 0) rc = need(c, op, "list_bias", list_bias);
+        if (rc != 0) return rc;
+        for (0..entries) |e| {
+            const t = list_token.?[e];
+            if (t < 0 or t >= vocab) return c.fail(SI_ERR_ARG, op ++ ": list token {d} at entry {d} is outside [0, {d})", .{ t, e, vocab });
+            if (list_count.?[e] < 0) return c.fail(SI_ERR_ARG, op ++ ": list count {d} at entry {d} is negative", .{ list_count.?[e], e });
+            if (!std.math.isFinite(list_bias.?[e])) return c.fail(SI_ERR_ARG, op ++ ": list bias at entry {d} is not finite", .{e});
+        }
+    }
+    const per_slot = 2 * n;
+    const scratch = c.scratchFor(@as(usize, c.pool.n) * per_slot * 4) orelse
+        return c.fail(SI_ERR_NOMEM, op ++ ": out of memory for {d} x {d} ranking scratch", .{ c.pool.n, per_slot });
+    const A = struct {
+        x: [*]const f32,
+        n: usize,
+        params: [*]const f64,
+        starts: [*]const i32,
+        tokens: [*]const i32,
+        counts: [*]const i32,
+        bias: [*]const f64,
+        probs: [*]f32,
+        out: [*]i32,
+        scratch: [*]i32,
+        ref: bool,
+        fn body(a: *const @This(), slot: usize, b: usize, e: usize) void {
+            const order = a.scratch[slot * 2 * a.n ..][0 .. 2 * a.n];
+            for (b..e) |r| {
+                const lo: usize = @intCast(a.starts[r]);
+                const hi: usize = @intCast(a.starts[r + 1]);
+                const edits = sp.Edits{ .tokens = a.tokens[lo..hi], .counts = a.counts[lo..hi], .bias = a.bias[lo..hi] };
+                a.out[r] = sp.pickRow(a.x + r * a.n, a.n, sp.Params.at(a.params + r * sp.fields), edits, a.probs + r * a.n, order, a.ref);
+            }
+        }
+    };
+    // With no entries the list arrays may be NULL: point them at something valid.
+    const none_i = [_]i32{0};
+    const none_f = [_]f64{0};
+    const a = A{
+        .x = logits.?,
+        .n = n,
+        .params = params.?,
+        .starts = starts,
+        .tokens = list_token orelse &none_i,
+        .counts = list_count orelse &none_i,
+        .bias = list_bias orelse &none_f,
+        .probs = probs.?,
+        .out = out.?,
+        .scratch = @ptrCast(scratch),
+        .ref = c.reference,
+    };
+    pool_mod.parallelForSlot(&c.pool, ru, 1, &a, A.body);
+    return SI_OK;
+}
+
+export fn si_tree_accept(ctx: ?*Ctx, n_trees: i32, tree_start: ?[*]const i32, parents: ?[*]const i32, tokens: ?[*]const i32, picked: ?[*]const i32, accepted: ?[*]i32, counts: ?[*]i32, bonus: ?[*]i32) callconv(.C) i32 {
+    const c = ctx orelse return SI_ERR_ARG;
+    const op = "si_tree_accept";
+    var rc = nonNegative(c, op, "n_trees", n_trees);
+    if (rc != 0 or n_trees == 0) return rc;
+    rc = need(c, op, "tree_start", tree_start);
+    if (rc == 0) rc = need(c, op, "parents", parents);
+    if (rc == 0) rc = need(c, op, "tokens", tokens);
+    if (rc == 0) rc = need(c, op, "picked", picked);
+    if (rc == 0) rc = need(c, op, "accepted", accepted);
+    if (rc == 0) rc = need(c, op, "counts", counts);
+    if (rc == 0) rc = need(c, op, "bonus", bonus);
+    if (rc != 0) return rc;
+    const nt: usize = @intCast(n_trees);
+    const starts = tree_start.?;
+    if (starts[0] != 0) return c.fail(SI_ERR_ARG, op ++ ": tree_start[0]={d} must be 0", .{starts[0]});
+    for (0..nt) |t| {
+        if (starts[t + 1] <= starts[t]) return c.fail(SI_ERR_ARG, op ++ ": tree {d} has no rows (each has its root)", .{t});
+        const base: usize = @intCast(starts[t]);
+        const size: usize = @intCast(starts[t + 1] - starts[t]);
+        for (1..size) |r| {
+            const parent = parents.?[base + r];
+            if (parent < 0 or parent >= r)
+                return c.fail(SI_ERR_ARG, op ++ ": tree {d} row {d} has parent {d}; parents must come before children", .{ t, r, parent });
+        }
+    }
+    for (0..nt) |t| {
+        const base: usize = @intCast(starts[t]);
+        const end: usize = @intCast(starts[t + 1]);
+        const r = sp.walk(parents.?[base..end], tokens.?[base..end], picked.?[base..end], accepted.?[base..end]);
+        counts.?[t] = @intCast(r.count);
+        bonus.?[t] = r.bonus;
+    }
+    return SI_OK;
+}
+
 export fn si_probe_bandwidth(ctx: ?*Ctx, buf: ?*const anyopaque, bytes: u64, reps: i32, gbps: ?*f64) callconv(.C) i32 {
     const c = ctx orelse return SI_ERR_ARG;
     const op = "si_probe_bandwidth";
@@ -938,4 +1055,5 @@ export fn si_probe_bandwidth(ctx: ?*Ctx, buf: ?*const anyopaque, bytes: u64, rep
 test {
     _ = pool_mod;
     _ = simd;
+    _ = sp;
 }

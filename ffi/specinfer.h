@@ -186,6 +186,54 @@ int32_t si_argmax(si_ctx *ctx, const float *x, int32_t rows, int32_t n, int32_t 
 /* In place: x[i, :] = softmax(x[i, :] / temperature), temperature > 0. */
 int32_t si_softmax(si_ctx *ctx, float *x, int32_t rows, int32_t n, float temperature);
 
+/* ---- sampling and tree verification ----------------------------------------
+ *
+ * The steps, order and rounding of src/speculation/sampling.ts: per row, a NaN logit
+ * reads as -inf; listed tokens get the HF repetition penalty (a positive logit divided,
+ * a negative one multiplied), then presence + frequency * count subtracted, then their
+ * bias added, each rounded to f32. A greedy row (temperature 0) picks the argmax (lowest
+ * index on ties). A sampled row keeps weights exp((logit - max) / temperature) (f64),
+ * the top_k best (by logit) and/or the fewest most likely covering top_p of the mass,
+ * then those >= min_p * the top weight, renormalized; the token is drawn by inverse CDF
+ * with u = uniformAt(seed, position) (src/speculation/rng.ts: splitmix32 + xoshiro128**),
+ * so a request's draw at a position is the same on every backend and batch. */
+
+/* params[row * SI_SAMPLING_FIELDS + field], doubles. */
+enum si_sampling_field {
+  SI_SAMPLE_TEMPERATURE = 0, /* >= 0; 0 = greedy */
+  SI_SAMPLE_TOP_K = 1,       /* integer >= 0; 0 = off */
+  SI_SAMPLE_TOP_P = 2,       /* (0, 1]; 1 = off */
+  SI_SAMPLE_MIN_P = 3,       /* [0, 1]; 0 = off */
+  SI_SAMPLE_REPETITION = 4,  /* > 0; 1 = off */
+  SI_SAMPLE_PRESENCE = 5,    /* 0 = off */
+  SI_SAMPLE_FREQUENCY = 6,   /* 0 = off */
+  SI_SAMPLE_SEED = 7,        /* integer, |seed| < 2^53 */
+  SI_SAMPLE_POSITION = 8,    /* integer >= 0: the position of the token drawn */
+  SI_SAMPLING_FIELDS = 9,
+};
+
+/* out[i] = the token of row i of logits[rows, vocab] under params row i, or -1 when a
+ * sampled row has no mass (every logit -inf, or weights lost to an infinite
+ * 1 / temperature). Row i's listed tokens are entries list_start[i] .. list_start[i+1]-1
+ * (list_start[0] = 0): list_token (unique within a row, in [0, vocab)), list_count (its
+ * count in the context; 0 = bias only) and list_bias (finite). The list arrays may be NULL
+ * when list_start[rows] = 0. probs[rows, vocab] is written: a sampled row's distribution
+ * (what stochastic verification reads), a greedy row's penalized logits. */
+int32_t si_sample(si_ctx *ctx, const float *logits, int32_t rows, int32_t vocab, const double *params,
+                  const int32_t *list_start, const int32_t *list_token, const int32_t *list_count,
+                  const double *list_bias, float *probs, int32_t *out);
+
+/* Greedy walk of n_trees token trees. Tree t is rows tree_start[t] .. tree_start[t+1]-1
+ * (tree_start[0] = 0, at least one row each); its row 0 is the root and row r > 0 a node
+ * with token tokens[row] whose parent is row parents[row] of the same tree (< r). From the
+ * root, the child whose token equals picked[row] (the LLM's own token after that row,
+ * from si_sample) is accepted, until no child matches. Writes the accepted rows (within
+ * the tree) to accepted[tree_start[t] ..], their number to counts[t], and picked at the
+ * last accepted row (or the root) to bonus[t]: -1 when that row had no mass. */
+int32_t si_tree_accept(si_ctx *ctx, int32_t n_trees, const int32_t *tree_start, const int32_t *parents,
+                       const int32_t *tokens, const int32_t *picked, int32_t *accepted, int32_t *counts,
+                       int32_t *bonus);
+
 /* ---- diagnostics ---------------------------------------------------------- */
 
 /* Streams `bytes` of buffer `buf` `reps` times on all threads; returns GB/s read

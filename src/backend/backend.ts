@@ -2,6 +2,8 @@
 // address; every op is one native call over addresses and shapes (ffi/specinfer.h).
 // Layers above this file never see bun:ffi.
 
+import type { BackendOps } from "./abi.ts";
+
 /** Element types; the values are GGML's type ids (ffi/specinfer.h `si_dtype`). */
 export enum DType {
   F32 = 0,
@@ -73,7 +75,8 @@ export interface DeviceBuffer {
   readonly host: ArrayBuffer | null;
 }
 
-export interface Backend {
+/** The ops (abi.ts's table) plus memory, files and lifetime. */
+export interface Backend extends BackendOps {
   readonly name: "cpu" | "cuda";
   readonly threads: number;
 
@@ -81,48 +84,15 @@ export interface Backend {
   free(buf: DeviceBuffer): void;
   upload(dst: Ptr, src: ArrayBufferView): void;
   download(dst: ArrayBufferView, src: Ptr): void;
-  sync(): void;
+  /** The device address of host memory `view` spans, where ops can read host memory
+   *  (CPU); null where they cannot (CUDA). Use it at once, never keep it (TRAPS.md). */
+  addressOf(view: ArrayBufferView): Ptr | null;
 
   mapFile(path: string, populate?: boolean): MappedFile;
   /** Device address of `bytes` bytes at `offset` of a mapped file: the mapping itself
    *  on the CPU (no copy), an uploaded copy on CUDA. */
   weights(file: MappedFile, offset: number, bytes: number): Ptr;
 
-  embedding(table: Ptr, dtype: DType, vocab: number, dim: number, ids: Ptr, n: number, out: Ptr): void;
-  matmul(x: Ptr, n: number, k: number, w: Ptr, dtype: DType, m: number, bias: Ptr, y: Ptr): void;
-  rmsnorm(x: Ptr, weight: Ptr, n: number, dim: number, eps: number, y: Ptr): void;
-  rope(
-    x: Ptr, n: number, nHeads: number, headDim: number, rotDim: number,
-    positions: Ptr, invFreq: Ptr, layout: RopeLayout,
-  ): void;
-  swiglu(gate: Ptr, up: Ptr, count: number, out: Ptr): void;
-  add(x: Ptr, y: Ptr, count: number): void;
-  /** LayerNorm of each row; `bias` 0 for none. y may equal x. */
-  layernorm(x: Ptr, weight: Ptr, bias: Ptr, n: number, dim: number, eps: number, y: Ptr): void;
-  activation(x: Ptr, count: number, kind: Activation, out: Ptr): void;
-  /** In place: x clipped to [-limit, limit]. */
-  clamp(x: Ptr, count: number, limit: number): void;
-  /** x[i, :] += row ids[i] + offset of `table` (learned position embeddings). */
-  addRows(x: Ptr, table: Ptr, dtype: DType, rows: number, dim: number, ids: Ptr, n: number, offset: number): void;
-  /** Writes f32 K/V rows into planes of `kvDtype`. */
-  kvWrite(
-    k: Ptr, v: Ptr, n: number, row: number, seq: Ptr, slot: Ptr,
-    blockTables: Ptr, maxBlocks: number, blockSize: number, kPlane: Ptr, vPlane: Ptr, kvDtype: KVDType,
-  ): void;
-  attention(
-    q: Ptr, n: number, nHeads: number, nKvHeads: number, headDim: number,
-    kPlane: Ptr, vPlane: Ptr, kvDtype: KVDType, blockTables: Ptr, maxBlocks: number, blockSize: number,
-    seq: Ptr, committed: Ptr, ancestors: Ptr, words: number, scale: number, out: Ptr,
-    /** Per query head ALiBi slopes (0 = no ALiBi). */
-    alibiSlopes?: Ptr,
-  ): void;
-  /** `planeStride` counts elements of `kvDtype`, not bytes. */
-  kvMove(
-    cache: Ptr, kvDtype: KVDType, nPlanes: number, planeStride: number, row: number, table: Ptr,
-    blockSize: number, src: Ptr, dst: Ptr, n: number,
-  ): void;
-  argmax(x: Ptr, rows: number, n: number, out: Ptr): void;
-  softmax(x: Ptr, rows: number, n: number, temperature: number): void;
   probeBandwidth(buf: Ptr, bytes: number, reps: number): number;
 
   close(): void;

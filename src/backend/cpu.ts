@@ -2,7 +2,7 @@
 // "Device" memory is host memory here, so DeviceBuffer.host is a live JS view of it and
 // weights() is the mapping itself (no copy).
 
-import { toArrayBuffer } from "bun:ffi";
+import { ptr, toArrayBuffer } from "bun:ffi";
 import { SI_FLAG_REFERENCE } from "./abi.ts";
 import type { Backend, MappedFile, Ptr } from "./backend.ts";
 import { BackendError } from "./backend.ts";
@@ -31,6 +31,10 @@ export class CpuBackend extends NativeBackend implements Backend {
 
   protected hostView(p: Ptr, bytes: number): ArrayBuffer {
     return bytes > 0 ? toArrayBuffer(p, 0, bytes) : new ArrayBuffer(0);
+  }
+
+  addressOf(view: ArrayBufferView): Ptr | null {
+    return view.byteLength > 0 ? ptr(view as Uint8Array) : null;
   }
 
   weights(file: MappedFile, offset: number, bytes: number): Ptr {

@@ -46,6 +46,15 @@ export class CudaBackend extends NativeBackend implements Backend {
     return null;
   }
 
+  /** The native si_ctx, for NCCL (src/backend/comm.ts), which enqueues on its stream. */
+  get nativeContext(): number {
+    return this.live as number;
+  }
+
+  addressOf(): null {
+    return null;
+  }
+
   /** Uploads `bytes` bytes at `offset` of the file once; later calls return the same copy. */
   weights(file: MappedFile, offset: number, bytes: number): Ptr {
     this.checkRange(file, offset, bytes);
