@@ -2,7 +2,7 @@
 //
 //   zig build -Doptimize=ReleaseFast   -> zig-out/lib/libspecinfer_cpu.so (for -Dcpu, default this CPU)
 //                                        + libspecinfer_cpu_v3.so (portable: any x86-64-v3 CPU)
-//                                        (+ libspecinfer_cuda.so when nvcc and cuda/specinfer.cu exist)
+//                                        (+ libspecinfer_cuda.so from cuda/*.cu when nvcc exists)
 //   zig build test                      -> Zig unit tests of ffi/
 //   zig build peak -- 2                 -> peak VNNI/FMA rates on 2 threads (bench:cpu)
 //
@@ -65,33 +65,23 @@ fn portable(target: std.zig.CrossTarget) std.zig.CrossTarget {
     return t;
 }
 
-/// libspecinfer_cuda.so: nvcc object + static cudart, so the .so needs no libcudart at
-/// run time (TRAPS.md: -lstdc++ is required for nvcc's registration code).
+/// libspecinfer_cuda.so: every cuda/*.cu compiled by nvcc to its own object (in
+/// parallel; shared code lives in cuda/*.cuh headers), linked with static cudart, so the
+/// .so needs no libcudart at run time (TRAPS.md: -lstdc++ is required for nvcc's
+/// registration code). A new kernel file needs no edit here.
 fn addCuda(b: *std.Build, target: std.zig.CrossTarget, optimize: std.builtin.OptimizeMode) void {
-    const cu_rel = "cuda/specinfer.cu";
-    b.build_root.handle.access(cu_rel, .{}) catch return; // no CUDA sources yet
     const nvcc = b.findProgram(&.{"nvcc"}, &.{}) catch return; // no toolkit: CPU only
-    const cu_path = b.pathFromRoot(cu_rel);
-
-    const root = cudaRoot(b, nvcc, cu_path) orelse {
+    const sources = listCuda(b, ".cu");
+    if (sources.len == 0) return; // no CUDA sources
+    const root = cudaRoot(b, nvcc, b.pathFromRoot(sources[0])) orelse {
         std.log.err("nvcc found at {s}, but no libcudart_static.a next to it (set CUDA_HOME)", .{nvcc});
         std.process.exit(1);
     };
-    const cudart = root.cudart;
 
-    const cc = b.addSystemCommand(&.{
-        nvcc,       "-O3",
-        "-Xcompiler", "-fPIC",
-        "-gencode", "arch=compute_80,code=sm_80",
-        "-gencode", "arch=compute_90,code=sm_90",
-        "-gencode", "arch=compute_90,code=compute_90", // PTX so newer GPUs can JIT it
-        "-I",       b.pathFromRoot("ffi"),
-        "-c",       cu_path,
-        "-o",
-    });
-    const obj = cc.addOutputFileArg("specinfer_cuda.o");
-    // Rebuild when the kernel source or the shared header changes.
-    cc.extra_file_dependencies = b.allocator.dupe([]const u8, &.{ cu_path, b.pathFromRoot("ffi/specinfer.h") }) catch @panic("OOM");
+    // Rebuild an object when its source, a shared header or the ABI header changes.
+    var deps = std.ArrayList([]const u8).init(b.allocator);
+    for (listCuda(b, ".cuh")) |h| deps.append(b.pathFromRoot(h)) catch @panic("OOM");
+    deps.append(b.pathFromRoot("ffi/specinfer.h")) catch @panic("OOM");
 
     // The host side is only nvcc's launchers: build it portable, so the executable's
     // copy (scripts/compile.mjs) loads on any x86-64-v3 GPU host.
@@ -100,14 +90,53 @@ fn addCuda(b: *std.Build, target: std.zig.CrossTarget, optimize: std.builtin.Opt
         .target = if (target.getCpuArch() == .x86_64) portable(target) else target,
         .optimize = optimize,
     });
-    lib.addObjectFile(obj);
-    lib.addObjectFile(.{ .cwd_relative = cudart });
+    for (sources) |rel| {
+        const cu_path = b.pathFromRoot(rel);
+        // Ampere and Hopper SASS, plus Hopper PTX so newer GPUs can JIT it.
+        const cc = b.addSystemCommand(&.{
+            nvcc,       "-O3",
+            "-Xcompiler", "-fPIC",
+            "-gencode", "arch=compute_80,code=sm_80",
+            "-gencode", "arch=compute_90,code=sm_90",
+            "-gencode", "arch=compute_90,code=compute_90",
+            "-I",       b.pathFromRoot("ffi"),
+            "-c",       cu_path,
+            "-o",
+        });
+        const stem = std.fs.path.stem(rel);
+        const obj = cc.addOutputFileArg(b.fmt("specinfer_cuda_{s}.o", .{stem}));
+        var file_deps = std.ArrayList([]const u8).init(b.allocator);
+        file_deps.append(cu_path) catch @panic("OOM");
+        file_deps.appendSlice(deps.items) catch @panic("OOM");
+        cc.extra_file_dependencies = file_deps.items;
+        lib.addObjectFile(obj);
+    }
+    lib.addObjectFile(.{ .cwd_relative = root.cudart });
     lib.linkLibC();
     lib.linkSystemLibrary("dl");
     lib.linkSystemLibrary("rt");
     lib.linkSystemLibrary("pthread");
     lib.linkSystemLibrary("stdc++");
     b.installArtifact(lib);
+}
+
+/// Paths (relative to the build root) of the files in cuda/ whose names end in `ext`,
+/// sorted so the link order does not depend on the directory's order.
+fn listCuda(b: *std.Build, ext: []const u8) []const []const u8 {
+    var out = std.ArrayList([]const u8).init(b.allocator);
+    var dir = b.build_root.handle.openIterableDir("cuda", .{}) catch return out.items;
+    defer dir.close();
+    var it = dir.iterate();
+    while (it.next() catch null) |entry| {
+        if (entry.kind != .file or !std.mem.endsWith(u8, entry.name, ext)) continue;
+        out.append(b.fmt("cuda/{s}", .{entry.name})) catch @panic("OOM");
+    }
+    std.mem.sort([]const u8, out.items, {}, lessThan);
+    return out.items;
+}
+
+fn lessThan(_: void, a: []const u8, b: []const u8) bool {
+    return std.mem.lessThan(u8, a, b);
 }
 
 const CudaRoot = struct { cudart: []const u8 };
