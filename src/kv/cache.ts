@@ -3,6 +3,9 @@
 // fixes it (ffi/specinfer.h): planes [layer][K, V], each [block][slot][kvHeads*headDim]
 // elements of the cache dtype: f16 by default (half the memory of f32, as llama.cpp's
 // default cache; K/V are rounded to f16 on write and attention accumulates in f32).
+// Over the devices of a tensor-parallel model the planes split by KV heads: device d
+// holds heads [d*H/D, (d+1)*H/D) in planes of its own, with its own copy of the block
+// tables; the bookkeeping (which blocks a sequence has) is one, shared.
 
 import { type Backend, type DeviceBuffer, DType, DTYPE_NAMES, dtypeBytes, type KVDType, type Ptr } from "../backend/backend";
 import type { PagedKV } from "../model/batch";
@@ -46,6 +49,85 @@ export interface KVCacheOptions {
   dtype?: KVDType;
 }
 
+/** One device's share: planes of its KV heads and its copy of the index. */
+class KVShard implements PagedKV {
+  readonly devices = 1;
+  readonly storage: DeviceBuffer;
+  readonly tablesDevice: DeviceBuffer;
+  readonly committedDevice: DeviceBuffer;
+  readonly moveDevice: DeviceBuffer;
+
+  constructor(readonly backend: Backend, private readonly cache: KVCache, storageBytes: number) {
+    this.storage = backend.alloc(storageBytes);
+    this.tablesDevice = backend.alloc(cache.tables.tables.byteLength);
+    this.committedDevice = backend.alloc(cache.tables.committedLengths.byteLength);
+    this.moveDevice = backend.alloc(2 * cache.tables.maxSlots * 4);
+  }
+
+  get dtype(): KVDType {
+    return this.cache.dtype;
+  }
+
+  get maxBlocksPerSeq(): number {
+    return this.cache.maxBlocksPerSeq;
+  }
+
+  get blockSize(): number {
+    return this.cache.blockSize;
+  }
+
+  get blockTablesPtr(): Ptr {
+    return this.tablesDevice.ptr;
+  }
+
+  get committedPtr(): Ptr {
+    return this.committedDevice.ptr;
+  }
+
+  kPlane(layer: number): Ptr {
+    return this.planeAt(2 * layer);
+  }
+
+  vPlane(layer: number): Ptr {
+    return this.planeAt(2 * layer + 1);
+  }
+
+  private planeAt(plane: number): Ptr {
+    return this.storage.ptr + dtypeBytes(this.dtype, plane * this.cache.planeStride);
+  }
+
+  capacity(row: number): number {
+    return this.cache.capacity(row);
+  }
+
+  syncIndex(): void {
+    this.backend.upload(this.tablesDevice.ptr, this.cache.tables.tables);
+    this.backend.upload(this.committedDevice.ptr, this.cache.tables.committedLengths);
+  }
+
+  shard(rank: number): PagedKV {
+    if (rank !== 0) throw new Error(`KV cache: device ${rank} of a 1-device part`);
+    return this;
+  }
+
+  /** Moves uncommitted rows `src` to `dst` (slots) of sequence `row`, in every plane. */
+  move(row: number, idx: Int32Array, planes: number): void {
+    const n = idx.length / 2;
+    const c = this.cache;
+    this.backend.upload(this.moveDevice.ptr, idx);
+    this.backend.upload(this.tablesDevice.ptr, c.tables.tables);
+    const table = this.tablesDevice.ptr + row * c.maxBlocksPerSeq * 4;
+    this.backend.kvMove(
+      this.storage.ptr, this.dtype, planes, c.planeStride, c.rowElements, table, c.blockSize,
+      this.moveDevice.ptr, this.moveDevice.ptr + n * 4, n,
+    );
+  }
+
+  close(): void {
+    for (const buf of [this.storage, this.tablesDevice, this.committedDevice, this.moveDevice]) this.backend.free(buf);
+  }
+}
+
 export class KVCache implements PagedKV {
   readonly tables: BlockTables;
   readonly blockSize: number;
@@ -53,21 +135,23 @@ export class KVCache implements PagedKV {
   readonly dtype: KVDType;
   /** Bytes per cached token, K and V of all layers (kvBytesPerToken). */
   readonly bytesPerToken: number;
-  /** Elements per cached token per plane. */
+  /** Elements per cached token per plane (of one device's KV heads). */
   readonly rowElements: number;
   /** Elements (of dtype) between two planes. */
   readonly planeStride: number;
-  private readonly storage: DeviceBuffer;
-  private readonly tablesDevice: DeviceBuffer;
-  private readonly committedDevice: DeviceBuffer;
-  private readonly moveDevice: DeviceBuffer;
   private readonly numPlanes: number;
+  private readonly parts: KVShard[];
 
-  constructor(private readonly backend: Backend, opts: KVCacheOptions) {
+  /** Several backends: the devices of a tensor-parallel model, over which the KV heads split. */
+  constructor(backend: Backend | readonly Backend[], opts: KVCacheOptions) {
+    const backends: readonly Backend[] = Array.isArray(backend) ? backend : [backend];
+    if (backends.length < 1 || opts.numKvHeads % backends.length !== 0) {
+      throw new Error(`KV cache: ${opts.numKvHeads} KV heads do not split over ${backends.length} devices`);
+    }
     this.dtype = opts.dtype ?? DEFAULT_KV_DTYPE;
     checkKVDType(this.dtype);
     this.blockSize = opts.blockSize ?? 16;
-    this.rowElements = opts.numKvHeads * opts.headDim;
+    this.rowElements = (opts.numKvHeads / backends.length) * opts.headDim;
     this.maxBlocksPerSeq = Math.ceil(opts.maxSeqLen / this.blockSize);
     this.numPlanes = 2 * opts.numLayers;
     this.bytesPerToken = kvBytesPerToken(opts, this.dtype);
@@ -78,10 +162,13 @@ export class KVCache implements PagedKV {
     if (numBlocks < 1) throw new Error(`KV cache: a budget of ${opts.memoryBytes} bytes holds no ${blockBytes}-byte block`);
     this.tables = new BlockTables(new BlockPool(numBlocks), this.blockSize, opts.maxSeqs, this.maxBlocksPerSeq);
     this.planeStride = numBlocks * this.blockSize * this.rowElements;
-    this.storage = backend.alloc(numBlocks * blockBytes);
-    this.tablesDevice = backend.alloc(this.tables.tables.byteLength);
-    this.committedDevice = backend.alloc(this.tables.committedLengths.byteLength);
-    this.moveDevice = backend.alloc(2 * this.tables.maxSlots * 4);
+    this.parts = [];
+    try {
+      for (const b of backends) this.parts.push(new KVShard(b, this, (numBlocks * blockBytes) / backends.length));
+    } catch (e) {
+      for (const p of this.parts) p.close();
+      throw e;
+    }
   }
 
   get totalBlocks(): number {
@@ -96,35 +183,43 @@ export class KVCache implements PagedKV {
     return this.totalBlocks - this.freeBlocks;
   }
 
+  /** K/V storage of all devices. */
   get bytes(): number {
-    return this.storage.bytes;
+    return this.parts.reduce((sum, p) => sum + p.storage.bytes, 0);
+  }
+
+  get devices(): number {
+    return this.parts.length;
+  }
+
+  /** Device `rank`'s part (its KV heads); the cache itself is device 0's. */
+  shard(rank: number): PagedKV {
+    const part = this.parts[rank];
+    if (!part) throw new Error(`KV cache: no device ${rank} (the cache is split over ${this.parts.length})`);
+    return part;
   }
 
   kPlane(layer: number): Ptr {
-    return this.planeAt(2 * layer);
+    return this.parts[0]!.kPlane(layer);
   }
 
   vPlane(layer: number): Ptr {
-    return this.planeAt(2 * layer + 1);
-  }
-
-  private planeAt(plane: number): Ptr {
-    return this.storage.ptr + dtypeBytes(this.dtype, plane * this.planeStride);
+    return this.parts[0]!.vPlane(layer);
   }
 
   /** Device copies of the block tables and committed lengths, refreshed by syncIndex. */
   get blockTablesPtr(): Ptr {
-    return this.tablesDevice.ptr;
+    return this.parts[0]!.blockTablesPtr;
   }
 
   get committedPtr(): Ptr {
-    return this.committedDevice.ptr;
+    return this.parts[0]!.committedPtr;
   }
 
-  /** Uploads the bookkeeping the kernels read; called once before each forward. */
+  /** Uploads the bookkeeping the kernels read (device 0's copy; each part syncs its
+   *  own); called once before each forward. */
   syncIndex(): void {
-    this.backend.upload(this.tablesDevice.ptr, this.tables.tables);
-    this.backend.upload(this.committedDevice.ptr, this.tables.committedLengths);
+    this.parts[0]!.syncIndex();
   }
 
   openSequence(): number {
@@ -174,13 +269,7 @@ export class KVCache implements PagedKV {
       const idx = new Int32Array(2 * src.length);
       idx.set(src, 0);
       idx.set(dst, src.length);
-      this.backend.upload(this.moveDevice.ptr, idx);
-      this.backend.upload(this.tablesDevice.ptr, this.tables.tables);
-      const table = this.tablesDevice.ptr + row * this.maxBlocksPerSeq * 4;
-      this.backend.kvMove(
-        this.storage.ptr, this.dtype, this.numPlanes, this.planeStride, this.rowElements, table, this.blockSize,
-        this.moveDevice.ptr, this.moveDevice.ptr + src.length * 4, src.length,
-      );
+      for (const p of this.parts) p.move(row, idx, this.numPlanes);
     }
     this.tables.setCommitted(row, base + keptSlots.length);
   }
@@ -191,18 +280,18 @@ export class KVCache implements PagedKV {
   }
 
   close(): void {
-    for (const buf of [this.storage, this.tablesDevice, this.committedDevice, this.moveDevice]) this.backend.free(buf);
+    for (const p of this.parts) p.close();
   }
 }
 
-/** A KV cache shaped for a model: its layers, KV heads and head size, its context
- *  length unless `maxSeqLen` says otherwise. */
+/** A KV cache shaped for a model: its layers, KV heads and head size (split over its
+ *  devices when it is tensor-parallel), its context length unless `maxSeqLen` says otherwise. */
 export function createKVCache(
-  model: { readonly backend: Backend; readonly config: ModelConfig },
+  model: { readonly backend: Backend; readonly shards?: readonly Backend[]; readonly config: ModelConfig },
   opts: { maxSeqs: number; maxSeqLen?: number; blockSize?: number; memoryBytes?: number; numBlocks?: number; dtype?: KVDType },
 ): KVCache {
   const c = model.config;
-  return new KVCache(model.backend, {
+  return new KVCache(model.shards ?? model.backend, {
     numLayers: c.numLayers,
     numKvHeads: c.numKvHeads,
     headDim: c.headDim,

@@ -38,6 +38,10 @@ export interface PagedKV {
   capacity(row: number): number;
   /** Uploads the block tables and committed lengths before a forward. */
   syncIndex(): void;
+  /** Devices the cache is split over by KV heads (tensor parallelism); 1 unsplit. */
+  readonly devices: number;
+  /** Device `rank`'s part: its planes and its copy of the index (itself when unsplit). */
+  shard(rank: number): PagedKV;
 }
 
 /** Builder for batches of chains and trees over several sequences. */

@@ -4,10 +4,12 @@
 // these blocks and backend ops, top to bottom.
 
 import { DType, type Backend, type DeviceBuffer, type KVDType, type Ptr } from "../backend/backend";
+import { shardProblem, shardShape, type Shard } from "../backend/group";
 import type { PagedKV, TokenBatch } from "./batch";
 import type { CausalLM, ForwardOptions } from "./causal-lm";
 import type { ModelConfig } from "./config";
 import type { LoadedModel, TensorRef } from "./load";
+import { rankConfig, type PartialSum, type Placement } from "./parallel";
 
 export interface Matrix {
   ptr: Ptr;
@@ -33,7 +35,10 @@ export abstract class NativeModel implements CausalLM {
   readonly maxBatchTokens: number;
   readonly maxLogitRows: number;
   readonly maxWords: number;
+  /** Rank 0 of a split model, or an unsplit one: it runs the logits head. */
+  protected readonly leader: boolean;
   private readonly owned: DeviceBuffer[] = [];
+  private readonly pending: PartialSum = { ptr: 0, count: 0 };
   // The uploaded batch, sized for maxBatchTokens.
   protected readonly tokensDev: Ptr;
   protected readonly positionsDev: Ptr;
@@ -42,12 +47,15 @@ export abstract class NativeModel implements CausalLM {
   protected readonly ancestorsDev: Ptr;
   protected readonly logitRowsDev: Ptr;
   private readonly lastHidden: Ptr;
-  private readonly logitsBuf: DeviceBuffer;
+  private readonly logitsBuf: DeviceBuffer | null;
   private readonly logitsHost: Float32Array;
 
-  constructor(readonly backend: Backend, readonly files: LoadedModel, opts: ForwardOptions = {}) {
-    const c = files.config;
+  /** `placement`: this model is one rank of a tensor-parallel split (parallel.ts): its
+   *  config counts its own heads and neurons, its split layers hold their shard. */
+  constructor(readonly backend: Backend, readonly files: LoadedModel, opts: ForwardOptions = {}, private readonly placement?: Placement) {
+    const c = placement ? rankConfig(files.config, placement.group.tensorParallel) : files.config;
     this.config = c;
+    this.leader = (placement?.rank ?? 0) === 0;
     this.maxBatchTokens = opts.maxBatchTokens ?? 512;
     // Every row may want logits unless that would take more than 64 MB.
     this.maxLogitRows = opts.maxLogitRows ?? Math.max(1, Math.min(this.maxBatchTokens, Math.floor((64 << 20) / (4 * c.vocabSize))));
@@ -61,11 +69,11 @@ export abstract class NativeModel implements CausalLM {
     this.slotDev = this.f32(n);
     this.ancestorsDev = this.f32(n * this.maxWords);
     this.logitRowsDev = this.f32(this.maxLogitRows);
-    this.lastHidden = this.f32(this.maxLogitRows * c.hiddenSize);
-    this.logitsBuf = this.own(this.maxLogitRows * c.vocabSize * 4);
-    this.logitsHost = this.logitsBuf.host
+    this.lastHidden = this.leader ? this.f32(this.maxLogitRows * c.hiddenSize) : 0;
+    this.logitsBuf = this.leader ? this.own(this.maxLogitRows * c.vocabSize * 4) : null;
+    this.logitsHost = this.logitsBuf?.host
       ? new Float32Array(this.logitsBuf.host)
-      : new Float32Array(this.maxLogitRows * c.vocabSize);
+      : new Float32Array(this.leader ? this.maxLogitRows * c.vocabSize : 0);
   }
 
   abstract forward(batch: TokenBatch, kv: PagedKV): Float32Array;
@@ -88,6 +96,15 @@ export abstract class NativeModel implements CausalLM {
     b.upload(this.ancestorsDev, batch.ancestors.subarray(0, n * batch.words));
     b.upload(this.logitRowsDev, batch.logitRows);
     kv.syncIndex();
+  }
+
+  /** The all-reduce point after a row-parallel layer: a forward pass yields it (a no-op
+   *  unsplit; parallel.ts sums it over the ranks before resuming the pass, so one
+   *  object serves every point). */
+  protected partialSum(ptr: Ptr, count: number): PartialSum {
+    this.pending.ptr = ptr;
+    this.pending.count = count;
+    return this.pending;
   }
 
   protected linear(x: Ptr, n: number, l: Linear, y: Ptr): void {
@@ -115,7 +132,7 @@ export abstract class NativeModel implements CausalLM {
    *  final projection may put elsewhere), then the head. */
   protected logits(batch: TokenBatch, x: Ptr, finish: (h: Ptr, rows: number) => Ptr | void, head: Linear): Float32Array {
     const rows = batch.logitRows.length;
-    if (rows === 0) return this.logitsHost.subarray(0, 0);
+    if (rows === 0 || !this.logitsBuf) return this.logitsHost.subarray(0, 0);
     const c = this.config;
     // An f32 "embedding" lookup gathers the rows.
     this.backend.embedding(x, DType.F32, batch.n, c.hiddenSize, this.logitRowsDev, rows, this.lastHidden);
@@ -201,8 +218,21 @@ export abstract class NativeModel implements CausalLM {
     return out;
   }
 
+  /** A linear layer; on a rank of a split model, its shard when the family splits it: a
+   *  column-parallel bias is sliced with the rows, a row-parallel one is added once (leader). */
   protected linearOf(name: string, withBias: boolean): Linear {
-    return { w: this.matrix(`${name}.weight`), bias: withBias ? this.vectorF32(`${name}.bias`) : 0 };
+    const split = this.placement?.splits[name.slice(name.lastIndexOf(".") + 1)];
+    if (!this.placement || !split) return { w: this.matrix(`${name}.weight`), bias: withBias ? this.vectorF32(`${name}.bias`) : 0 };
+    const { group, rank } = this.placement;
+    const t = this.tensor(`${name}.weight`);
+    const shard: Shard = { split, rank, size: group.tensorParallel, rows: t.shape[0]!, cols: t.shape[1]!, dtype: t.dtype };
+    const problem = shardProblem(shard);
+    if (problem) throw new Error(`tensor parallelism over ${shard.size} devices: cannot split ${t.name}: ${problem}`);
+    const { rows, cols } = shardShape(shard);
+    const w: Matrix = { ptr: group.weights(t.file, t.offset, t.bytes, shard), dtype: t.dtype, rows, cols };
+    if (!withBias) return { w, bias: 0 };
+    if (split === "column") return { w, bias: this.sliceF32(`${name}.bias`, rank * rows, rows) };
+    return { w, bias: this.leader ? this.vectorF32(`${name}.bias`) : 0 };
   }
 
   protected normOf(name: string, withBias: boolean): Norm {

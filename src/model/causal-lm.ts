@@ -25,6 +25,9 @@ export interface CausalLM {
   /** Most 32-bit words of an ancestor mask row. */
   readonly maxWords: number;
   readonly backend: Backend;
+  /** The devices a tensor-parallel model is split over (its KV cache splits by KV heads
+   *  over them); absent: `backend` alone. */
+  readonly shards?: readonly Backend[];
   readonly files: LoadedModel;
   /** Runs the batch; returns logits [batch.logitRows.length, vocab]. The view is
    *  reused by the next forward: copy what must outlive it. The caller has reserved

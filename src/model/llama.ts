@@ -9,7 +9,9 @@
 //   logits = rmsnorm(x at logitRows) Wlm_head
 //
 // Every line is one backend op over preallocated native buffers; nothing is
-// allocated per forward.
+// allocated per forward. Split over devices (parallel.ts), each rank runs this same
+// pass over its shard of heads and neurons (LLAMA_SPLITS), and the two `yield`s are
+// where the ranks' partial sums are all-reduced.
 
 import { type Backend, type Ptr, RopeLayout } from "../backend/backend";
 import type { PagedKV, TokenBatch } from "./batch";
@@ -17,6 +19,19 @@ import { type Linear, type Matrix, NativeModel } from "./blocks";
 import type { ForwardOptions } from "./causal-lm";
 import { ropeInvFreq } from "./config";
 import type { LoadedModel } from "./load";
+import { runAlone, type ForwardPass, type Placement, type TensorSplits } from "./parallel";
+
+/** Megatron tensor parallelism: Q, K, V and gate/up split by output rows (each rank
+ *  its heads and neurons), O and down by input columns (partial sums, all-reduced). */
+export const LLAMA_SPLITS: TensorSplits = {
+  q_proj: "column",
+  k_proj: "column",
+  v_proj: "column",
+  o_proj: "row",
+  gate_proj: "column",
+  up_proj: "column",
+  down_proj: "row",
+};
 
 interface LayerWeights {
   attnNorm: Ptr;
@@ -47,8 +62,8 @@ export class LlamaModel extends NativeModel {
   private readonly gate: Ptr;
   private readonly up: Ptr;
 
-  constructor(backend: Backend, files: LoadedModel, opts: ForwardOptions = {}) {
-    super(backend, files, opts);
+  constructor(backend: Backend, files: LoadedModel, opts: ForwardOptions = {}, placement?: Placement) {
+    super(backend, files, opts, placement);
     const c = this.config;
     this.ropeLayout = files.ropeLayout;
     this.embed = this.matrix("model.embed_tokens.weight");
@@ -84,6 +99,10 @@ export class LlamaModel extends NativeModel {
   }
 
   forward(batch: TokenBatch, kv: PagedKV): Float32Array {
+    return runAlone(this.pass(batch, kv));
+  }
+
+  *pass(batch: TokenBatch, kv: PagedKV): ForwardPass {
     const c = this.config;
     const b = this.backend;
     const n = batch.n;
@@ -101,6 +120,7 @@ export class LlamaModel extends NativeModel {
       b.rope(this.k, n, c.numKvHeads, c.headDim, c.headDim, this.positionsDev, this.invFreq, this.ropeLayout);
       this.attend(l, batch, kv, this.q, this.k, this.v, this.attn);
       this.linear(this.attn, n, w.o, this.h);
+      yield this.partialSum(this.h, n * dim);
       b.add(this.x, this.h, n * dim);
 
       b.rmsnorm(this.x, w.ffnNorm, n, dim, c.rmsNormEps, this.h);
@@ -108,6 +128,7 @@ export class LlamaModel extends NativeModel {
       this.linear(this.h, n, w.up, this.up);
       b.swiglu(this.gate, this.up, n * c.intermediateSize, this.gate);
       this.linear(this.gate, n, w.down, this.h);
+      yield this.partialSum(this.h, n * dim);
       b.add(this.x, this.h, n * dim);
     }
 

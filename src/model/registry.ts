@@ -4,12 +4,14 @@
 // architecture: callers use loadModel and the CausalLM it returns.
 
 import type { Backend } from "../backend/backend";
+import { DeviceGroup } from "../backend/group";
 import { LLAMA_NAMES, llamaTensors, type ExpectedTensor } from "./arch";
 import type { CausalLM, ForwardOptions } from "./causal-lm";
 import { LLAMA_HF_ARCHITECTURES, llamaConfigFromGGUF, llamaConfigFromHF, type Arch, type Fail, type LlamaArch, type ModelConfig } from "./config";
 import { ModelFormatError, shown } from "./errors";
-import { LlamaModel } from "./llama";
+import { LLAMA_SPLITS, LlamaModel } from "./llama";
 import { loadModelFiles, type LoadedModel } from "./load";
+import { checkSplittable, ParallelModel, type Placement, type SplittableLM, type TensorSplits } from "./parallel";
 import { FALCON } from "./falcon";
 import { MPT } from "./mpt";
 import { OPT } from "./opt";
@@ -34,6 +36,8 @@ export interface Family {
   hfNameFromGGUF(name: string, config?: ModelConfig): string | null;
   ggufNameFromHF(name: string): string | null;
   build(backend: Backend, files: LoadedModel, opts: ForwardOptions): CausalLM;
+  /** Families that split over devices: their layers' splits, and one rank's builder. */
+  parallel?: { splits: TensorSplits; build(backend: Backend, files: LoadedModel, opts: ForwardOptions, placement: Placement): SplittableLM };
   /** config.json for a config (writers of test models and conversions); LLaMA's is write.ts's. */
   hfConfig?(c: ModelConfig): Record<string, unknown>;
   /** The `{arch}.*` GGUF keys for a config; LLaMA's are write.ts's. */
@@ -51,6 +55,7 @@ const LLAMA: Family = {
   layerTensor: (l) => `model.layers.${l}.input_layernorm.weight`,
   ...LLAMA_NAMES,
   build: (backend, files, opts) => new LlamaModel(backend, files, opts),
+  parallel: { splits: LLAMA_SPLITS, build: (backend, files, opts, placement) => new LlamaModel(backend, files, opts, placement) },
 };
 
 const FAMILIES: readonly Family[] = [LLAMA, STARCODER, OPT, MPT, FALCON];
@@ -120,13 +125,38 @@ export function ggufNameFromHF(name: string, arch: Arch): string | null {
   return familyOf(arch).ggufNameFromHF(name);
 }
 
-/** Maps the files at `path` (HF directory or GGUF) and builds its family's model on `backend`. */
-export function loadModel(path: string, backend: Backend, opts: ForwardOptions = {}): CausalLM {
+/** Maps the files at `path` (HF directory or GGUF) and builds its family's model on
+ *  `device`, or split over a group's first `tensorParallel` devices. */
+export function loadModel(path: string, device: Backend | DeviceGroup, opts: ForwardOptions = {}): CausalLM {
+  const group = device instanceof DeviceGroup ? device : null;
+  const backend = group ? group.devices[0]! : (device as Backend);
   const files = loadModelFiles(path, (p) => backend.mapFile(p));
   try {
-    return familyOf(files.config.arch).build(backend, files, opts);
+    const family = familyOf(files.config.arch);
+    if (!group || group.tensorParallel === 1) return family.build(backend, files, opts);
+    return buildSplit(family, group, files, opts);
   } catch (e) {
     files.close();
     throw e;
   }
+}
+
+function buildSplit(family: Family, group: DeviceGroup, files: LoadedModel, opts: ForwardOptions): CausalLM {
+  const { arch } = files.config;
+  const parallel = family.parallel;
+  if (!parallel) {
+    const splittable = FAMILIES.filter((f) => f.parallel).flatMap((f) => [...new Set(Object.values(f.hfArchitectures))]);
+    throw new Error(`tensor parallelism: ${arch} models cannot be split over devices yet (supported: ${splittable.join(", ")}); load it with tensorParallel 1`);
+  }
+  checkSplittable(files.config, group.tensorParallel);
+  const ranks: SplittableLM[] = [];
+  try {
+    for (let rank = 0; rank < group.tensorParallel; rank++) {
+      ranks.push(parallel.build(group.devices[rank]!, files, opts, { group, rank, splits: parallel.splits }));
+    }
+  } catch (e) {
+    for (const r of ranks) r.close();
+    throw e;
+  }
+  return new ParallelModel(ranks, group, files);
 }
