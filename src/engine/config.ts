@@ -51,6 +51,9 @@ export const DEFAULT_GENERATION: GenerationConfig = {
   speculation: "auto",
 };
 
+/** Temperatures below this are greedy. */
+export const GREEDY_BELOW = 1e-5;
+
 /** Most alternatives `logprobs` may ask for (OpenAI's top_logprobs limit). */
 export const MAX_LOGPROBS = 20;
 
@@ -90,6 +93,8 @@ export function resolveGenerationConfig(partial: Partial<GenerationConfig> = {})
   check(Array.isArray(c.stop) && c.stop.every((s) => typeof s === "string" && s.length > 0), "stop", "a list of non-empty strings");
   check(Array.isArray(c.stopTokenIds) && c.stopTokenIds.every((t) => Number.isInteger(t) && t >= 0), "stopTokenIds", "a list of token ids");
   check(typeof c.ignoreEos === "boolean", "ignoreEos", "a boolean");
+  // 1 / temperature overflows below ~1e-308 and leaves no mass; so close to 0, greedy it is (as vLLM).
+  if (c.temperature < GREEDY_BELOW) c.temperature = 0;
   return c;
 }
 

@@ -5,15 +5,17 @@
 import type { DType } from "../backend/backend";
 import { createKVCache, type KVCache } from "../kv/cache";
 import type { CausalLM } from "../model/causal-lm";
-import { uniformAt } from "../speculation/rng";
-import { greedyToken, isGreedy, processLogits, sampleAt, topIndices } from "../speculation/sampling";
+import { NativeSampler, requestRows, type SampleRow, type TreeOutcome, type TreeRows } from "../speculation/sampler";
+import { isGreedy, topIndices } from "../speculation/sampling";
 import type { Speculator } from "../speculation/speculator";
+import type { TokenTree } from "../speculation/tree";
+import { outcome, sampleTree, type VerifyResult } from "../speculation/verify";
 import type { Tokenizer } from "../tokenizer/tokenizer";
 import { resolveGenerationConfig, type GenerationConfig } from "./config";
 import type { CostModel } from "./cost";
 import { AcceptanceByDepth, Request, type FinishReason, type SpeculationMode, type TokenLogprob } from "./request";
 import { runStep, type StepRun } from "./runner";
-import { Scheduler, type DecodeEntry, type StepPlan } from "./scheduler";
+import { Scheduler, type DecodeEntry, type StepEntry, type StepPlan } from "./scheduler";
 import type { StatsSummary } from "./stats";
 
 export type EngineEvent =
@@ -114,9 +116,12 @@ export class Engine {
   private closed = false;
   private readonly counters = { promptTokens: 0, generatedTokens: 0, numDrafts: 0, numDraftTokens: 0, numAcceptedTokens: 0, acceptedPerPosition: [] as number[] };
   private lastStep: EngineStats["lastStep"] = { decodes: 0, treeNodes: [] };
+  /** Picks every step's tokens on the LLM's backend. */
+  private readonly sampler: NativeSampler;
 
   constructor(readonly llm: CausalLM, private readonly opts: EngineOptions) {
     this.kv = opts.kv;
+    this.sampler = new NativeSampler(llm.backend, llm.config.vocabSize);
     this.speculator = opts.speculator;
     this.eos = new Set(opts.eosTokenIds);
     this.scheduler = new Scheduler(opts.kv, opts.speculator, opts.cost, {
@@ -254,57 +259,105 @@ export class Engine {
   }
 
   private update(plan: StepPlan, run: StepRun, events: EngineEvent[]): void {
-    const vocab = this.llm.config.vocabSize;
     const decodeEntries = plan.entries.filter((e): e is DecodeEntry => e.kind === "decode");
     this.lastStep = { decodes: decodeEntries.length, treeNodes: [] };
     const autoDepths = decodeEntries.filter((e) => e.autoDepth > 0).map((e) => e.autoDepth);
     if (autoDepths.length > 0) this.opts.cost?.observeDraft(autoDepths, run.draftMs);
     this.opts.cost?.observeStep(run.batchTokens, run.forwardMs, run.rows.some((r) => r.tree !== null));
 
+    const picks = this.pickAll(plan, run);
     plan.entries.forEach((entry, i) => {
       const req = entry.req;
-      const { first, count, tree } = run.rows[i];
-      const rows = run.logits.subarray(first * vocab, (first + count) * vocab);
-      const committed = this.kv.committed(req.row);
-      if (entry.kind === "prefill") {
-        this.kv.commit(req.row, range(committed, entry.count));
-        req.stats.prefill(entry.count, run.forwardMs);
-        if (req.generated.length === 0) this.counters.promptTokens += entry.count;
-        if (entry.emits) this.emit(req, [this.pick(req, rows)], [false], [rows], events);
-        if (req.finishReason) this.finish(req, events);
-        return;
-      }
-      req.stats.step(run.forwardMs, run.draftMs / Math.max(1, decodeEntries.length), tree?.size ?? 0);
-      this.lastStep.treeNodes.push(tree?.size ?? 0);
-      if (tree) {
-        const at0 = req.tokens.length;
-        const result = tree.verify(rows, req.params, req.rng, req.tokens, entry.draft?.perPosition ? (depth) => uniformAt(req.config.seed, at0 + depth) : undefined);
-        if (entry.autoDepth > 0) {
-          req.acceptance.observe(tree.size, result.acceptedNodes.length);
-          this.opts.cost?.acceptance.observe(tree.size, result.acceptedNodes.length);
-        }
-        req.stepsWithoutDraft = 0;
-        // Root plus the accepted nodes (batch index 1 + node) stay in the cache.
-        this.kv.commit(req.row, [committed, ...result.acceptedNodes.map((n) => committed + 1 + n)]);
-        // Emitted token k is predicted by the root's row (k = 0) or accepted node k-1's.
-        const at = [0, ...result.acceptedNodes.map((n) => 1 + n)];
-        const tokenRows = result.tokens.map((_, k) => rows.subarray(at[k] * vocab, (at[k] + 1) * vocab));
-        this.speculator?.accept(req.id, result.tokens);
-        const kept = this.emit(req, result.tokens, result.tokens.map((_, k) => k < result.acceptedNodes.length), tokenRows, events);
-        // Accepted drafts cut by a stop condition were not emitted: they do not count.
-        const accepted = result.acceptedNodes.slice(0, kept);
-        req.stats.speculative(tree, accepted);
-        this.countDraft(tree.size, accepted.map((n) => tree.depthOf(n)));
-        if (req.finishReason) this.finish(req, events);
-      } else {
-        req.stepsWithoutDraft++;
-        this.kv.commit(req.row, [committed]);
-        const token = this.pick(req, rows);
-        this.speculator?.accept(req.id, [token]);
-        this.emit(req, [token], [false], [rows], events);
-        if (req.finishReason) this.finish(req, events);
+      try {
+        this.updateEntry(entry, run, i, picks[i], events);
+      } catch (e) {
+        // A request whose tokens cannot be picked (e.g. no mass left) fails alone.
+        if (!this.requests.has(req.id)) return;
+        req.finishReason = "error";
+        req.error = (e as Error)?.message ?? String(e);
+        this.finish(req, events);
       }
     });
+  }
+
+  private updateEntry(entry: StepEntry, run: StepRun, i: number, pick: TreeOutcome | null, events: EngineEvent[]): void {
+    const vocab = this.llm.config.vocabSize;
+    const req = entry.req;
+    const { first, count, tree } = run.rows[i];
+    const rows = run.logits.subarray(first * vocab, (first + count) * vocab);
+    const committed = this.kv.committed(req.row);
+    if (entry.kind === "prefill") {
+      this.kv.commit(req.row, range(committed, entry.count));
+      req.stats.prefill(entry.count, run.forwardMs);
+      if (req.generated.length === 0) this.counters.promptTokens += entry.count;
+      if (entry.emits) this.emit(req, [pickedToken(pick!)], [false], [rows], events);
+      if (req.finishReason) this.finish(req, events);
+      return;
+    }
+    req.stats.step(run.forwardMs, run.draftMs / Math.max(1, this.lastStep.decodes), tree?.size ?? 0);
+    this.lastStep.treeNodes.push(tree?.size ?? 0);
+    if (tree) {
+      const result = this.verifyTree(entry, tree.tree, first, pick!);
+      const acceptedNodes = result.accepted;
+      if (entry.autoDepth > 0) {
+        req.acceptance.observe(tree.size, acceptedNodes.length);
+        this.opts.cost?.acceptance.observe(tree.size, acceptedNodes.length);
+      }
+      req.stepsWithoutDraft = 0;
+      // Root plus the accepted nodes (batch index 1 + node) stay in the cache.
+      this.kv.commit(req.row, [committed, ...acceptedNodes.map((n) => committed + 1 + n)]);
+      // Emitted token k is predicted by the root's row (k = 0) or accepted node k-1's.
+      const at = [0, ...acceptedNodes.map((n) => 1 + n)];
+      const tokenRows = result.tokens.map((_, k) => rows.subarray(at[k] * vocab, (at[k] + 1) * vocab));
+      this.speculator?.accept(req.id, result.tokens);
+      const kept = this.emit(req, result.tokens, result.tokens.map((_, k) => k < acceptedNodes.length), tokenRows, events);
+      // Accepted drafts cut by a stop condition were not emitted: they do not count.
+      const accepted = acceptedNodes.slice(0, kept);
+      req.stats.speculative(tree, accepted);
+      this.countDraft(tree.size, accepted.map((n) => tree.depthOf(n)));
+      if (req.finishReason) this.finish(req, events);
+    } else {
+      req.stepsWithoutDraft++;
+      this.kv.commit(req.row, [committed]);
+      const token = pickedToken(pick!);
+      this.speculator?.accept(req.id, [token]);
+      this.emit(req, [token], [false], [rows], events);
+      if (req.finishReason) this.finish(req, events);
+    }
+  }
+
+  /** The accepted path of a decode entry's tree. Greedy and per-position trees follow
+   *  the LLM's own picks (the native walk); other sampled trees run multi-step
+   *  speculative sampling over the processed rows, with the request's rng. */
+  private verifyTree(entry: DecodeEntry, tree: TokenTree, first: number, pick: TreeOutcome): VerifyResult {
+    const req = entry.req;
+    if (isGreedy(req.params) || entry.draft?.perPosition) {
+      return outcome(tree, pick.accepted.map((row) => row - 1), pickedToken(pick));
+    }
+    return sampleTree(tree, (row) => this.sampler.probsRow(first + row), req.rng);
+  }
+
+  /** Every logits row of the step through the backend's sampler: one row per emitting
+   *  prefill or plain decode, root + nodes per tree; one outcome per entry (null: no rows). */
+  private pickAll(plan: StepPlan, run: StepRun): (TreeOutcome | null)[] {
+    const rows: SampleRow[] = [];
+    const trees: TreeRows[] = [];
+    const treeOf: number[] = [];
+    plan.entries.forEach((entry, i) => {
+      const { first, count, tree } = run.rows[i];
+      if (count === 0) {
+        treeOf.push(-1);
+        return;
+      }
+      if (first !== rows.length) throw new Error(`engine: entry ${i} starts at logits row ${first}, expected ${rows.length}`);
+      const req = entry.req;
+      const step = requestRows(req.params, req.config.seed, req.tokens, tree?.tree ?? null);
+      rows.push(...step.rows);
+      trees.push(step.tree);
+      treeOf.push(trees.length - 1);
+    });
+    const outcomes = this.sampler.step(run.logits, rows, trees);
+    return treeOf.map((t) => (t < 0 ? null : outcomes[t]));
   }
 
   private countDraft(nodes: number, acceptedDepths: number[]): void {
@@ -313,14 +366,6 @@ export class Engine {
     c.numDraftTokens += nodes;
     c.numAcceptedTokens += acceptedDepths.length;
     for (const d of acceptedDepths) c.acceptedPerPosition[d - 1] = (c.acceptedPerPosition[d - 1] ?? 0) + 1;
-  }
-
-  /** The next token from one row of logits: argmax, or a sample with the draw fixed by
-   *  the request's seed and the token's position (the draw per-position verification
-   *  replays, so auto trees never change a seeded text). */
-  private pick(req: Request, row: Float32Array): number {
-    if (isGreedy(req.params)) return greedyToken(row, req.params, req.tokens);
-    return sampleAt(processLogits(row, req.params, req.tokens), uniformAt(req.config.seed, req.tokens.length));
   }
 
   /** Appends tokens until a stop condition (EOS, stop ids, max tokens, context, stop
@@ -407,6 +452,7 @@ export class Engine {
     for (const id of [...this.requests.keys()]) events.push(...this.cancel(id));
     this.speculator?.closeAll();
     this.kv.close();
+    this.sampler.close();
     return events;
   }
 }
@@ -424,6 +470,14 @@ export function tokenLogprob(row: Float32Array, token: number, top: number): Tok
     logprob: row[token] - logZ,
     top: top > 0 ? Array.from(topIndices(row, top), (t) => ({ token: t, logprob: row[t] - logZ })) : [],
   };
+}
+
+/** The token a row picked; -1 means its distribution had no mass. */
+function pickedToken(pick: TreeOutcome): number {
+  if (pick.bonus < 0) {
+    throw new Error("sampling: the distribution has no mass (every logit is -inf or NaN after penalties, bias and temperature)");
+  }
+  return pick.bonus;
 }
 
 function range(start: number, count: number): number[] {

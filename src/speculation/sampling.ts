@@ -131,9 +131,22 @@ export function readsContext(params: SamplingParams): boolean {
   return params.repetitionPenalty !== 1 || (params.presencePenalty ?? 0) !== 0 || (params.frequencyPenalty ?? 0) !== 0;
 }
 
-/** The logits every rule of `params` reads: penalties over `context`, then the logit bias. */
-function penalized(logits: Float32Array, params: SamplingParams, context?: ArrayLike<number>): Float32Array {
+/** `logits` with NaN read as -inf: a NaN logit is never picked (as si_sample does). */
+function withoutNaN(logits: Float32Array): Float32Array {
   let row = logits;
+  for (let i = 0; i < logits.length; i++) {
+    if (logits[i] !== logits[i]) {
+      if (row === logits) row = logits.slice();
+      row[i] = -Infinity;
+    }
+  }
+  return row;
+}
+
+/** The logits every rule of `params` reads: NaN as -inf, penalties over `context`, then
+ *  the logit bias. */
+function penalized(logits: Float32Array, params: SamplingParams, context?: ArrayLike<number>): Float32Array {
+  let row = withoutNaN(logits);
   const hasContext = context !== undefined && context.length > 0;
   if (hasContext && params.repetitionPenalty !== 1) row = penalize(row, context, params.repetitionPenalty);
   const presence = params.presencePenalty ?? 0;

@@ -51,7 +51,7 @@ export interface DraftPlan {
 
 /** One request's merged tree for one step. */
 export class StepDraft {
-  constructor(private readonly tree: TokenTree, private readonly vocab: number) {}
+  constructor(readonly tree: TokenTree, private readonly vocab: number) {}
 
   get size(): number {
     return this.tree.size;

@@ -19,7 +19,7 @@
 
 import type { Rng } from "./rng.ts";
 import { greedyToken, isGreedy, processLogits, readsContext, sample, sampleAt, type SamplingParams } from "./sampling.ts";
-import type { Draw, TokenTree } from "./tree.ts";
+import { pathTo, type Draw, type TokenTree } from "./tree.ts";
 
 export interface VerifyOptions {
   params: SamplingParams;
@@ -59,31 +59,46 @@ export function verify(tree: TokenTree, logits: Float32Array, vocab: number, opt
   const penalizing = options.context !== undefined && readsContext(params);
   const history = penalizing ? Array.from(options.context!) : undefined;
 
+  if (rng) {
+    const target = (row: number) => {
+      const context = history && row > 0 ? [...history, ...pathTo(tree.parents, row - 1).map((id) => tree.tokens[id])] : history;
+      return processLogits(logits.subarray(row * vocab, (row + 1) * vocab), params, context);
+    };
+    return sampleTree(tree, target, rng);
+  }
   const accepted: number[] = [];
   let node = -1;
   for (;;) {
     const row = logits.subarray((node + 1) * vocab, (node + 2) * vocab);
-    let next: number;
-    let bonus = -1;
-    if (rng) {
-      const step = speculativeSamplingStep(processLogits(row, params, history), tree.draws[node + 1], tree.tokens, rng);
-      next = step.child;
-      bonus = step.child < 0 ? step.token : -1;
-    } else {
-      const depth = node < 0 ? 0 : tree.depths[node];
-      const token = isGreedy(params) ? greedyToken(row, params, history) : sampleAt(processLogits(row, params, history), uniforms!(depth));
-      next = tree.children[node + 1].find((child) => tree.tokens[child] === token) ?? -1;
-      if (next < 0) bonus = token;
-    }
-    if (next < 0) {
-      const tokens = accepted.map((id) => tree.tokens[id]);
-      tokens.push(bonus);
-      return { accepted, bonusToken: bonus, tokens, acceptedFromDraft: tokens.map((_, i) => i < accepted.length) };
-    }
+    const depth = node < 0 ? 0 : tree.depths[node];
+    const token = isGreedy(params) ? greedyToken(row, params, history) : sampleAt(processLogits(row, params, history), uniforms!(depth));
+    const next = tree.children[node + 1].find((child) => tree.tokens[child] === token) ?? -1;
+    if (next < 0) return outcome(tree, accepted, token);
     accepted.push(next);
     history?.push(tree.tokens[next]);
     node = next;
   }
+}
+
+/** Multi-step speculative sampling down `tree`: `target(row)` is the LLM's processed
+ *  distribution at the root (row 0) or node row - 1 given the path to it, as a fresh
+ *  array (the step turns it into the residual). */
+export function sampleTree(tree: TokenTree, target: (row: number) => Float32Array, rng: Rng): VerifyResult {
+  const accepted: number[] = [];
+  let node = -1;
+  for (;;) {
+    const step = speculativeSamplingStep(target(node + 1), tree.draws[node + 1], tree.tokens, rng);
+    if (step.child < 0) return outcome(tree, accepted, step.token);
+    accepted.push(step.child);
+    node = step.child;
+  }
+}
+
+/** The result of a walk that accepted `accepted` and ends with the LLM's `bonus`. */
+export function outcome(tree: TokenTree, accepted: number[], bonus: number): VerifyResult {
+  const tokens = accepted.map((id) => tree.tokens[id]);
+  tokens.push(bonus);
+  return { accepted, bonusToken: bonus, tokens, acceptedFromDraft: tokens.map((_, i) => i < accepted.length) };
 }
 
 export interface StepOutcome {
