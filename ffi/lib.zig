@@ -1011,6 +1011,25 @@ export fn si_tree_accept(ctx: ?*Ctx, n_trees: i32, tree_start: ?[*]const i32, pa
     return SI_OK;
 }
 
+// ---- CUDA graphs: the CPU runs each op at once, so a graph region changes nothing ----
+
+export fn si_graph_begin(ctx: ?*Ctx, key: i32) callconv(.C) i32 {
+    const c = ctx orelse return SI_ERR_ARG;
+    return nonNegative(c, "si_graph_begin", "key", key);
+}
+
+export fn si_graph_end(ctx: ?*Ctx, run: i32) callconv(.C) i32 {
+    _ = run;
+    _ = ctx orelse return SI_ERR_ARG;
+    return SI_OK;
+}
+
+export fn si_graph_drop(ctx: ?*Ctx, key: i32) callconv(.C) i32 {
+    _ = key;
+    _ = ctx orelse return SI_ERR_ARG;
+    return SI_OK;
+}
+
 export fn si_probe_bandwidth(ctx: ?*Ctx, buf: ?*const anyopaque, bytes: u64, reps: i32, gbps: ?*f64) callconv(.C) i32 {
     const c = ctx orelse return SI_ERR_ARG;
     const op = "si_probe_bandwidth";

@@ -234,6 +234,23 @@ int32_t si_tree_accept(si_ctx *ctx, int32_t n_trees, const int32_t *tree_start, 
                        const int32_t *tokens, const int32_t *picked, int32_t *accepted, int32_t *counts,
                        int32_t *bonus);
 
+/* ---- CUDA graphs ---------------------------------------------------------- */
+
+/* A graph region: the kernel ops after si_graph_begin(ctx, key), up to the first call
+ * that needs their results or the stream (si_download, si_sync, si_upload after an op,
+ * si_alloc, si_free) or si_graph_end, are captured as a CUDA graph the first time for
+ * `key` (>= 0) and replayed by later regions of that key: each op is then checked
+ * against the capture (its name and arguments, pointers included) instead of launched,
+ * and the graph runs in their place. Inputs uploaded before the first op are read by
+ * the replay, so a step uploads into the same buffers and replays. A region that
+ * differs from its capture fails with SI_ERR_ARG before any of it ran. si_graph_end:
+ * run != 0 runs what the region holds; run = 0 drops it unrun (after an error).
+ * si_graph_drop frees the graph of `key` (key < 0: every graph). The CPU library
+ * runs each op at once: these are no-ops there. */
+int32_t si_graph_begin(si_ctx *ctx, int32_t key);
+int32_t si_graph_end(si_ctx *ctx, int32_t run);
+int32_t si_graph_drop(si_ctx *ctx, int32_t key);
+
 /* ---- diagnostics ---------------------------------------------------------- */
 
 /* Streams `bytes` of buffer `buf` `reps` times on all threads; returns GB/s read

@@ -120,6 +120,11 @@ export const OPS = {
     symbol: "si_tree_accept",
     args: ["trees:i32", "treeStart:ptr", "parents:ptr", "tokens:ptr", "picked:ptr", "accepted:ptr", "counts:ptr", "bonus:ptr"],
   },
+  /** CUDA graph regions (cuda/graph.cu; no-ops on the CPU): begin(key >= 0), end(run:
+   *  1 runs what the region holds, 0 drops it unrun), drop(key; -1 = every graph). */
+  graphBegin: { symbol: "si_graph_begin", args: ["key:i32"] },
+  graphEnd: { symbol: "si_graph_end", args: ["run:i32"] },
+  graphDrop: { symbol: "si_graph_drop", args: ["key:i32"] },
 } as const satisfies Record<string, OpSpec>;
 
 export type OpName = keyof typeof OPS;

@@ -6,7 +6,21 @@ import type { KVCache } from "../kv/cache";
 import { BatchBuilder } from "../model/batch";
 import type { CausalLM } from "../model/causal-lm";
 import type { Speculator, StepDraft } from "../speculation/speculator";
+import { StepGraphs } from "./graphs";
 import type { StepEntry } from "./scheduler";
+
+/** Per LLM: its forward through CUDA graphs (a plain forward on the CPU). The graphs live
+ *  in the backend's context until the backend closes. */
+const stepGraphs = new WeakMap<CausalLM, StepGraphs>();
+
+function graphsOf(llm: CausalLM): StepGraphs {
+  let g = stepGraphs.get(llm);
+  if (!g) {
+    g = new StepGraphs(llm);
+    stepGraphs.set(llm, g);
+  }
+  return g;
+}
 
 export interface EntryRows {
   /** First logits row of the entry, and how many it has. */
@@ -54,6 +68,6 @@ export function runStep(llm: CausalLM, kv: KVCache, speculator: Speculator | nul
   }
   const batch = builder.build();
   const t1 = performance.now();
-  const logits = llm.forward(batch, kv);
+  const logits = graphsOf(llm).forward(batch, kv);
   return { logits, rows, batchTokens: batch.n, draftMs, forwardMs: performance.now() - t1 };
 }
