@@ -58,8 +58,7 @@ export function padBatch(batch: TokenBatch, n: number, rows: number, words: numb
 /** A model on one CUDA device. A split model's forward runs collectives on every rank's
  *  stream between kernels, which a region of one rank cannot hold. */
 function onOneGpu(llm: CausalLM): boolean {
-  const shards = (llm as { shards?: readonly unknown[] }).shards;
-  return llm.backend.name === "cuda" && (shards?.length ?? 1) <= 1;
+  return llm.backend.name === "cuda" && (llm.shards?.length ?? 1) <= 1;
 }
 
 /** Graph capture and replay of one model's forward passes (on CUDA; elsewhere a plain
