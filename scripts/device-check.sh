@@ -82,6 +82,11 @@ fi
 if [ ! -d node_modules/@huggingface ] && [ -f .device/huggingface.tar.xz ]; then
   mkdir -p node_modules && tar -xJf .device/huggingface.tar.xz -C node_modules
 fi
+# NCCL for the tensor-parallel tests: the system's, else the one PyTorch's wheels bring.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2'; then
+  NCCL_DIR=$(python3 -c 'import nvidia.nccl; print(list(nvidia.nccl.__path__)[0] + "/lib")' 2>/dev/null)
+  [ -n "$NCCL_DIR" ] && [ -f "$NCCL_DIR/libnccl.so.2" ] && export LD_LIBRARY_PATH="$NCCL_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 GPUS=0
 command -v nvidia-smi >/dev/null && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 {
@@ -89,6 +94,7 @@ command -v nvidia-smi >/dev/null && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '
   command -v nvcc >/dev/null && nvcc --version | tail -n 2
   command -v nvidia-smi >/dev/null && nvidia-smi -L
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) x $(nproc)"
+  echo "libnccl.so.2: $( (ldconfig -p 2>/dev/null | grep -q libnccl.so.2 && echo system) || echo "${NCCL_DIR:-not found}")"
 } >"$OUT/env.log" 2>&1
 record tools pass 0 "bun $("$BUN" --version), $GPUS GPU(s)"
 if [ "$DRY_RUN" != 1 ] && [ "$GPUS" -lt 1 ]; then
