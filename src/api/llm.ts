@@ -9,7 +9,7 @@ import { EngineClient } from "../runtime/client";
 import type { EngineEvent, EngineStats } from "../engine/core";
 import type { FinishReason, TokenLogprob } from "../engine/request";
 import type { StatsSummary } from "../engine/stats";
-import type { EngineInfo, RuntimeOptions } from "../runtime/load";
+import type { BatchLimits, EngineInfo, RuntimeOptions } from "../runtime/load";
 import { DEFAULT_MODEL } from "../runtime/paths";
 import { encodeChat, loadTokenizer, type ChatMessage, type Tokenizer } from "../tokenizer/index";
 
@@ -45,7 +45,7 @@ export interface StreamPiece {
   logprobs?: TokenLogprob[];
 }
 
-export interface CompileOptions {
+export interface CompileOptions extends BatchLimits {
   /** Draft models (SpecInfer's SSMs): SSM handles or paths. */
   ssms?: (SSM | string)[];
   /** Shape of requests asking for a fixed tree: "1,1,3,1,1" or "dynamic:32". */
@@ -105,15 +105,17 @@ export class LLM {
     return this.client.defaults;
   }
 
-  /** Sets the drafters and tree shape (no SSMs and no n-gram: plain decoding); only
-   *  while no request runs.
+  /** Sets the drafters, tree shape (no SSMs and no n-gram: plain decoding) and batch
+   *  limits (a limit left out keeps its value); only while no request runs. A refused
+   *  setting changes nothing.
    *  @example
-   *  await llm.compile({ ssms: [new SSM("draft")], tree: "dynamic:16", ngram: true });
+   *  await llm.compile({ ssms: [new SSM("draft")], tree: "dynamic:16", ngram: true, maxRequestsPerBatch: 16, maxTokensPerBatch: 256 });
    */
   async compile(opts: CompileOptions): Promise<EngineInfo> {
     const ssms = (opts.ssms ?? []).map((s) => (typeof s === "string" ? new SSM(s).path : s.path));
     const tree = Array.isArray(opts.tree) ? opts.tree.join(",") : opts.tree;
-    return this.client.compile({ ssms, tree, ngram: opts.ngram ?? false });
+    const { maxRequestsPerBatch, maxTokensPerBatch, maxSeqLength } = opts;
+    return this.client.compile({ ssms, tree, ngram: opts.ngram ?? false, maxRequestsPerBatch, maxTokensPerBatch, maxSeqLength });
   }
 
   /** Generates a completion of `prompt` (text or token ids); for a list of prompts, all

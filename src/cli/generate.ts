@@ -24,6 +24,7 @@ default pair (llama-shakespeare-8m verified, llama-shakespeare-1.4m-draft drafti
   --no-spec               plain incremental decoding
   --max-seqs N            most requests decoded together (default 8)
   --ctx-size N            longest prompt + generation (default: the model's)
+  --batch-size N          most tokens in one forward pass (default 512)
   --kv-dtype f16|f32      KV cache element type (default f16)
   --kv-memory BYTES       bytes for the KV cache (default: --max-seqs full sequences)
   --threads N             CPU threads (default: all cores)
@@ -57,6 +58,7 @@ export const SAMPLING_FLAGS: Options = {
 export const ENGINE_FLAGS: Options = {
   "max-seqs": { type: "string" },
   "ctx-size": { type: "string" },
+  "batch-size": { type: "string" },
   "kv-dtype": { type: "string" },
   "kv-memory": { type: "string" },
 };
@@ -96,6 +98,7 @@ export function loadOptions(v: Values): LoadOptions {
     backend,
     maxRequestsPerBatch: intFlag(v, "max-seqs", 1),
     maxSeqLength: intFlag(v, "ctx-size", 1),
+    maxTokensPerBatch: intFlag(v, "batch-size", 1),
     kvDtype,
     kvMemory: intFlag(v, "kv-memory", 1),
     onProgress: progressPrinter("loading"),

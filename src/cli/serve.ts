@@ -24,6 +24,7 @@ Without --model it serves the embedded default pair.
                              /health (default: $SPECINFER_API_KEY, else none)
   --max-seqs N               most requests running at once (default 8)
   --ctx-size N               longest prompt + generation (default: the model's context)
+  --batch-size N             most tokens in one forward pass (default 512)
   --max-queue N              most generations waiting beyond the running ones; more get
                              a 429 (default: no limit)
   --served-model-name NAME   the model id clients use (default: the model's file name)

@@ -3,7 +3,7 @@
 // (tests, tools). Submit, cancel, stats and compile go one way; token and finish events
 // come back.
 
-import type { EngineInfo, Progress, RuntimeOptions, SpeculationSetup } from "./load";
+import type { EngineInfo, Progress, RuntimeOptions, CompileSetup } from "./load";
 import type { GenerationConfig } from "../engine/config";
 import { RequestError, type EngineEvent, type EngineStats } from "../engine/core";
 import { EngineHost } from "./host";
@@ -128,7 +128,7 @@ export class EngineClient {
     return this.call({ type: "stats" }) as Promise<EngineStats>;
   }
 
-  async compile(setup: SpeculationSetup): Promise<EngineInfo> {
+  async compile(setup: CompileSetup): Promise<EngineInfo> {
     this.info = (await this.call({ type: "compile", setup })) as EngineInfo;
     return this.info;
   }
@@ -154,7 +154,7 @@ export class EngineClient {
     this.transport.terminate();
   }
 
-  private call(msg: { type: "stats" } | { type: "compile"; setup: SpeculationSetup } | { type: "close" }): Promise<unknown> {
+  private call(msg: { type: "stats" } | { type: "compile"; setup: CompileSetup } | { type: "close" }): Promise<unknown> {
     if (this.closed) return Promise.reject(this.closed);
     const call = this.nextCall++;
     return new Promise((resolve, reject) => {

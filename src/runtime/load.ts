@@ -37,17 +37,24 @@ export interface SpeculationSetup {
   ngram?: boolean;
 }
 
-export interface RuntimeOptions extends SpeculationSetup {
-  /** HF directory or .gguf file; default the embedded model. */
-  model?: string;
-  backend?: BackendKind;
-  threads?: number;
+/** SpecInfer's batch limits (flexflow.serve's names). */
+export interface BatchLimits {
   /** Most requests running at once (SpecInfer's max_requests_per_batch). Default 8. */
   maxRequestsPerBatch?: number;
   /** Most tokens per forward pass (SpecInfer's max_tokens_per_batch). Default 512. */
   maxTokensPerBatch?: number;
   /** Longest prompt + generation (SpecInfer's max_seq_length). Default the model's context. */
   maxSeqLength?: number;
+}
+
+/** What `compile` may change: the speculation setup and the batch limits. */
+export type CompileSetup = SpeculationSetup & BatchLimits;
+
+export interface RuntimeOptions extends SpeculationSetup, BatchLimits {
+  /** HF directory or .gguf file; default the embedded model. */
+  model?: string;
+  backend?: BackendKind;
+  threads?: number;
   /** Bytes for the LLM's KV cache. Default: what maxRequestsPerBatch full sequences
    *  need, at most a quarter of free memory. */
   kvMemory?: number;
@@ -79,16 +86,18 @@ export class Runtime {
   engine: Engine;
   private readonly drafts = new Map<string, CausalLM>();
   private setup: SpeculationSetup = {};
+  private kvBytes: number;
 
   private constructor(
-    readonly options: RuntimeOptions,
+    private options: RuntimeOptions,
     readonly modelPath: string,
     readonly backend: Backend,
-    readonly llm: CausalLM,
+    /** Replaced when compile changes maxTokensPerBatch (its buffers are sized by it). */
+    private llm: CausalLM,
     readonly tokenizer: Tokenizer,
     readonly defaults: Partial<GenerationConfig>,
-    private readonly kvBytes: number,
   ) {
+    this.kvBytes = kvBudget(llm, options);
     this.engine = this.createEngine();
   }
 
@@ -99,6 +108,7 @@ export class Runtime {
     const backend = await createBackend({ kind: options.backend, threads: options.threads });
     try {
       progress(0.05, "weights");
+      checkLimits(options);
       const llm = loadModel(modelPath, backend, {
         maxBatchTokens: options.maxTokensPerBatch ?? 512,
         onProgress: (f) => progress(0.05 + 0.6 * f, "weights"),
@@ -106,8 +116,7 @@ export class Runtime {
       progress(0.65, "tokenizer");
       const tokenizer = loadTokenizer({ path: modelPath, ggufMetadata: llm.files.gguf?.metadata });
       const defaults = readGenerationDefaults(modelPath);
-      const kvBytes = kvBudget(llm, options);
-      const runtime = new Runtime(options, modelPath, backend, llm, tokenizer, defaults, kvBytes);
+      const runtime = new Runtime(options, modelPath, backend, llm, tokenizer, defaults);
       progress(0.7, "draft models");
       const ssms = options.ssms ?? (options.model === undefined ? [DEFAULT_DRAFT] : []);
       runtime.compile({ ssms, tree: options.tree, ngram: options.ngram }, (f) => progress(0.7 + 0.3 * f, "measuring forward costs"));
@@ -139,19 +148,43 @@ export class Runtime {
     };
   }
 
-  /** Sets the drafters (loaded once per path) and tree; only while no request runs.
-   *  No SSMs and no n-gram: plain decoding. */
-  compile(setup: SpeculationSetup, progress: (fraction: number) => void = () => {}): void {
-    if (!this.engine.idle) throw new Error("speculation can only change while no request runs");
+  /** Sets the drafters (loaded once per path), tree and batch limits; only while no
+   *  request runs. No SSMs and no n-gram: plain decoding. A limit left out keeps its
+   *  value. Nothing changes when a setting is refused. */
+  compile(setup: CompileSetup, progress: (fraction: number) => void = () => {}): void {
+    if (!this.engine.idle) throw new Error("compile: only while no request runs");
+    checkLimits(setup);
     for (const p of setup.ssms ?? []) {
       if (!this.drafts.has(p)) {
         if (!existsSync(p)) throw new Error(`no such file or directory: ${p}`);
         this.drafts.set(p, loadModel(p, this.backend, { maxBatchTokens: 512 }));
       }
     }
-    this.setup = { ssms: setup.ssms ?? [], tree: setup.tree, ngram: setup.ngram ?? false };
+    const { maxRequestsPerBatch, maxTokensPerBatch, maxSeqLength } = setup;
+    const options: RuntimeOptions = { ...this.options, ...definedOnly({ maxRequestsPerBatch, maxTokensPerBatch, maxSeqLength }) };
+    // The forward's buffers are sized by maxTokensPerBatch: a new value loads the model
+    // again (a mapping; on CUDA an upload) before the old one goes.
+    const llm = (options.maxTokensPerBatch ?? 512) === this.llm.maxBatchTokens
+      ? this.llm
+      : loadModel(this.modelPath, this.backend, { maxBatchTokens: options.maxTokensPerBatch ?? 512 });
     this.engine.close();
-    this.engine = this.createEngine(progress);
+    if (llm !== this.llm) {
+      this.llm.close();
+      this.llm = llm;
+    }
+    const before = { options: this.options, kvBytes: this.kvBytes, setup: this.setup };
+    this.options = options;
+    this.kvBytes = kvBudget(llm, options);
+    this.setup = { ssms: setup.ssms ?? [], tree: setup.tree, ngram: setup.ngram ?? false };
+    try {
+      this.engine = this.createEngine(progress);
+    } catch (e) {
+      // Refused (a tree larger than a batch, a pool that does not fit): keep serving
+      // with the settings in force before.
+      ({ options: this.options, kvBytes: this.kvBytes, setup: this.setup } = before);
+      this.engine = this.createEngine();
+      throw e;
+    }
   }
 
   private createEngine(progress: (fraction: number) => void = () => {}): Engine {
@@ -188,6 +221,14 @@ export class Runtime {
     for (const m of this.drafts.values()) m.close();
     this.llm.close();
     this.backend.close();
+  }
+}
+
+/** Refuses a batch limit that is not a positive whole number, naming it. */
+function checkLimits(limits: BatchLimits): void {
+  for (const name of ["maxRequestsPerBatch", "maxTokensPerBatch", "maxSeqLength"] as const) {
+    const v = limits[name];
+    if (v !== undefined && !(Number.isInteger(v) && v >= 1)) throw new Error(`${name} must be a whole number >= 1, got ${v}`);
   }
 }
 

@@ -1,7 +1,7 @@
 // The messages between an EngineClient and its engine host (over a Worker's
 // postMessage, or in-thread): plain, structured-cloneable data only.
 
-import type { RuntimeOptions, SpeculationSetup, EngineInfo } from "./load";
+import type { CompileSetup, EngineInfo, RuntimeOptions } from "./load";
 import type { GenerationConfig } from "../engine/config";
 import type { EngineEvent, EngineStats } from "../engine/core";
 import type { StatsSummary } from "../engine/stats";
@@ -11,7 +11,7 @@ export type ToEngine =
   | { type: "submit"; id: number; prompt: number[]; config: Partial<GenerationConfig> }
   | { type: "cancel"; id: number }
   | { type: "stats"; call: number }
-  | { type: "compile"; call: number; setup: SpeculationSetup }
+  | { type: "compile"; call: number; setup: CompileSetup }
   | { type: "inject-fault"; message: string }
   /** Test hook (Worker only): the worker exits at once with `code`. */
   | { type: "exit"; code: number }

@@ -123,6 +123,45 @@ describe("LLM on the embedded pair", () => {
     await llm.compile({ ssms: [DEFAULT_DRAFT] });
   });
 
+  test("compile takes SpecInfer's batch limits; they bound the engine and leave greedy output unchanged", async () => {
+    const prompt = "KING RICHARD III:\nNow is the winter of our discontent made glorious summer by this sun of York;\n".repeat(2);
+    const prompts = ["ROMEO:\n", "JULIET:\n", prompt, "HAMLET:\n", "MACBETH:\n"];
+    const greedy = { maxNewTokens: 24, temperature: 0 };
+    const before = await llm.generate(prompts, greedy);
+    const plainBefore = await llm.generate(prompt, { maxNewTokens: 4, temperature: 0, speculation: false });
+    const context = llm.info.contextLength;
+
+    const info = await llm.compile({ ssms: [DEFAULT_DRAFT], maxRequestsPerBatch: 2, maxTokensPerBatch: 32, maxSeqLength: 96 });
+    expect([info.maxRequestsPerBatch, info.maxTokensPerBatch, info.contextLength]).toEqual([2, 32, 96]);
+    let mostRunning = 0;
+    const poll = setInterval(async () => (mostRunning = Math.max(mostRunning, (await llm.stats()).running)), 2);
+    const after = await llm.generate(prompts, greedy);
+    clearInterval(poll);
+    expect(mostRunning).toBeLessThanOrEqual(2);
+    expect(after.map((r) => r.tokens)).toEqual(before.map((r) => r.tokens));
+    // A 32-token batch prefills the long prompt in chunks: more forward passes.
+    const promptTokens = llm.tokenizer.encode(prompt).length;
+    const plainAfter = await llm.generate(prompt, { maxNewTokens: 4, temperature: 0, speculation: false });
+    expect(plainAfter.tokens).toEqual(plainBefore.tokens);
+    expect(plainAfter.stats.forwardPasses).toBeGreaterThanOrEqual(Math.ceil(promptTokens / 32) + 3);
+    expect(plainBefore.stats.forwardPasses).toBeLessThan(plainAfter.stats.forwardPasses);
+    // maxSeqLength 96 ends a long generation at 96 tokens in all.
+    const capped = await llm.generate("ROMEO:\n", { maxNewTokens: 500, temperature: 0, ignoreEos: true });
+    expect(capped.finishReason).toBe("length");
+    expect(capped.promptTokens + capped.tokens.length).toBeLessThanOrEqual(96);
+
+    for (const [bad, field] of [[{ maxTokensPerBatch: 0 }, "maxTokensPerBatch"], [{ maxRequestsPerBatch: 1.5 }, "maxRequestsPerBatch"], [{ maxSeqLength: -3 }, "maxSeqLength"]] as const) {
+      const refused = await llm.compile({ ssms: [DEFAULT_DRAFT], ...bad }).then(() => null, (e: Error) => e);
+      expect(refused?.message).toContain(field);
+    }
+    expect((await llm.generate("ROMEO:\n", greedy)).tokens).toEqual(before[0].tokens); // still serving, limits kept
+    expect(llm.info.maxTokensPerBatch).toBe(32);
+
+    const restored = await llm.compile({ ssms: [DEFAULT_DRAFT], maxRequestsPerBatch: 8, maxTokensPerBatch: 512, maxSeqLength: context });
+    expect([restored.maxRequestsPerBatch, restored.maxTokensPerBatch, restored.contextLength]).toEqual([8, 512, context]);
+    expect((await llm.generate(prompts, greedy)).map((r) => r.tokens)).toEqual(before.map((r) => r.tokens));
+  });
+
   test("the model's generation_config.json sets the sampling defaults; a call's options win", async () => {
     expect(llm.defaults).toEqual({ temperature: 0.8, topK: 40 });
     const a = await llm.generate("ROMEO:\n", { maxNewTokens: 16, seed: 4 });

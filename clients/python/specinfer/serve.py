@@ -105,10 +105,11 @@ class LLM:
         ssms: Optional[Sequence[SSM]] = None,
     ) -> None:
         """Settings for the server start_server() launches, with SpecInfer's names:
-        max_requests_per_batch -> --max-seqs, max_seq_length -> --ctx-size, ssms -> --ssm,
-        a tensor parallelism degree above 1 -> --tp. None leaves the server's default.
-        ssms=[] (an explicit empty list) decodes without speculation, as in SpecInfer.
-        max_tokens_per_batch and the data/pipeline degrees are accepted and have no effect.
+        max_requests_per_batch -> --max-seqs, max_seq_length -> --ctx-size,
+        max_tokens_per_batch -> --batch-size, ssms -> --ssm, a tensor parallelism degree
+        above 1 -> --tp. None leaves the server's default. ssms=[] (an explicit empty
+        list) decodes without speculation, as in SpecInfer. The data and pipeline
+        degrees are accepted and have no effect.
         generation_config is the default sampling of every generate() call."""
         if generation_config is not None and not isinstance(generation_config, GenerationConfig):
             raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
@@ -124,7 +125,7 @@ class LLM:
             check_positive_int(name, value)
         if ssms is not None and not all(isinstance(s, SSM) for s in ssms):
             raise TypeError("ssms must be a list of SSM objects")
-        if self.url is not None and (ssms or max_requests_per_batch or max_seq_length or model_specific_tensor_parallelism_degree):
+        if self.url is not None and (ssms or max_requests_per_batch or max_seq_length or max_tokens_per_batch or model_specific_tensor_parallelism_degree):
             warnings.warn("attached to a running server (url=...): its own flags decide the SSMs and sizes", stacklevel=2)
         self.generation_config = generation_config or GenerationConfig()
         self.ssms = None if ssms is None else list(ssms)
@@ -132,6 +133,7 @@ class LLM:
         self._server_flags = [
             *_flag("--max-seqs", max_requests_per_batch),
             *_flag("--ctx-size", max_seq_length),
+            *_flag("--batch-size", max_tokens_per_batch),
             *(_flag("--tp", tp) if tp and tp > 1 else []),
             *[arg for ssm in self.ssms or [] for arg in ("--ssm", ssm.model_name)],
         ]

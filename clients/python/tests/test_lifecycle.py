@@ -133,7 +133,7 @@ class StartingErrors(unittest.TestCase):
         flags = args[5:]
         self.assertEqual(
             flags,
-            ["--model", str(REPO_ROOT / "models" / "llama-shakespeare-8m"), "--max-seqs", "4", "--ctx-size", "128", "--tp", "2", "--ssm", DRAFT],
+            ["--model", str(REPO_ROOT / "models" / "llama-shakespeare-8m"), "--max-seqs", "4", "--ctx-size", "128", "--batch-size", "64", "--tp", "2", "--ssm", DRAFT],
         )
 
 
