@@ -96,15 +96,13 @@ __global__ void __launch_bounds__(128) gemv_f_kernel(MM a) {
 // step. Q4_0: 2 lanes per block, 8 nibble bytes (16 values, 4 words) each, 16 blocks per
 // step. Q4 nibbles become signed bytes q - 8 once per weight word (__vsub4), shared by
 // all tokens.
-// WIDE (Q8_0 with 16-byte aligned rows of whole 8-block groups): a step's 8 blocks of a
-// row are 272 bytes = 17 aligned 16-byte words, which the warp loads with 16-byte loads
-// into its shared `stage` and each lane unpacks its block from there. Blocks are only
-// 2-byte aligned, so without the stage a lane reads its 8 quants as 16-bit words. The
-// arithmetic and its order are the same either way.
-template <int DT, int R, int T, bool WIDE>
+// Q8_0 rows are read with 16-byte loads: a step's 8 blocks of a row (272 bytes, starting
+// anywhere on 2 bytes) are the 18 aligned 16-byte words that cover them, which the warp
+// loads into its shared `stage`; each lane unpacks its block from there. (A word that holds
+// one of the row's bytes is inside the allocation.) Q4_0 lanes read 16-bit words.
+template <int DT, int R, int T>
 __device__ __forceinline__ void gemv_q_pass(const MM &a, long long r0, int t0, int lane, uint4 *stage) {
   const bool q8 = DT == SI_Q8_0;
-  const bool wide = WIDE && q8;
   const int BS = q8 ? 34 : 18;
   const int LPB = q8 ? 4 : 2;
   const int STEP = 32 / LPB;
@@ -113,7 +111,7 @@ __device__ __forceinline__ void gemv_q_pass(const MM &a, long long r0, int t0, i
   const unsigned char *rows[R];
 #pragma unroll
   for (int rr = 0; rr < R; rr++) {
-    const long long r = r0 + rr < a.m ? r0 + rr : a.m - 1;
+    const long long r = r0 + rr < a.m ? r0 + rr : a.m - 1;  // past-the-end rows: computed, not stored
     rows[rr] = a.w + (size_t)r * a.rb;
   }
   float acc[R][T];
@@ -121,69 +119,78 @@ __device__ __forceinline__ void gemv_q_pass(const MM &a, long long r0, int t0, i
   for (int rr = 0; rr < R; rr++)
 #pragma unroll
     for (int t = 0; t < T; t++) acc[rr][t] = 0.f;
-  for (int b = lane / LPB; b < nb; b += STEP) {  // uniform when wide (nb % 8 == 0)
-    if (wide) {
-      const size_t group = (size_t)(b - lane / LPB) * BS;  // the step's first block
-      __syncwarp();                                          // the last step's stage is read
-      for (int i = lane; i < R * 17; i += 32) stage[i] = __ldg((const uint4 *)(rows[i / 17] + group) + i % 17);
+  for (int first = 0; first < nb; first += STEP) {  // uniform across the warp
+    const int b = first + lane / LPB;                // this lane's block
+    if (q8) {
+      const size_t bytes = (size_t)((nb - first < STEP ? nb - first : STEP) * BS);
+      for (int i = lane; i < R * 18; i += 32) {
+        const long long r = r0 + i / 18 < a.m ? r0 + i / 18 : a.m - 1;  // rows[i / 18], without a local array
+        const uintptr_t from = (uintptr_t)(a.w + (size_t)r * a.rb + (size_t)first * BS);
+        const uintptr_t word = (from & ~(uintptr_t)15) + (uintptr_t)(i % 18) * 16;
+        stage[i] = word < from + bytes ? __ldg((const uint4 *)word) : make_uint4(0, 0, 0, 0);
+      }
       __syncwarp();
     }
-    float dw[R];
-    int wq[R][4];
-#pragma unroll
-    for (int rr = 0; rr < R; rr++) {
-      const unsigned char *blk =
-          wide ? (const unsigned char *)(stage + rr * 17) + (lane / LPB) * BS : rows[rr] + (size_t)b * BS;
-      dw[rr] = ld_f16(blk);
-      const unsigned char *qs = blk + 2 + 8 * sub;
-      if (q8) {
-        wq[rr][0] = ld_i32_a2(qs);
-        wq[rr][1] = ld_i32_a2(qs + 4);
-        wq[rr][2] = 0;
-        wq[rr][3] = 0;
-      } else {
-        // Bytes 8sub..8sub+7: low nibbles are values 8sub.., high nibbles 16+8sub..
-        const unsigned v0 = (unsigned)ld_i32_a2(qs), v1 = (unsigned)ld_i32_a2(qs + 4);
-        wq[rr][0] = (int)__vsub4(v0 & 0x0f0f0f0fu, 0x08080808u);
-        wq[rr][1] = (int)__vsub4(v1 & 0x0f0f0f0fu, 0x08080808u);
-        wq[rr][2] = (int)__vsub4((v0 >> 4) & 0x0f0f0f0fu, 0x08080808u);
-        wq[rr][3] = (int)__vsub4((v1 >> 4) & 0x0f0f0f0fu, 0x08080808u);
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < T; t++) {
-      const signed char *xr = a.xq + (size_t)(t0 + t) * a.k + (size_t)b * 32;
-      const float xs = a.xd[(size_t)(t0 + t) * nb + b];
-      const int2 xl = *(const int2 *)(xr + 8 * sub);
-      int2 xh = make_int2(0, 0);
-      if (!q8) xh = *(const int2 *)(xr + 16 + 8 * sub);
+    if (b < nb) {
+      float dw[R];
+      int wq[R][4];
 #pragma unroll
       for (int rr = 0; rr < R; rr++) {
-        int d = __dp4a(wq[rr][0], xl.x, 0);
-        d = __dp4a(wq[rr][1], xl.y, d);
-        if (!q8) {
-          d = __dp4a(wq[rr][2], xh.x, d);
-          d = __dp4a(wq[rr][3], xh.y, d);
+        const uintptr_t from = (uintptr_t)(rows[rr] + (size_t)first * BS);
+        const unsigned char *blk = q8 ? (const unsigned char *)(stage + rr * 18) + (from & 15) + (lane / LPB) * BS
+                                      : rows[rr] + (size_t)b * BS;
+        dw[rr] = ld_f16(blk);
+        const unsigned char *qs = blk + 2 + 8 * sub;
+        if (q8) {
+          wq[rr][0] = ld_i32_a2(qs);
+          wq[rr][1] = ld_i32_a2(qs + 4);
+          wq[rr][2] = 0;
+          wq[rr][3] = 0;
+        } else {
+          // Bytes 8sub..8sub+7: low nibbles are values 8sub.., high nibbles 16+8sub..
+          const unsigned v0 = (unsigned)ld_i32_a2(qs), v1 = (unsigned)ld_i32_a2(qs + 4);
+          wq[rr][0] = (int)__vsub4(v0 & 0x0f0f0f0fu, 0x08080808u);
+          wq[rr][1] = (int)__vsub4(v1 & 0x0f0f0f0fu, 0x08080808u);
+          wq[rr][2] = (int)__vsub4((v0 >> 4) & 0x0f0f0f0fu, 0x08080808u);
+          wq[rr][3] = (int)__vsub4((v1 >> 4) & 0x0f0f0f0fu, 0x08080808u);
         }
-        acc[rr][t] = fmaf((float)d, dw[rr] * xs, acc[rr][t]);
+      }
+#pragma unroll
+      for (int t = 0; t < T; t++) {
+        const signed char *xr = a.xq + (size_t)(t0 + t) * a.k + (size_t)b * 32;
+        const float xs = a.xd[(size_t)(t0 + t) * nb + b];
+        const int2 xl = *(const int2 *)(xr + 8 * sub);
+        int2 xh = make_int2(0, 0);
+        if (!q8) xh = *(const int2 *)(xr + 16 + 8 * sub);
+#pragma unroll
+        for (int rr = 0; rr < R; rr++) {
+          int d = __dp4a(wq[rr][0], xl.x, 0);
+          d = __dp4a(wq[rr][1], xl.y, d);
+          if (!q8) {
+            d = __dp4a(wq[rr][2], xh.x, d);
+            d = __dp4a(wq[rr][3], xh.y, d);
+          }
+          acc[rr][t] = fmaf((float)d, dw[rr] * xs, acc[rr][t]);
+        }
       }
     }
+    if (q8) __syncwarp();  // the stage is read before the next step overwrites it
   }
   gemv_store<R, T>(a, acc, r0, t0, lane);
 }
 
-template <int DT, int R, bool WIDE>
+template <int DT, int R>
 __global__ void __launch_bounds__(128) gemv_q_kernel(MM a) {
-  __shared__ uint4 stages[4][WIDE ? R * 17 : 1];
+  __shared__ uint4 stages[4][DT == SI_Q8_0 ? R * 18 : 1];
   const int lane = threadIdx.x & 31;
   const long long r0 = ((long long)blockIdx.x * 4 + (threadIdx.x >> 5)) * R;
   if (r0 >= a.m) return;
   uint4 *stage = stages[threadIdx.x >> 5];
   int t0 = 0;
-  for (; t0 + 8 <= a.n; t0 += 8) gemv_q_pass<DT, R, 8, WIDE>(a, r0, t0, lane, stage);
-  if (a.n - t0 >= 4) { gemv_q_pass<DT, R, 4, WIDE>(a, r0, t0, lane, stage); t0 += 4; }
-  if (a.n - t0 >= 2) { gemv_q_pass<DT, R, 2, WIDE>(a, r0, t0, lane, stage); t0 += 2; }
-  if (a.n - t0 >= 1) gemv_q_pass<DT, R, 1, WIDE>(a, r0, t0, lane, stage);
+  for (; t0 + 8 <= a.n; t0 += 8) gemv_q_pass<DT, R, 8>(a, r0, t0, lane, stage);
+  if (a.n - t0 >= 4) { gemv_q_pass<DT, R, 4>(a, r0, t0, lane, stage); t0 += 4; }
+  if (a.n - t0 >= 2) { gemv_q_pass<DT, R, 2>(a, r0, t0, lane, stage); t0 += 2; }
+  if (a.n - t0 >= 1) gemv_q_pass<DT, R, 1>(a, r0, t0, lane, stage);
 }
 
 // Activations -> blocks of 32 int8 with an f32 scale; the CPU's exact rule (IEEE
@@ -273,16 +280,11 @@ static void launch_float_gemv(si_ctx *c, const MM &a, bool vec) {
 }
 
 template <int DT>
-static void launch_quant_gemv(si_ctx *c, const MM &a, bool wide) {
+static void launch_quant_gemv(si_ctx *c, const MM &a) {
   const int R = a.n >= 4 ? 4 : 1;
   const unsigned blocks = (unsigned)((a.m + 4LL * R - 1) / (4LL * R));
-  if (R == 4) {
-    if (wide) gemv_q_kernel<DT, 4, true><<<blocks, 128, 0, c->stream>>>(a);
-    else gemv_q_kernel<DT, 4, false><<<blocks, 128, 0, c->stream>>>(a);
-  } else {
-    if (wide) gemv_q_kernel<DT, 1, true><<<blocks, 128, 0, c->stream>>>(a);
-    else gemv_q_kernel<DT, 1, false><<<blocks, 128, 0, c->stream>>>(a);
-  }
+  if (R == 4) gemv_q_kernel<DT, 4><<<blocks, 128, 0, c->stream>>>(a);
+  else gemv_q_kernel<DT, 1><<<blocks, 128, 0, c->stream>>>(a);
 }
 
 extern "C" int32_t si_matmul(si_ctx *c, const float *x, int32_t n, int32_t k, const void *w, int32_t dtype,
@@ -335,11 +337,9 @@ extern "C" int32_t si_matmul(si_ctx *c, const float *x, int32_t n, int32_t k, co
                                                                          (float *)((char *)s + qbytes));
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return cuda_fail(c, op, "activation quantization launch failed", e);
-    // Q8_0 rows of whole 8-block groups (272 bytes) on 16-byte boundaries: wide loads.
-    const bool wide = dtype == SI_Q8_0 && (k / 32) % 8 == 0 && (uintptr_t)w % 16 == 0;
     if (n >= kTensorCoreMinN) launch_tensor_core_matmul(c, a, dtype);
-    else if (dtype == SI_Q8_0) launch_quant_gemv<SI_Q8_0>(c, a, wide);
-    else launch_quant_gemv<SI_Q4_0>(c, a, false);
+    else if (dtype == SI_Q8_0) launch_quant_gemv<SI_Q8_0>(c, a);
+    else launch_quant_gemv<SI_Q4_0>(c, a);
   } else if (dtype == SI_F32) {
     const bool vec = k % 8 == 0 && xa % 16 == 0 && (uintptr_t)w % 16 == 0;
     if (n <= kGemvMaxN) launch_float_gemv<SI_F32>(c, a, vec);

@@ -3,10 +3,10 @@
 // A block computes 32 weight rows x 64 tokens with 4 warps; warp w owns rows 16 (w & 1)
 // .. +16 and tokens 32 (w >> 1) .. +32 as four m16n8 tiles, with the weights as the mma's
 // A operand (16 rows) and the tokens as B (8 columns). Weights are staged in shared
-// memory as stored (F16 / BF16 halves, Q8_0 / Q4_0 blocks), a stage of 128 values per
-// row at a time. Where rows are 16-byte aligned and whole stages (k % 8 == 0 for halves,
-// k % 256 == 0 for blocks) the stage is read with 16-byte loads, and the next stage's
-// loads are in flight in registers while this one's mma run; otherwise with 16-bit loads.
+// memory as stored (F16 / BF16 halves, Q8_0 / Q4_0 blocks), 128 or 256 values of each
+// row at a time, with 16-byte loads of the aligned words that cover the row's bytes
+// (rows of a quantized matrix start anywhere on 2 bytes); the next stage's loads are in
+// flight in registers while this stage's mma run.
 //
 // - F16 / BF16: weights widen exactly to TF32 (f32 with at most 10 mantissa bits). An f32
 //   activation is split into a TF32 head and a TF32 rest (x = head + rest to about
@@ -22,7 +22,9 @@
 
 #define TC_ROWS 32
 #define TC_THREADS 128
-#define TC_ROW_BYTES 272  // staged row stride (the largest stage): 68 words, so 8 rows x 4 lanes hit 32 banks
+// A staged row: up to 272 bytes of weights plus the misalignment of their first byte (at
+// most 14), in whole 16-byte words. 304 bytes = 76 words, so 8 rows x 4 lanes hit 32 banks.
+#define TC_ROW_BYTES 304
 
 // One stage of a row per weight dtype: `values` weights stored in `bytes` bytes.
 template <int DT>
@@ -68,51 +70,48 @@ static __device__ __forceinline__ void mma_s8(int (&d)[4], const unsigned (&a)[4
 
 // ---- staging ----------------------------------------------------------------------------------
 
-// Stage s (values [s * values, (s + 1) * values) of each row) of rows r0 .. r0 + 31 into
-// `raw` (row stride TC_ROW_BYTES), as stored. WIDE: `pre` holds it in 16-byte words
-// (loaded by prefetch); otherwise it is read here with 16-bit loads. Bytes beyond the
-// matrix are zero.
-template <int DT, bool WIDE>
+// Stage s of rows r0 .. r0 + 31: bytes [s * bytes, (s + 1) * bytes) of each row (fewer in
+// the last stage), loaded as the aligned 16-byte words that cover them (a word that holds
+// one of a row's bytes is inside the allocation) and stored as loaded: row rr's first
+// byte lands at raw[rr][shift(rr)]. Words past the row's bytes, and rows past m, are zero.
+template <int DT>
 struct Stager {
-  static const int kWords = StageShape<DT>::bytes / 16;                       // 16-byte words per row
-  static const int kPerThread = (TC_ROWS * kWords + TC_THREADS - 1) / TC_THREADS;  // WIDE only
-  uint4 pre[WIDE ? kPerThread : 1];
+  static const int kBytes = StageShape<DT>::bytes;
+  static const int kWords = kBytes / 16 + 1;  // a misaligned range spans one word more
+  static const int kPerThread = (TC_ROWS * kWords + TC_THREADS - 1) / TC_THREADS;
+  uint4 pre[kPerThread];
 
-  // Byte offset of stage s within a row.
-  static __device__ __forceinline__ size_t stage_offset(int s) { return (size_t)s * StageShape<DT>::bytes; }
+  // Address of stage s of row r, and how many of its bytes exist.
+  static __device__ __forceinline__ uintptr_t start(const MM &a, long long r, int s) {
+    return (uintptr_t)a.w + (size_t)r * a.rb + (size_t)s * kBytes;
+  }
+  static __device__ __forceinline__ size_t valid(const MM &a, int s) {
+    const size_t left = a.rb - (size_t)s * kBytes;
+    return left < (size_t)kBytes ? left : (size_t)kBytes;
+  }
+  // Where row r's stage s begins in its staged row.
+  static __device__ __forceinline__ int shift(const MM &a, long long r, int s) { return (int)(start(a, r, s) & 15); }
 
   __device__ __forceinline__ void prefetch(const MM &a, long long r0, int s) {
-    if constexpr (WIDE) {
 #pragma unroll
-      for (int i = 0; i < kPerThread; i++) {
-        const int idx = threadIdx.x + TC_THREADS * i;
-        const int rr = idx / kWords, wd = idx % kWords;
-        const long long r = r0 + rr;
-        const size_t off = stage_offset(s) + (size_t)wd * 16;
-        pre[i] = make_uint4(0, 0, 0, 0);
-        if (rr < TC_ROWS && r < a.m && off < a.rb) pre[i] = __ldg((const uint4 *)(a.w + (size_t)r * a.rb + off));
-      }
+    for (int i = 0; i < kPerThread; i++) {
+      const int idx = threadIdx.x + TC_THREADS * i;
+      const int rr = idx / kWords, wd = idx % kWords;
+      const long long r = r0 + rr;
+      pre[i] = make_uint4(0, 0, 0, 0);
+      if (rr >= TC_ROWS || r >= a.m) continue;
+      const uintptr_t from = start(a, r, s);
+      const uintptr_t word = (from & ~(uintptr_t)15) + (uintptr_t)wd * 16;
+      if (word < from + valid(a, s)) pre[i] = __ldg((const uint4 *)word);
     }
   }
 
-  __device__ __forceinline__ void store(const MM &a, long long r0, int s, unsigned char (*raw)[TC_ROW_BYTES]) const {
-    if constexpr (WIDE) {
+  __device__ __forceinline__ void store(unsigned char (*raw)[TC_ROW_BYTES]) const {
 #pragma unroll
-      for (int i = 0; i < kPerThread; i++) {
-        const int idx = threadIdx.x + TC_THREADS * i;
-        const int rr = idx / kWords, wd = idx % kWords;
-        if (rr < TC_ROWS) *(uint4 *)(raw[rr] + wd * 16) = pre[i];
-      }
-    } else {
-      const int halves = StageShape<DT>::bytes / 2;
-      for (int idx = threadIdx.x; idx < TC_ROWS * halves; idx += TC_THREADS) {
-        const int rr = idx / halves, h = idx % halves;
-        const long long r = r0 + rr;
-        const size_t off = stage_offset(s) + (size_t)h * 2;
-        unsigned short v = 0;
-        if (r < a.m && off < a.rb) v = *(const unsigned short *)(a.w + (size_t)r * a.rb + off);
-        *(unsigned short *)(raw[rr] + h * 2) = v;
-      }
+    for (int i = 0; i < kPerThread; i++) {
+      const int idx = threadIdx.x + TC_THREADS * i;
+      const int rr = idx / kWords, wd = idx % kWords;
+      if (rr < TC_ROWS) *(uint4 *)(raw[rr] + wd * 16) = pre[i];
     }
   }
 };
@@ -152,9 +151,10 @@ static __device__ __forceinline__ void tc_store(const MM &a, const TcWarp &w, co
 
 // ---- F16 / BF16 ------------------------------------------------------------------------------
 
-// A staged half as f32 (exactly a TF32 value).
+// Staged half i of a row as f32 (exactly a TF32 value); 0 from n_valid on.
 template <int DT>
-static __device__ __forceinline__ unsigned staged_tf32(const unsigned char *row, int i) {
+static __device__ __forceinline__ unsigned staged_tf32(const unsigned char *row, int i, int n_valid) {
+  if (i >= n_valid) return 0;
   const unsigned short h = ((const unsigned short *)row)[i];
   return DT == SI_F16 ? __float_as_uint(__half2float(__ushort_as_half(h))) : (unsigned)h << 16;
 }
@@ -167,7 +167,7 @@ static __device__ __forceinline__ void split_tf32(const MM &a, int tok, int kk, 
   rest = to_tf32(isfinite(r) ? r : 0.f);  // an infinite x has no rest
 }
 
-template <int DT, bool WIDE>
+template <int DT>
 __global__ void __launch_bounds__(TC_THREADS) tc_float_kernel(MM a) {
   __shared__ __align__(16) unsigned char raw[TC_ROWS][TC_ROW_BYTES];
   const int V = StageShape<DT>::values;
@@ -178,19 +178,23 @@ __global__ void __launch_bounds__(TC_THREADS) tc_float_kernel(MM a) {
 #pragma unroll
     for (int q = 0; q < 4; q++) acc[j][q] = 0.f;
 
-  Stager<DT, WIDE> stager;
+  Stager<DT> stager;
   const int stages = (a.k + V - 1) / V;
   stager.prefetch(a, w.r0, 0);
   for (int s = 0; s < stages; s++) {
-    stager.store(a, w.r0, s, raw);
+    stager.store(raw);
     __syncthreads();
     if (s + 1 < stages) stager.prefetch(a, w.r0, s + 1);  // in flight during the mma below
     if (w.active) {
-      const unsigned char *top = raw[w.row0 + w.g], *bottom = raw[w.row0 + w.g + 8];
+      const long long r_top = w.r0 + w.row0 + w.g;
+      const unsigned char *top = raw[w.row0 + w.g] + Stager<DT>::shift(a, r_top, s);
+      const unsigned char *bottom = raw[w.row0 + w.g + 8] + Stager<DT>::shift(a, r_top + 8, s);
       const int k0 = s * V;
-      for (int kk = 0; kk < V && k0 + kk < a.k; kk += 8) {
-        const unsigned af[4] = {staged_tf32<DT>(top, kk + w.t), staged_tf32<DT>(bottom, kk + w.t),
-                                staged_tf32<DT>(top, kk + w.t + 4), staged_tf32<DT>(bottom, kk + w.t + 4)};
+      const int n_valid = a.k - k0 < V ? a.k - k0 : V;  // staged bytes past these are another row's
+      for (int kk = 0; kk < n_valid; kk += 8) {
+        const unsigned af[4] = {staged_tf32<DT>(top, kk + w.t, n_valid), staged_tf32<DT>(bottom, kk + w.t, n_valid),
+                                staged_tf32<DT>(top, kk + w.t + 4, n_valid),
+                                staged_tf32<DT>(bottom, kk + w.t + 4, n_valid)};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
           const int tok = w.tok0 + 8 * j + w.g;
@@ -231,7 +235,7 @@ static __device__ __forceinline__ void quant_fragment(const unsigned char *top, 
   }
 }
 
-template <int DT, bool WIDE>
+template <int DT>
 __global__ void __launch_bounds__(TC_THREADS) tc_quant_kernel(MM a) {
   __shared__ __align__(16) unsigned char raw[TC_ROWS][TC_ROW_BYTES];
   const int BS = DT == SI_Q8_0 ? 34 : 18;
@@ -244,15 +248,17 @@ __global__ void __launch_bounds__(TC_THREADS) tc_quant_kernel(MM a) {
 #pragma unroll
     for (int q = 0; q < 4; q++) acc[j][q] = 0.f;
 
-  Stager<DT, WIDE> stager;
+  Stager<DT> stager;
   const int stages = (nb + per_stage - 1) / per_stage;
   stager.prefetch(a, w.r0, 0);
   for (int s = 0; s < stages; s++) {
-    stager.store(a, w.r0, s, raw);
+    stager.store(raw);
     __syncthreads();
     if (s + 1 < stages) stager.prefetch(a, w.r0, s + 1);
     if (w.active) {
-      const unsigned char *top = raw[w.row0 + w.g], *bottom = raw[w.row0 + w.g + 8];
+      const long long r_top = w.r0 + w.row0 + w.g;
+      const unsigned char *top = raw[w.row0 + w.g] + Stager<DT>::shift(a, r_top, s);
+      const unsigned char *bottom = raw[w.row0 + w.g + 8] + Stager<DT>::shift(a, r_top + 8, s);
       for (int i = 0; i < per_stage && s * per_stage + i < nb; i++) {
         const int b = s * per_stage + i;
         unsigned af[4];
@@ -284,27 +290,13 @@ __global__ void __launch_bounds__(TC_THREADS) tc_quant_kernel(MM a) {
   if (w.active) tc_store(a, w, acc);
 }
 
-template <int DT, bool WIDE>
-static void launch_one(si_ctx *c, const MM &a, dim3 grid) {
-  if constexpr (DT == SI_F16 || DT == SI_BF16) tc_float_kernel<DT, WIDE><<<grid, TC_THREADS, 0, c->stream>>>(a);
-  else tc_quant_kernel<DT, WIDE><<<grid, TC_THREADS, 0, c->stream>>>(a);
-}
-
-template <int DT>
-static void launch_dtype(si_ctx *c, const MM &a, dim3 grid, bool wide) {
-  if (wide) launch_one<DT, true>(c, a, grid);
-  else launch_one<DT, false>(c, a, grid);
-}
-
 void launch_tensor_core_matmul(si_ctx *c, const MM &a, int dtype) {
   const dim3 grid((unsigned)((a.m + TC_ROWS - 1) / TC_ROWS),
                   (unsigned)((a.n + kTensorCoreTokens - 1) / kTensorCoreTokens));
-  // 16-byte loads need 16-byte aligned rows made of whole 16-byte words.
-  const bool wide = (uintptr_t)a.w % 16 == 0 && a.rb % 16 == 0;
   switch (dtype) {
-    case SI_F16: launch_dtype<SI_F16>(c, a, grid, wide); break;
-    case SI_BF16: launch_dtype<SI_BF16>(c, a, grid, wide); break;
-    case SI_Q8_0: launch_dtype<SI_Q8_0>(c, a, grid, wide); break;
-    default: launch_dtype<SI_Q4_0>(c, a, grid, wide); break;
+    case SI_F16: tc_float_kernel<SI_F16><<<grid, TC_THREADS, 0, c->stream>>>(a); break;
+    case SI_BF16: tc_float_kernel<SI_BF16><<<grid, TC_THREADS, 0, c->stream>>>(a); break;
+    case SI_Q8_0: tc_quant_kernel<SI_Q8_0><<<grid, TC_THREADS, 0, c->stream>>>(a); break;
+    default: tc_quant_kernel<SI_Q4_0><<<grid, TC_THREADS, 0, c->stream>>>(a); break;
   }
 }

@@ -104,8 +104,8 @@ const tolOf = (d: DType) => (isQuant(d) ? 1e-2 : 1e-4);
 
 for (const dtype of TENSOR_CORE_DTYPES) {
   const name = DTYPE_NAMES[dtype];
-  // Float: k = 768 (16-byte weight loads) and odd k = 771 (element loads); quantized:
-  // 3, 17 and 32 blocks. Odd m leaves a partial tile of rows.
+  // Float: k = 768, odd k = 771 (rows off 16-byte alignment) and k = 40 (one partial
+  // stage); quantized: 3, 17 and 32 blocks. Odd m leaves a partial tile of rows.
   const shapes: [number, number][] = isQuant(dtype) ? [[96, 67], [544, 131], [1024, 67]] : [[768, 67], [771, 131], [40, 7]];
   gpuTest(`${name}: matmul == CPU for n in {1, 15, 16, 17, 64, 100}, odd k and m, every output written`, () => {
     for (const [k, m] of shapes) {
@@ -140,22 +140,38 @@ gpuTest("F16 and BF16 tensor cores: x 4 bytes off 16-byte alignment", () => {
   }
 });
 
-gpuTest("Q8_0 GEMV: 16-byte loads (aligned rows of whole 8-block groups) give the 16-bit path's bits, and the CPU's values", () => {
-  const k = 1024; // 32 blocks: rows of 1088 bytes, 16-byte aligned
+gpuTest("Q8_0 GEMV (16-byte loads of the words covering each row): weights at any 2-byte offset give the same bits, and the CPU's values", () => {
   const m = 77;
-  const wBytes = randWeights(DType.Q8_0, m, k);
-  const wide = put(gpu, wBytes); // 256-byte aligned: the 16-byte load path
-  const narrow = put(gpu, wBytes, 2); // 2-byte aligned only: the 16-bit load path
-  const wc = put(cpu, wBytes);
-  for (const n of [1, 3, 4, 8, 15]) {
-    const x = randF32(n * k);
-    const [xg, xc] = [put(gpu, x), put(cpu, x)];
-    const [yw, yn, yc] = [poisoned(gpu, n * m), poisoned(gpu, n * m), poisoned(cpu, n * m)];
-    gpu.matmul(xg, n, k, wide, DType.Q8_0, m, 0, yw);
-    gpu.matmul(xg, n, k, narrow, DType.Q8_0, m, 0, yn);
-    cpu.matmul(xc, n, k, wc, DType.Q8_0, m, 0, yc);
-    const got = read(gpu, yw, n * m);
-    expect(Array.from(got)).toEqual(Array.from(read(gpu, yn, n * m)));
-    expectClose(`Q8_0 n=${n}`, got, read(cpu, yc, n * m), 1e-2);
+  for (const k of [1024, 544, 96]) { // 32, 17 and 3 blocks: rows of 1088, 578 and 102 bytes
+    const wBytes = randWeights(DType.Q8_0, m, k);
+    const wc = put(cpu, wBytes);
+    const placements = [0, 2, 6, 14].map((pad) => put(gpu, wBytes, pad)); // 256-byte aligned + pad
+    for (const n of [1, 3, 4, 8, 15]) {
+      const x = randF32(n * k);
+      const xg = put(gpu, x);
+      const outs = placements.map((w) => {
+        const y = poisoned(gpu, n * m);
+        gpu.matmul(xg, n, k, w, DType.Q8_0, m, 0, y);
+        return read(gpu, y, n * m);
+      });
+      for (const o of outs.slice(1)) expect(Array.from(o)).toEqual(Array.from(outs[0]!));
+      const yc = poisoned(cpu, n * m);
+      cpu.matmul(put(cpu, x), n, k, wc, DType.Q8_0, m, 0, yc);
+      expectClose(`Q8_0 n=${n} k=${k}`, outs[0]!, read(cpu, yc, n * m), 1e-2);
+    }
+  }
+});
+
+gpuTest("tensor cores: weights at any 2-byte offset give the same bits (staged 16-byte words)", () => {
+  for (const dtype of TENSOR_CORE_DTYPES) {
+    const [k, m, n] = isQuant(dtype) ? [544, 45, 20] : [200, 45, 20];
+    const wBytes = randWeights(dtype, m, k);
+    const xg = put(gpu, randF32(n * k));
+    const outs = [0, 2, 10].map((pad) => {
+      const y = poisoned(gpu, n * m);
+      gpu.matmul(xg, n, k, put(gpu, wBytes, pad), dtype, m, 0, y);
+      return read(gpu, y, n * m);
+    });
+    for (const o of outs.slice(1)) expect(Array.from(o)).toEqual(Array.from(outs[0]!));
   }
 });
