@@ -90,8 +90,9 @@ extern "C" void *si_alloc(si_ctx *c, uint64_t bytes) {
   }
   if (graph_flush(c, "si_alloc")) return NULL;
   void *p = NULL;
-  // cudaMalloc(0) may give NULL, which means failure in this ABI: round up.
-  size_t n = bytes < 256 ? 256 : (size_t)bytes;
+  // cudaMalloc(0) may give NULL, which means failure in this ABI: round up. Whole 16-byte
+  // words: kernels read the aligned words that cover their bytes (matmul weights).
+  size_t n = bytes < 256 ? 256 : ((size_t)bytes + 15) & ~(size_t)15;
   cudaError_t e = cudaMalloc(&p, n);
   if (e != cudaSuccess) {
     cudaGetLastError();  // allocation failures are not sticky: clear them
