@@ -217,8 +217,8 @@ enum si_sampling_field {
  * 1 / temperature). Row i's listed tokens are entries list_start[i] .. list_start[i+1]-1
  * (list_start[0] = 0): list_token (unique within a row, in [0, vocab)), list_count (its
  * count in the context; 0 = bias only) and list_bias (finite). The list arrays may be NULL
- * when list_start[rows] = 0. probs[rows, vocab] is written: a sampled row's distribution
- * (what stochastic verification reads), a greedy row's penalized logits. */
+ * when list_start[rows] = 0. probs[rows, vocab]: a sampled row's distribution (what
+ * stochastic verification reads); scratch, left unspecified, for a greedy row. */
 int32_t si_sample(si_ctx *ctx, const float *logits, int32_t rows, int32_t vocab, const double *params,
                   const int32_t *list_start, const int32_t *list_token, const int32_t *list_count,
                   const double *list_bias, float *probs, int32_t *out);

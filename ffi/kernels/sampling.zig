@@ -158,21 +158,33 @@ pub fn applyEdits(y: [*]f32, p: Params, e: Edits) void {
     }
 }
 
-/// Index of the largest value, lowest index on ties (0 when all are -inf).
+/// Index of the largest value with NaN read as -inf, lowest index on ties (0 when every
+/// value is -inf or NaN).
 pub fn argmaxRef(x: [*]const f32, n: usize) usize {
     var best: usize = 0;
-    for (1..n) |i| {
-        if (x[i] > x[best]) best = i;
+    var best_value = -std.math.inf(f32);
+    for (0..n) |i| {
+        if (x[i] > best_value) {
+            best = i;
+            best_value = x[i];
+        }
     }
     return best;
 }
 
 pub fn argmax(x: [*]const f32, n: usize) usize {
-    var mv = s.splat(-std.math.inf(f32));
+    const ninf = s.splat(-std.math.inf(f32));
+    var mv = ninf;
     var i: usize = 0;
-    while (i + L <= n) : (i += L) mv = @max(mv, s.load(x + i));
+    while (i + L <= n) : (i += L) {
+        const v = s.load(x + i);
+        mv = @max(mv, @select(f32, v != v, ninf, v));
+    }
     var mx = @reduce(.Max, mv);
-    while (i < n) : (i += 1) mx = @max(mx, x[i]);
+    while (i < n) : (i += 1) {
+        if (x[i] > mx) mx = x[i];
+    }
+    if (mx == -std.math.inf(f32)) return 0;
     for (0..n) |j| {
         if (x[j] == mx) return j;
     }
@@ -346,6 +358,8 @@ pub fn sampleAt(probs: [*]const f32, n: usize, u: f64) i32 {
 /// rows turn it into their distribution and draw from it. Returns the token, or -1 when
 /// a sampled row has no mass.
 pub fn pickRow(x: [*]const f32, n: usize, p: Params, e: Edits, out_row: [*]f32, order: []i32, ref: bool) i32 {
+    // A greedy row with nothing to edit is read in place: its out_row stays unwritten.
+    if (p.temperature == 0 and e.tokens.len == 0) return @intCast(if (ref) argmaxRef(x, n) else argmax(x, n));
     if (ref) cleanCopyRef(x, n, out_row) else cleanCopy(x, n, out_row);
     applyEdits(out_row, p, e);
     const best = if (ref) argmaxRef(out_row, n) else argmax(out_row, n);
@@ -381,6 +395,17 @@ pub fn walk(parents: []const i32, tokens: []const i32, picked: []const i32, acce
         }
         return .{ .count = count, .bonus = want };
     }
+}
+
+test "argmax reads NaN as -inf, ties go to the lowest index, and an all -inf row gives 0" {
+    const nan = std.math.nan(f32);
+    const ninf = -std.math.inf(f32);
+    var row = [_]f32{ nan, 1, 3, nan, 3, ninf, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, nan };
+    try std.testing.expectEqual(@as(usize, 2), argmaxRef(&row, row.len));
+    try std.testing.expectEqual(@as(usize, 2), argmax(&row, row.len));
+    var empty = [_]f32{ nan, ninf, nan, ninf, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, ninf, nan };
+    try std.testing.expectEqual(@as(usize, 0), argmaxRef(&empty, empty.len));
+    try std.testing.expectEqual(@as(usize, 0), argmax(&empty, empty.len));
 }
 
 test "selectTop ranks by key then lower index" {

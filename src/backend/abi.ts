@@ -107,7 +107,7 @@ export const OPS = {
   argmax: { symbol: "si_argmax", args: ["x:ptr", "rows:i32", "n:i32", "out:ptr"] },
   softmax: { symbol: "si_softmax", args: ["x:ptr", "rows:i32", "n:i32", "temperature:f32"] },
   /** Per row of logits: penalties and bias from the row's token list, then greedy argmax
-   *  or the seeded draw; out[row] = token (-1: no mass), probs = the processed rows. */
+   *  or the seeded draw; out[row] = token (-1: no mass), probs = sampled rows' distributions. */
   sample: {
     symbol: "si_sample",
     args: [

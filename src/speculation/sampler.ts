@@ -173,8 +173,8 @@ export class NativeSampler {
     }));
   }
 
-  /** Row `row` of the last step after processing (a sampled row's distribution, a
-   *  greedy row's penalized logits), as a copy the caller may modify. */
+  /** The distribution of sampled row `row` of the last step, as a copy the caller may
+   *  modify (greedy rows have none). */
   probsRow(row: number): Float32Array {
     if (!(row >= 0 && row < this.rows)) throw new Error(`sampler: row ${row} is outside the last step's ${this.rows} rows`);
     const probs = this.scratch.probs.at(0);
