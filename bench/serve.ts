@@ -160,4 +160,19 @@ if (PAIRS.includes("widened")) {
   (results.pairs as unknown[]).push(await benchPair("widened", target, [draft], QUICK ? 16 : 48, { requestsPerClient: 4, repeats: 1, extraTrees: WIDENED_TREES }));
 }
 results.loadavgAfter = loadavg();
+process.stderr.write(markdownTable(results.pairs as Awaited<ReturnType<typeof benchPair>>[]) + "\n");
 process.stdout.write(JSON.stringify(results, null, 2) + "\n");
+
+/** The rows as the table BENCHMARKS.md carries. */
+function markdownTable(pairs: Awaited<ReturnType<typeof benchPair>>[]): string {
+  const lines = [
+    "| pair | clients | speculation | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | tree nodes per step | accepted per step |",
+    "|---|---|---|---|---|---|---|---|",
+  ];
+  for (const p of pairs) {
+    for (const r of p.rows as any[]) {
+      lines.push(`| ${p.pair} | ${r.clients} | ${r.mode} | ${r.tokensPerSecond} | ${r.ttftMs.p50} / ${r.ttftMs.p99} | ${r.itlMs.p50} / ${r.itlMs.p99} | ${r.meanTreeNodesPerStep} | ${r.meanAcceptedLength} |`);
+    }
+  }
+  return lines.join("\n");
+}
