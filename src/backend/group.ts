@@ -70,8 +70,8 @@ export class DeviceGroup {
   readonly tensorParallel: number;
   readonly comm: Communicator;
   private readonly owned = new Map<Ptr, DeviceBuffer[]>();
-  /** Row-parallel copies already made: "file offset bytes rank size" -> buffer. */
-  private readonly copies = new WeakMap<MappedFile, Map<string, Ptr>>();
+  /** Row-parallel copies made from each file: "offset bytes rank size" -> its buffer. */
+  private readonly copies = new WeakMap<MappedFile, Map<string, { rank: number; buf: DeviceBuffer }>>();
 
   /** Takes ownership of `devices` (closed with the group). */
   constructor(readonly devices: readonly Backend[], tensorParallel: number, comm?: Communicator) {
@@ -136,7 +136,7 @@ export class DeviceGroup {
     let perFile = this.copies.get(file);
     if (!perFile) this.copies.set(file, (perFile = new Map()));
     const hit = perFile.get(key);
-    if (hit !== undefined) return hit;
+    if (hit !== undefined) return hit.buf.ptr;
     if (offset < 0 || offset + bytes > file.size) throw new BackendError("weights", 1, `range [${offset}, ${offset + bytes}) is outside ${file.path} (${file.size} bytes)`);
     const device = this.devices[shard.rank]!;
     const buf = device.alloc(shard.rows * sliceBytes);
@@ -147,8 +147,21 @@ export class DeviceGroup {
       slice.set(file.bytes.subarray(from, from + sliceBytes), r * sliceBytes);
     }
     if (!buf.host) device.upload(buf.ptr, slice);
-    perFile.set(key, buf.ptr);
+    perFile.set(key, { rank: shard.rank, buf });
     return buf.ptr;
+  }
+
+  /** Frees the row-parallel copies made for rank `rank` from `files` (its model closes). */
+  releaseWeights(files: readonly MappedFile[], rank: number): void {
+    for (const file of files) {
+      const perFile = this.copies.get(file);
+      if (!perFile) continue;
+      for (const [key, copy] of perFile) {
+        if (copy.rank !== rank) continue;
+        this.devices[rank]!.free(copy.buf);
+        perFile.delete(key);
+      }
+    }
   }
 
   /** `bytes` bytes on each of the tensor-parallel ranks. */

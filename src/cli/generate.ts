@@ -27,8 +27,11 @@ default pair (llama-shakespeare-8m verified, llama-shakespeare-1.4m-draft drafti
   --batch-size N          most tokens in one forward pass (default 512)
   --kv-dtype f16|f32      KV cache element type (default f16)
   --kv-memory BYTES       bytes for the KV cache (default: --max-seqs full sequences)
-  --threads N             CPU threads (default: all cores)
+  --threads N             CPU threads per device (default: all cores, shared out)
   --backend cpu|cuda      (default cpu)
+  --tp N                  split the model over N devices, Megatron style (on the CPU:
+                          N contexts with their own threads; default 1)
+  --ssm-device K          draft on device K (own threads / own CUDA stream; default 0)
   --json                  print one JSON object at the end instead of streaming text
 `;
 
@@ -36,6 +39,8 @@ export const MODEL_FLAGS: Options = {
   model: { type: "string" },
   threads: { type: "string" },
   backend: { type: "string" },
+  tp: { type: "string" },
+  "ssm-device": { type: "string" },
 };
 
 export const SAMPLING_FLAGS: Options = {
@@ -101,6 +106,8 @@ export function loadOptions(v: Values): LoadOptions {
     maxTokensPerBatch: intFlag(v, "batch-size", 1),
     kvDtype,
     kvMemory: intFlag(v, "kv-memory", 1),
+    tensorParallel: intFlag(v, "tp", 1),
+    ssmDevice: intFlag(v, "ssm-device", 0),
     onProgress: progressPrinter("loading"),
   };
 }

@@ -81,6 +81,7 @@ export abstract class NativeModel implements CausalLM {
   close(): void {
     for (const buf of this.owned) this.backend.free(buf);
     this.owned.length = 0;
+    this.placement?.group.releaseWeights(this.files.files, this.placement.rank);
     this.files.close();
   }
 

@@ -5,8 +5,8 @@
 import { existsSync, readFileSync, statSync } from "node:fs";
 import { freemem } from "node:os";
 import { join } from "node:path";
-import type { Backend } from "../backend/backend";
-import { createBackend, type BackendKind } from "../backend/index";
+import { DeviceGroup } from "../backend/group";
+import type { BackendKind } from "../backend/index";
 import { definedOnly, generationDefaults, type GenerationConfig } from "../engine/config";
 import { CostCurve, CostModel, measurementGrid } from "../engine/cost";
 import { createEngine, type Engine } from "../engine/core";
@@ -62,6 +62,12 @@ export interface RuntimeOptions extends SpeculationSetup, BatchLimits {
   kvDtype?: KVDTypeName;
   /** Measure forward costs at load for "auto" speculation (default true). */
   measure?: boolean;
+  /** Devices the LLM is split over, Megatron style (default 1). On the CPU each device
+   *  is a backend context with `threads` threads of its own. */
+  tensorParallel?: number;
+  /** Device of the group the SSMs draft on (default 0, the LLM's first): on the CPU a
+   *  context with its own threads, on CUDA a context with its own stream. */
+  ssmDevice?: number;
 }
 
 export interface EngineInfo {
@@ -91,7 +97,8 @@ export class Runtime {
   private constructor(
     private options: RuntimeOptions,
     readonly modelPath: string,
-    readonly backend: Backend,
+    /** The devices: the LLM on the first tensorParallel, the SSMs on ssmDevice. */
+    readonly group: DeviceGroup,
     /** Replaced when compile changes maxTokensPerBatch (its buffers are sized by it). */
     private llm: CausalLM,
     readonly tokenizer: Tokenizer,
@@ -105,25 +112,28 @@ export class Runtime {
     const modelPath = options.model ?? DEFAULT_MODEL;
     if (!existsSync(modelPath)) throw new Error(`no such file or directory: ${modelPath}`);
     progress(0, "backend");
-    const backend = await createBackend({ kind: options.backend, threads: options.threads });
+    const tensorParallel = options.tensorParallel ?? 1;
+    const ssmDevice = options.ssmDevice ?? 0;
+    if (!Number.isInteger(ssmDevice) || ssmDevice < 0) throw new Error(`ssmDevice must be a non-negative integer, got ${ssmDevice}`);
+    const group = await DeviceGroup.create({ kind: options.backend, threads: options.threads, tensorParallel, devices: Math.max(tensorParallel, ssmDevice + 1) });
     try {
       progress(0.05, "weights");
       checkLimits(options);
-      const llm = loadModel(modelPath, backend, {
+      const llm = loadModel(modelPath, group, {
         maxBatchTokens: options.maxTokensPerBatch ?? 512,
         onProgress: (f) => progress(0.05 + 0.6 * f, "weights"),
       });
       progress(0.65, "tokenizer");
       const tokenizer = loadTokenizer({ path: modelPath, ggufMetadata: llm.files.gguf?.metadata });
       const defaults = readGenerationDefaults(modelPath);
-      const runtime = new Runtime(options, modelPath, backend, llm, tokenizer, defaults);
+      const runtime = new Runtime(options, modelPath, group, llm, tokenizer, defaults);
       progress(0.7, "draft models");
       const ssms = options.ssms ?? (options.model === undefined ? [DEFAULT_DRAFT] : []);
       runtime.compile({ ssms, tree: options.tree, ngram: options.ngram }, (f) => progress(0.7 + 0.3 * f, "measuring forward costs"));
       progress(1, "ready");
       return runtime;
     } catch (e) {
-      backend.close();
+      group.close();
       throw e;
     }
   }
@@ -157,7 +167,7 @@ export class Runtime {
     for (const p of setup.ssms ?? []) {
       if (!this.drafts.has(p)) {
         if (!existsSync(p)) throw new Error(`no such file or directory: ${p}`);
-        this.drafts.set(p, loadModel(p, this.backend, { maxBatchTokens: 512 }));
+        this.drafts.set(p, loadModel(p, this.group.devices[this.options.ssmDevice ?? 0]!, { maxBatchTokens: 512 }));
       }
     }
     const { maxRequestsPerBatch, maxTokensPerBatch, maxSeqLength } = setup;
@@ -166,7 +176,7 @@ export class Runtime {
     // again (a mapping; on CUDA an upload) before the old one goes.
     const llm = (options.maxTokensPerBatch ?? 512) === this.llm.maxBatchTokens
       ? this.llm
-      : loadModel(this.modelPath, this.backend, { maxBatchTokens: options.maxTokensPerBatch ?? 512 });
+      : loadModel(this.modelPath, this.group, { maxBatchTokens: options.maxTokensPerBatch ?? 512 });
     this.engine.close();
     if (llm !== this.llm) {
       this.llm.close();
@@ -220,7 +230,7 @@ export class Runtime {
     this.engine.close();
     for (const m of this.drafts.values()) m.close();
     this.llm.close();
-    this.backend.close();
+    this.group.close();
   }
 }
 

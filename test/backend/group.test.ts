@@ -134,8 +134,10 @@ describe("weight shards", () => {
           for (let r = 0; r < ROWS; r++) {
             for (let c = 0; c < cols; c++) expect(gotValues[r * cols + c]).toBe(stored[r * COLS + rank * cols + c]!);
           }
-          // The same shard asked again is the same copy.
+          // The same shard asked again is the same copy, until its rank releases it.
           expect(group.weights(file, f.offset, f.bytes, { ...base, split: "row" })).toBe(row);
+          group.releaseWeights([file], rank);
+          expect(() => device.free({ ptr: row, bytes: 0, host: null })).toThrow("is not a live buffer");
         }
         file.close();
         group.close();

@@ -19,6 +19,7 @@ import type { CausalLM } from "../../src/model/causal-lm";
 import { LlamaModel } from "../../src/model/llama";
 import { loadModel } from "../../src/model/registry";
 import { widenModel } from "../../src/model/widen";
+import { Runtime } from "../../src/runtime/load";
 import { DEFAULT_DRAFT, DEFAULT_MODEL } from "../../src/runtime/paths";
 import { createSpeculator } from "../../src/speculation/speculator";
 import { chainLogits, maxRelError } from "../helpers/forward";
@@ -205,7 +206,7 @@ describe("greedy speculation with the LLM split", () => {
   // The trained target has 6 heads / 2 KV heads: widened x2 (12 / 4), it splits over 2
   // and 4 devices; its FFN (896) too.
   const target = join(dir, "target-heads-x2.gguf");
-  widenModel(DEFAULT_MODEL, target, { width: 1, heads: 2, ffn: 1 }, { dtype: "F16" });
+  widenModel(DEFAULT_MODEL, target, { width: 1, heads: 2, ffn: 1 }, { dtype: "F16", tokenizerFrom: join(DEFAULT_MODEL, "model.gguf") });
   const prompts: number[][] = (JSON.parse(readFileSync(join(DEFAULT_MODEL, "..", "reference-greedy.json"), "utf8")) as { input_ids: number[] }[])
     .slice(0, 3)
     .map((r) => r.input_ids);
@@ -236,4 +237,52 @@ describe("greedy speculation with the LLM split", () => {
       expect(got.accepted).toBeGreaterThan(20); // the drafts were used, not just the bonus tokens
     });
   }
+
+  test("{ tensorParallel: 2, ssmDevice: 2 }: the runtime splits the LLM over devices 0-1 and drafts on device 2", async () => {
+    const runtime = await Runtime.load({ model: target, ssms: [DEFAULT_DRAFT], tensorParallel: 2, ssmDevice: 2, threads: 1, measure: false, maxRequestsPerBatch: 3 });
+    try {
+      expect(runtime.group.devices.length).toBe(3);
+      expect(runtime.engine.kv.devices).toBe(2);
+      expect(runtime.engine.speculator?.models.map((m) => m.backend)).toEqual([runtime.group.devices[2]!]);
+      const reqs = prompts.map((p) => runtime.engine.submit(p, { maxNewTokens: 32, ignoreEos: true, speculation: { tree: "1,1,3,1,1" } }));
+      runtime.engine.runUntilDone();
+      expect(reqs.map((r) => r.generated)).toEqual(want);
+    } finally {
+      runtime.close();
+    }
+  });
+
+  test("bad tensorParallel and ssmDevice values are refused by name", async () => {
+    await expect(Runtime.load({ model: target, ssms: [], tensorParallel: 0, measure: false })).rejects.toThrow("tensorParallel must be a positive integer, got 0");
+    await expect(Runtime.load({ model: target, ssms: [], ssmDevice: -1, measure: false })).rejects.toThrow("ssmDevice must be a non-negative integer, got -1");
+  });
+
+  describe("command line", () => {
+    const CLI = join(import.meta.dir, "..", "..", "src", "cli.ts");
+    async function cli(args: string[]) {
+      const proc = Bun.spawn([process.execPath, CLI, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+      const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+      return { stdout, stderr, code };
+    }
+    const GREEDY = ["--prompt", "ROMEO:", "--max-tokens", "24", "--temperature", "0", "--json", "--threads", "1"];
+
+    test("generate --tp 2 --ssm-device 2 speculates and gives the plain unsplit tokens", async () => {
+      const split = await cli(["generate", "--model", target, "--ssm", DEFAULT_DRAFT, "--tp", "2", "--ssm-device", "2", "--speculation", "fixed", "--tree", "1,1,3,1,1", ...GREEDY]);
+      expect(split.stderr).not.toContain("error");
+      expect(split.code).toBe(0);
+      const plain = await cli(["generate", "--model", target, "--no-spec", ...GREEDY]);
+      const [a, b] = [JSON.parse(split.stdout), JSON.parse(plain.stdout)];
+      expect(a.tokens).toEqual(b.tokens);
+      expect(a.stats.acceptedTokens).toBeGreaterThan(0);
+    });
+
+    test("generate --tp 4 on the 6-head trained model fails with the numbers; --tp 0 is a usage error", async () => {
+      const uneven = await cli(["generate", "--model", DEFAULT_MODEL, "--no-spec", "--tp", "4", ...GREEDY]);
+      expect(uneven.code).not.toBe(0);
+      expect(uneven.stderr).toContain("tensor parallelism over 4 devices: the model's 6 attention heads do not divide by 4");
+      const zero = await cli(["generate", "--no-spec", "--tp", "0", ...GREEDY]);
+      expect(zero.code).not.toBe(0);
+      expect(zero.stderr).toContain("--tp must be an integer >= 1");
+    });
+  });
 });
