@@ -110,10 +110,6 @@ export class DeviceGroup {
     return new DeviceGroup(Array.from({ length: count }, () => CpuBackend.create({ threads })), tp);
   }
 
-  get size(): number {
-    return this.devices.length;
-  }
-
   /** The rank-`rank` part of the weight at (file, offset, bytes): see the file comment. */
   weights(file: MappedFile, offset: number, bytes: number, shard: Shard): Ptr {
     const problem = shardProblem(shard);
