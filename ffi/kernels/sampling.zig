@@ -216,13 +216,12 @@ fn siftDown(key: [*]const f32, heap: []i32, start: usize) void {
     }
 }
 
-/// The (up to) k best indices of key[0..n] by rank, best first, into out; with
-/// `positive`, only indices whose key is > 0. Returns how many. A size-k heap: O(n log k).
-pub fn selectTop(key: [*]const f32, n: usize, k: usize, positive: bool, out: []i32) usize {
+/// The (up to) k best indices of key[0..n] by rank, best first, into out. Returns how
+/// many. A size-k heap: O(n log k).
+pub fn selectTop(key: [*]const f32, n: usize, k: usize, out: []i32) usize {
     if (k == 0) return 0;
     var size: usize = 0;
     for (0..n) |i| {
-        if (positive and !(key[i] > 0)) continue;
         const cand: i32 = @intCast(i);
         if (size < k) {
             out[size] = cand;
@@ -276,7 +275,7 @@ pub fn distribution(y: [*]f32, n: usize, p: Params, best: usize, order: []i32) b
     const values: [*]f32 = @ptrCast(order.ptr + n);
     if (limit_k) {
         // Ranked by logit; f64 weights.
-        const ranked = order[0..selectTop(y, n, p.top_k, false, order)];
+        const ranked = order[0..selectTop(y, n, p.top_k, order)];
         const max: f64 = y[idx(ranked[0])];
         if (max == -std.math.inf(f64)) return false;
         var total: f64 = 0;
@@ -302,17 +301,19 @@ pub fn distribution(y: [*]f32, n: usize, p: Params, best: usize, order: []i32) b
         y[i] = @floatCast(@exp((@as(f64, y[i]) - max) * inv_t));
         total += y[i];
     }
-    // The fewest most likely tokens covering top_p of the mass (at least one): the best
-    // k by weight, k growing until they cover it or every positive weight is in.
+    // The fewest most likely tokens covering top_p of the mass (at least one), in rank
+    // order: only tokens at or above a weight cut need ranking.
     const mass = p.top_p * total;
-    var k: usize = @min(64, n);
+    var cut = coverCut(y, n, mass);
     var taken: usize = 0;
-    while (true) : (k = @min(k * 4, n)) {
-        const got = selectTop(y, n, k, true, order);
+    while (true) {
+        const got = rankAbove(y, n, cut, order);
         var covered: f64 = 0;
         taken = 0;
         while (taken < got and (taken == 0 or covered < mass)) : (taken += 1) covered += y[idx(order[taken])];
-        if (taken < got or got < k or k == n) break;
+        // Out of candidates before covering (rounding past the margin): rank them all.
+        if (taken < got or covered >= mass or cut == 0) break;
+        cut = 0;
     }
     const ranked = order[0..taken];
     if (ranked.len == 0) return false; // NaN weights (an infinite 1 / temperature)
@@ -328,6 +329,49 @@ pub fn distribution(y: [*]f32, n: usize, p: Params, best: usize, order: []i32) b
     for (0..kept) |j| values[j] = @floatCast(@as(f64, y[idx(ranked[j])]) / covered);
     scatter(y, n, ranked[0..kept], values);
     return true;
+}
+
+/// Weight buckets: the top bits of a positive f32, which order like the weights.
+const bucket_shift = 20;
+const buckets = 1 << (31 - bucket_shift);
+
+inline fn bucketOf(w: f32) usize {
+    return @as(u32, @bitCast(w)) >> bucket_shift;
+}
+
+/// The lowest weight bucket that may hold the top-p prefix: where the bucketed mass from
+/// the top first reaches `mass`, one bucket lower for rounding (a shortfall is caught by
+/// the caller, which then ranks every token).
+fn coverCut(w: [*]const f32, n: usize, mass: f64) usize {
+    var per_bucket = [_]f64{0} ** buckets;
+    for (0..n) |i| {
+        if (w[i] > 0) per_bucket[bucketOf(w[i])] += w[i];
+    }
+    var covered: f64 = 0;
+    var b: usize = buckets;
+    while (b > 0) {
+        b -= 1;
+        covered += per_bucket[b];
+        if (covered >= mass) return b -| 1;
+    }
+    return 0;
+}
+
+fn rankedBefore(key: [*]const f32, a: i32, b: i32) bool {
+    return above(key, a, b);
+}
+
+/// The positive-weight tokens in buckets >= cut into order, sorted by rank. Returns how many.
+fn rankAbove(w: [*]const f32, n: usize, cut: usize, order: []i32) usize {
+    var m: usize = 0;
+    for (0..n) |i| {
+        if (w[i] > 0 and bucketOf(w[i]) >= cut) {
+            order[m] = @intCast(i);
+            m += 1;
+        }
+    }
+    std.sort.pdq(i32, order[0..m], w, rankedBefore);
+    return m;
 }
 
 /// Clears the row, then row[ranked[j]] = values[j].
@@ -408,10 +452,24 @@ test "argmax reads NaN as -inf, ties go to the lowest index, and an all -inf row
     try std.testing.expectEqual(@as(usize, 0), argmax(&empty, empty.len));
 }
 
+test "the top-p cut keeps every token the prefix needs" {
+    // Weights 1, 1/2, 1/4, ...: covering 0.9 of the mass needs the four largest.
+    var w: [40]f32 = undefined;
+    var total: f64 = 0;
+    for (&w, 0..) |*x, i| {
+        x.* = std.math.pow(f32, 0.5, @as(f32, @floatFromInt(i)));
+        total += x.*;
+    }
+    var order: [40]i32 = undefined;
+    const got = rankAbove(&w, w.len, coverCut(&w, w.len, 0.9 * total), &order);
+    try std.testing.expect(got >= 4);
+    try std.testing.expectEqualSlices(i32, &.{ 0, 1, 2, 3 }, order[0..4]);
+}
+
 test "selectTop ranks by key then lower index" {
     const key = [_]f32{ 1, 3, 3, -std.math.inf(f32), 2, 3 };
     var out: [6]i32 = undefined;
-    const got = selectTop(&key, key.len, 4, false, &out);
+    const got = selectTop(&key, key.len, 4, &out);
     try std.testing.expectEqual(@as(usize, 4), got);
     try std.testing.expectEqualSlices(i32, &.{ 1, 2, 5, 4 }, out[0..4]);
 }
