@@ -72,7 +72,7 @@ extern "C" int32_t si_kv_write(si_ctx *c, const float *k, const float *v, int32_
     if ((rc = need(c, op, names[j], ps[j]))) return rc;
   for (int j = 0; j < 7; j++)
     if ((rc = aligned(c, op, names[j], ps[j], j >= 5 ? kv_size(kv_dtype) : 4))) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(k), P(v), I(n), I(row), P(seq), P(slot),
        P(block_tables), I(max_blocks), I(block_size),
        P(k_plane), P(v_plane), I(kv_dtype));
@@ -355,7 +355,7 @@ extern "C" int32_t si_attention(si_ctx *c, const float *q, int32_t n, int32_t n_
   if (words > 0 && (rc = aligned(c, op, "ancestors", ancestors, 4))) return rc;
   if ((rc = aligned(c, op, "alibi_slopes", alibi_slopes, 4))) return rc;
   if (n_heads > 65535) return fail(c, SI_ERR_ARG, "%s: n_heads=%d exceeds the CUDA grid limit 65535", op, n_heads);
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(q), I(n), I(n_heads), I(n_kv_heads), I(head_dim),
        P(k_plane), P(v_plane), I(kv_dtype),
        P(block_tables), I(max_blocks), I(block_size),
@@ -445,7 +445,7 @@ extern "C" int32_t si_kv_move(si_ctx *c, void *cache, int32_t kv_dtype, int32_t 
     if ((rc = need(c, op, names[j], ps[j]))) return rc;
   for (int j = 0; j < 4; j++)
     if ((rc = aligned(c, op, names[j], ps[j], j == 0 ? kv_size(kv_dtype) : 4))) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(cache), I(kv_dtype), I(n_planes), I(plane_stride), I(row), P(table), I(block_size), P(src), P(dst),
        I(n));
   const int threads = row >= 256 ? 256 : ((row + 31) / 32) * 32;

@@ -11,11 +11,24 @@
 
 #include "checks.cuh"
 
+// CUDA devices this process sees, or -(CUDA error code) when the runtime cannot say
+// (e.g. -35, no driver). Not in ffi/specinfer.h: the CPU library has no GPUs to count.
+extern "C" int32_t si_cuda_device_count(void) {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return -(int32_t)e;
+  }
+  return count;
+}
+
 extern "C" si_ctx *si_create(int32_t n_threads, int32_t flags) {
   (void)n_threads;  // one stream; the GPU needs no host threads
   si_ctx *c = (si_ctx *)calloc(1, sizeof(si_ctx));
   if (!c) return NULL;
   c->checked = (flags & SI_FLAG_REFERENCE) != 0;
+  c->device = (int)(((uint32_t)flags >> SI_DEVICE_SHIFT) & SI_DEVICE_MASK);
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
   const char *step = "cudaGetDeviceCount";
@@ -24,8 +37,17 @@ extern "C" si_ctx *si_create(int32_t n_threads, int32_t flags) {
     snprintf(c->err, sizeof c->err, "%s", c->dev_err);
     return c;
   }
-  if (e == cudaSuccess) { step = "cudaSetDevice(0)"; e = cudaSetDevice(0); }
-  if (e == cudaSuccess) { step = "cudaGetDeviceProperties"; e = cudaGetDeviceProperties(&c->prop, 0); }
+  if (e == cudaSuccess && c->device >= count) {
+    snprintf(c->dev_err, sizeof c->dev_err, "CUDA device %d was asked for, but this machine has %d CUDA device%s (0..%d)",
+             c->device, count, count == 1 ? "" : "s", count - 1);
+    snprintf(c->err, sizeof c->err, "%s", c->dev_err);
+    return c;
+  }
+  // Everything below is made on the context's device (the stream and buffers belong to it).
+  char set_step[48];
+  snprintf(set_step, sizeof set_step, "cudaSetDevice(%d)", c->device);
+  if (e == cudaSuccess) { step = set_step; e = cudaSetDevice(c->device); }
+  if (e == cudaSuccess) { step = "cudaGetDeviceProperties"; e = cudaGetDeviceProperties(&c->prop, c->device); }
   if (e == cudaSuccess) { step = "cudaStreamCreate"; e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking); }
   if (e == cudaSuccess) { step = "cudaMalloc (error record)"; e = cudaMalloc((void **)&c->derr, sizeof(DevErr)); }
   if (e == cudaSuccess) { step = "cudaMallocHost"; e = cudaMallocHost((void **)&c->herr, sizeof(DevErr)); }
@@ -56,7 +78,7 @@ extern "C" si_ctx *si_create(int32_t n_threads, int32_t flags) {
 
 extern "C" void si_destroy(si_ctx *c) {
   if (!c) return;
-  if (c->ok) {
+  if (c->ok && on_device(c, "si_destroy") == SI_OK) {
     cudaStreamSynchronize(c->stream);
     graph_destroy_all(c);
     if (c->scratch) cudaFree(c->scratch);
@@ -68,13 +90,20 @@ extern "C" void si_destroy(si_ctx *c) {
   free(c);
 }
 
+int on_device(si_ctx *c, const char *op) {
+  if (!c->ok) return no_device(c, op);
+  cudaError_t e = cudaSetDevice(c->device);
+  if (e != cudaSuccess) return cuda_fail(c, op, "making the context's GPU current (cudaSetDevice)", e);
+  return SI_OK;
+}
+
 extern "C" const char *si_last_error(si_ctx *c) { return c ? c->err : "null si_ctx"; }
 
 extern "C" int32_t si_threads(si_ctx *c) { return c ? 1 : 0; }
 
 extern "C" int32_t si_sync(si_ctx *c) {
   if (!c) return SI_ERR_ARG;
-  if (!c->ok) return no_device(c, "si_sync");
+  if (const int dev_rc = on_device(c, "si_sync")) return dev_rc;
   int rc = graph_flush(c, "si_sync");
   if (rc) return rc;
   return drain(c, "si_sync", "si_sync");
@@ -84,10 +113,7 @@ extern "C" int32_t si_sync(si_ctx *c) {
 
 extern "C" void *si_alloc(si_ctx *c, uint64_t bytes) {
   if (!c) return NULL;
-  if (!c->ok) {
-    no_device(c, "si_alloc");
-    return NULL;
-  }
+  if (on_device(c, "si_alloc")) return NULL;
   if (graph_flush(c, "si_alloc")) return NULL;
   void *p = NULL;
   // cudaMalloc(0) may give NULL, which means failure in this ABI: round up. Whole 16-byte
@@ -113,7 +139,7 @@ extern "C" void *si_alloc(si_ctx *c, uint64_t bytes) {
 extern "C" int32_t si_free(si_ctx *c, void *p) {
   if (!c) return SI_ERR_ARG;
   if (!p) return SI_OK;
-  if (!c->ok) return no_device(c, "si_free");
+  if (const int dev_rc = on_device(c, "si_free")) return dev_rc;
   int rc = graph_flush(c, "si_free");
   if (rc) return rc;
   // Kernels queued before this call may still read the buffer.
@@ -134,7 +160,7 @@ extern "C" int32_t si_upload(si_ctx *c, void *dst, const void *src, uint64_t byt
   if (bytes == 0) return SI_OK;
   if (!dst) return fail(c, SI_ERR_ARG, "si_upload: dst is NULL");
   if (!src) return fail(c, SI_ERR_ARG, "si_upload: src is NULL");
-  if (!c->ok) return no_device(c, "si_upload");
+  if (const int dev_rc = on_device(c, "si_upload")) return dev_rc;
   int rc = graph_flush(c, "si_upload");
   if (rc) return rc;
   // On the stream: ordered after kernels still reading the old contents.
@@ -149,7 +175,7 @@ extern "C" int32_t si_download(si_ctx *c, void *dst, const void *src, uint64_t b
   if (bytes == 0) return SI_OK;
   if (!dst) return fail(c, SI_ERR_ARG, "si_download: dst is NULL");
   if (!src) return fail(c, SI_ERR_ARG, "si_download: src is NULL");
-  if (!c->ok) return no_device(c, "si_download");
+  if (const int dev_rc = on_device(c, "si_download")) return dev_rc;
   int rc = graph_flush(c, "si_download");
   if (rc) return rc;
   cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->stream);

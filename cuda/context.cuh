@@ -16,6 +16,9 @@
 //   si_download (the points where results are consumed), because reading it back after
 //   every op would serialize the stream. With SI_FLAG_REFERENCE ("checked mode" here)
 //   every such op waits and reports synchronously, exactly like the CPU library.
+// - Each context owns one GPU, chosen at si_create (flags >> SI_DEVICE_SHIFT): its
+//   stream, memory, graphs and uploads live there, and every entry point makes it the
+//   current device (on_device) before anything else touches the GPU.
 // - No usable driver/device at si_create (e.g. cudaErrorInsufficientDriver = 35 on a
 //   machine without a GPU): the context is still created so that si_last_error can say
 //   why; every op then returns SI_ERR_DEVICE with that reason (after the same argument
@@ -67,6 +70,7 @@ struct Graphs;  // graph.cu: captured launch sequences, replayed by key
 
 struct si_ctx {
   int ok;  // 0: no usable device (dev_err says why)
+  int device;  // the GPU everything of this context lives on (si_create's SI_DEVICE_SHIFT bits)
   int checked;
   int sm_count;
   cudaDeviceProp prop;
@@ -82,6 +86,11 @@ struct si_ctx {
 };
 
 // ---- context services (context.cu) ---------------------------------------------------------
+
+// Every entry point calls this before touching the GPU: SI_ERR_DEVICE when the context
+// has no usable device, else makes the context's GPU current on the calling thread (the
+// runtime's current device is per thread and other contexts may have changed it).
+SI_HIDDEN int on_device(si_ctx *c, const char *op);
 
 // The activation scratch, at least `bytes` long (grown on demand; a buffer it outgrew
 // stays allocated while captured graphs may use it).

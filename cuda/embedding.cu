@@ -31,7 +31,7 @@ extern "C" int32_t si_embedding(si_ctx *c, const void *table, int32_t dtype, int
   if (!rc) rc = aligned(c, op, "ids", ids, 4);
   if (!rc) rc = aligned(c, op, "out", out, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(table), I(dtype), I(vocab), I(dim), P(ids), I(n), P(out));
   int threads = dim >= 256 ? 256 : ((dim + 31) / 32) * 32;
   embedding_kernel<<<n, threads, 0, c->stream>>>((const unsigned char *)table, dtype, vocab, dim,
@@ -68,7 +68,7 @@ extern "C" int32_t si_add_rows(si_ctx *c, float *x, const void *table, int32_t d
   if (!rc) rc = aligned(c, op, "table", table, elem_align(dtype));
   if (!rc) rc = aligned(c, op, "ids", ids, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), P(table), I(dtype), I(rows), I(dim), P(ids), I(n), I(offset));
   int threads = dim >= 256 ? 256 : ((dim + 31) / 32) * 32;
   add_rows_kernel<<<n, threads, 0, c->stream>>>(x, (const unsigned char *)table, dtype, rows, dim,

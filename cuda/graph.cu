@@ -200,7 +200,7 @@ extern "C" int32_t si_graph_begin(si_ctx *c, int32_t key) {
   if (!c) return SI_ERR_ARG;
   const char *op = "si_graph_begin";
   if (key < 0) return fail(c, SI_ERR_ARG, "%s: key=%d must be >= 0", op, (int)key);
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   if (c->checked) return SI_OK;  // checked mode waits after every op: no capture
   if (!c->graphs) {
     c->graphs = (Graphs *)calloc(1, sizeof(Graphs));
@@ -218,6 +218,7 @@ extern "C" int32_t si_graph_end(si_ctx *c, int32_t run) {
   if (!c) return SI_ERR_ARG;
   Graphs *g = c->graphs;
   if (!g) return SI_OK;
+  if (const int dev_rc = on_device(c, "si_graph_end")) return dev_rc;
   int rc = SI_OK;
   if (run) rc = graph_flush(c, "si_graph_end");
   else if (g->mode == CAPTURING) rc = end_capture(c, g, "si_graph_end", false, false);
@@ -229,6 +230,7 @@ extern "C" int32_t si_graph_drop(si_ctx *c, int32_t key) {
   if (!c) return SI_ERR_ARG;
   Graphs *g = c->graphs;
   if (!g) return SI_OK;
+  if (const int dev_rc = on_device(c, "si_graph_drop")) return dev_rc;
   if (g->mode != IDLE) return fail(c, SI_ERR_ARG, "si_graph_drop: a graph region is open (si_graph_end first)");
   for (int i = g->used - 1; i >= 0; i--)
     if (key < 0 || g->table[i].key == key) drop_graph(g, i);

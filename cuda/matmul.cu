@@ -310,7 +310,7 @@ extern "C" int32_t si_matmul(si_ctx *c, const float *x, int32_t n, int32_t k, co
   // The tiled kernels (F32 tiles, tensor cores) take 64 tokens per grid row.
   if ((n + TILE - 1) / TILE > 65535)
     return fail(c, SI_ERR_ARG, "%s: n=%d exceeds the CUDA grid limit (65535 tiles of %d)", op, n, TILE);
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), I(n), I(k), P(w), I(dtype), I(m), P(bias), P(y));
 
   MM a;

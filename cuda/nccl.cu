@@ -44,6 +44,7 @@ struct si_nccl {
   NcclApi api;
   int n;
   ncclComm_t *comms;
+  int *devices;  // devices[r]: rank r's GPU, which its context must run on
   char err[512];
 };
 
@@ -95,10 +96,14 @@ extern "C" si_nccl *si_nccl_create(int32_t n, const int32_t *devices) {
   }
   if (!load_nccl(h)) return h;
   h->comms = (ncclComm_t *)calloc((size_t)n, sizeof(ncclComm_t));
-  if (!h->comms) {
+  h->devices = (int *)calloc((size_t)n, sizeof(int));
+  if (!h->comms || !h->devices) {
+    free(h->comms);
+    h->comms = NULL;
     nccl_fail(h, "si_nccl_create: out of memory");
     return h;
   }
+  for (int r = 0; r < n; r++) h->devices[r] = devices[r];
   ncclResult_t r = h->api.comm_init_all(h->comms, n, devices);
   if (r != 0) {
     free(h->comms);
@@ -133,6 +138,11 @@ extern "C" int32_t si_nccl_all_reduce_sum(si_nccl *h, si_ctx **ctxs, float **buf
       nccl_fail(h, "si_nccl_all_reduce_sum: rank %d has no usable GPU: %s", r, ctxs[r]->dev_err);
       return SI_ERR_DEVICE;
     }
+    if (ctxs[r]->device != h->devices[r]) {
+      nccl_fail(h, "si_nccl_all_reduce_sum: rank %d's context runs on GPU %d, its communicator on GPU %d", r,
+                ctxs[r]->device, h->devices[r]);
+      return SI_ERR_ARG;
+    }
   }
   if (count == 0) return SI_OK;
   ncclResult_t r = h->api.group_start();
@@ -155,6 +165,7 @@ extern "C" void si_nccl_destroy(si_nccl *h) {
     for (int r = 0; r < h->n; r++) h->api.comm_destroy(h->comms[r]);
     free(h->comms);
   }
+  free(h->devices);
   if (h->api.lib) dlclose(h->api.lib);
   free(h);
 }

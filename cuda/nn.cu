@@ -30,7 +30,7 @@ extern "C" int32_t si_rmsnorm(si_ctx *c, const float *x, const float *weight, in
   if (!rc) rc = aligned(c, op, "weight", weight, 4);
   if (!rc) rc = aligned(c, op, "y", y, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), P(weight), I(n), I(dim), F(eps), P(y));
   const int threads = dim >= 4096 ? 1024 : (dim >= 1024 ? 512 : 256);
   rmsnorm_kernel<<<n, threads, 0, c->stream>>>(x, weight, dim, eps, y);
@@ -85,7 +85,7 @@ extern "C" int32_t si_rope(si_ctx *c, float *x, int32_t n, int32_t n_heads, int3
   if (!rc) rc = aligned(c, op, "positions", positions, 4);
   if (!rc) rc = aligned(c, op, "inv_freq", inv_freq, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), I(n), I(n_heads), I(head_dim), I(rot_dim), P(positions), P(inv_freq), I(layout));
   const int half = rot_dim / 2;
   rope_kernel<<<grid_for(c, (long long)n * half, 128), 128, 0, c->stream>>>(x, n, n_heads, head_dim, half, positions,
@@ -119,7 +119,7 @@ extern "C" int32_t si_swiglu(si_ctx *c, const float *gate, const float *up, int6
   if (!rc) rc = aligned(c, op, "up", up, 4);
   if (!rc) rc = aligned(c, op, "out", out, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(gate), P(up), I(count), P(out));
   swiglu_kernel<<<grid_for(c, count, 256), 256, 0, c->stream>>>(gate, up, count, out);
   return launched(c, op);
@@ -135,7 +135,7 @@ extern "C" int32_t si_add(si_ctx *c, float *x, const float *y, int64_t count) {
   if (!rc) rc = aligned(c, op, "x", x, 4);
   if (!rc) rc = aligned(c, op, "y", y, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), P(y), I(count));
   add_kernel<<<grid_for(c, count, 256), 256, 0, c->stream>>>(x, y, count);
   return launched(c, op);
@@ -179,7 +179,7 @@ extern "C" int32_t si_layernorm(si_ctx *c, const float *x, const float *weight, 
   if (!rc) rc = aligned(c, op, "bias", bias, 4);
   if (!rc) rc = aligned(c, op, "y", y, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), P(weight), P(bias), I(n), I(dim), F(eps), P(y));
   const int threads = dim >= 4096 ? 1024 : (dim >= 1024 ? 512 : 256);
   layernorm_kernel<<<n, threads, 0, c->stream>>>(x, weight, bias, dim, eps, y);
@@ -210,7 +210,7 @@ extern "C" int32_t si_activation(si_ctx *c, const float *x, int64_t count, int32
   if (!rc) rc = aligned(c, op, "x", x, 4);
   if (!rc) rc = aligned(c, op, "out", out, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), I(count), I(kind), P(out));
   activation_kernel<<<grid_for(c, count, 256), 256, 0, c->stream>>>(x, count, kind, out);
   return launched(c, op);
@@ -231,7 +231,7 @@ extern "C" int32_t si_clamp(si_ctx *c, float *x, int64_t count, float limit) {
   rc = need(c, op, "x", x);
   if (!rc) rc = aligned(c, op, "x", x, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), I(count), F(limit));
   clamp_kernel<<<grid_for(c, count, 256), 256, 0, c->stream>>>(x, count, limit);
   return launched(c, op);
@@ -290,7 +290,7 @@ extern "C" int32_t si_argmax(si_ctx *c, const float *x, int32_t rows, int32_t n,
   if (!rc) rc = aligned(c, op, "x", x, 4);
   if (!rc) rc = aligned(c, op, "out", out, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), I(rows), I(n), P(out));
   const int threads = n >= 8192 ? 1024 : 256;
   argmax_kernel<<<rows, threads, 0, c->stream>>>(x, n, out);
@@ -326,7 +326,7 @@ extern "C" int32_t si_softmax(si_ctx *c, float *x, int32_t rows, int32_t n, floa
   rc = need(c, op, "x", x);
   if (!rc) rc = aligned(c, op, "x", x, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   GATE(c, op, P(x), I(rows), I(n), F(temperature));
   const int threads = n >= 8192 ? 1024 : 256;
   softmax_kernel<<<rows, threads, 0, c->stream>>>(x, n, 1.0f / temperature);

@@ -20,7 +20,7 @@ extern "C" int32_t si_probe_bandwidth(si_ctx *c, const void *buf, uint64_t bytes
   if (rc) return rc;
   if (bytes < 64 * 1024)
     return fail(c, SI_ERR_ARG, "%s: bytes=%llu is too small to measure (>= 64 KiB)", op, (unsigned long long)bytes);
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   if ((rc = graph_flush(c, op))) return rc;
   const uintptr_t lo = ((uintptr_t)buf + 15) & ~(uintptr_t)15;
   const uintptr_t hi = ((uintptr_t)buf + bytes) & ~(uintptr_t)15;

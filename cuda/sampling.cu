@@ -438,7 +438,7 @@ extern "C" int32_t si_sample(si_ctx *c, const float *logits, int32_t rows, int32
   if (!rc) rc = aligned(c, op, "params", params, 8);
   if (!rc) rc = aligned(c, op, "probs", probs, 4);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   if ((rc = graph_flush(c, op))) return rc;  // reads device memory on the host: queued work first
   double *hp = (double *)host_copy(c, params, (size_t)rows * kFields * 8);
   int *hs = (int *)host_copy(c, list_start, (size_t)(rows + 1) * 4);
@@ -470,7 +470,7 @@ extern "C" int32_t si_tree_accept(si_ctx *c, int32_t n_trees, const int32_t *tre
   if (!rc) rc = need(c, op, "counts", counts);
   if (!rc) rc = need(c, op, "bonus", bonus);
   if (rc) return rc;
-  if (!c->ok) return no_device(c, op);
+  if (const int dev_rc = on_device(c, op)) return dev_rc;
   if ((rc = graph_flush(c, op))) return rc;  // reads device memory on the host: queued work first
   int *hs = (int *)host_copy(c, tree_start, (size_t)(n_trees + 1) * 4);
   if (!hs) return fail(c, SI_ERR_DEVICE, "%s: cannot read tree_start back", op);

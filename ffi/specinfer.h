@@ -50,6 +50,10 @@ enum si_rope_layout {
 
 enum si_ctx_flags {
   SI_FLAG_REFERENCE = 1, /* use the scalar reference kernels (tests compare them to SIMD) */
+  /* CUDA: the context runs on GPU (flags >> SI_DEVICE_SHIFT) & SI_DEVICE_MASK (default 0);
+     the CPU library ignores these bits (each of its contexts is a device of its own). */
+  SI_DEVICE_SHIFT = 8,
+  SI_DEVICE_MASK = 0xffff,
 };
 
 typedef struct si_ctx si_ctx;

@@ -146,12 +146,9 @@ TESTS_SUMMARY="$(count pass) pass, $(count skip) skip, $(count fail) fail in ${#
 
 # ---- benchmark ---------------------------------------------------------------------------------
 
-SECTIONS="kernels,curve,widened"
-if grep -q 'tensorParallel' src/runtime/load.ts 2>/dev/null; then
-  SECTIONS="$SECTIONS,tp"
-else
-  record tensor-parallel "not available" 0 "src/runtime/load.ts has no tensorParallel option yet"
-fi
+# tp: the vendored pair's greedy tokens with { tensorParallel: 1 } and, where GPUS > 1,
+# { tensorParallel: GPUS } (one GPU per rank, NCCL) against no option.
+SECTIONS="kernels,curve,widened,tp"
 if [ "$DRY_RUN" = 1 ]; then
   record bench "skipped (dry run)" 0 "bench/gpu.ts --only=$SECTIONS needs a GPU"
 elif [ "$BUILD_OK" = 1 ] && [ "$GPUS" -ge 1 ]; then

@@ -205,6 +205,9 @@ export const SYMBOLS: Record<string, Binding> = {
 };
 
 export const SI_FLAG_REFERENCE = 1;
+/** si_create's flags carry the CUDA device index in these bits (ignored on the CPU). */
+export const SI_DEVICE_SHIFT = 8;
+export const SI_DEVICE_MASK = 0xffff;
 
 /** The ops of Backend as one native call each; memory management is the subclass's. */
 export interface NativeOps extends BackendOps {}

@@ -1,5 +1,5 @@
 // A device group: N backend contexts of one kind that act as N devices (CPU contexts
-// with their own threads, or CUDA contexts), the communicator between the first
+// with their own threads, or CUDA contexts, one GPU each), the communicator between the first
 // `tensorParallel` of them, per-rank buffers behind one handle, and weight shards.
 //
 // Sharding a row-major weight [rows, cols] (HF [out, in]; GGUF's ne = [in, out] is the
@@ -12,8 +12,9 @@
 //     slice must start and end on a 32-element block.
 
 import { type Backend, BackendError, type DeviceBuffer, DType, DTYPE_NAMES, dtypeBytes, type MappedFile, type Ptr } from "./backend.ts";
-import { type Communicator, HostAllReduce } from "./comm.ts";
+import { type Communicator, HostAllReduce, NcclAllReduce } from "./comm.ts";
 import { CpuBackend } from "./cpu.ts";
+import type { CudaBackend, CudaDevices } from "./cuda.ts";
 
 export type Split = "column" | "row";
 
@@ -91,19 +92,18 @@ export class DeviceGroup {
     checkCount("devices", count);
     if (opts.threads !== undefined) checkCount("threads", opts.threads);
     if ((opts.kind ?? "cpu") === "cuda") {
-      // si_create opens GPU 0 and ops launch on the calling thread's current device:
-      // until contexts carry their own device, the LLM cannot split over GPUs. Extra
-      // contexts (an SSM device) are GPU 0 again, each with its own stream.
-      if (tp > 1) throw new BackendError("group", 1, `tensor parallelism over ${tp} CUDA devices: CUDA contexts open GPU 0 only, so the LLM cannot be split over GPUs yet; use the CPU backend for --tp ${tp}`);
-      const { CudaBackend } = await import("./cuda.ts");
-      const devices: Backend[] = [];
+      // Device d is GPU d; the split LLM's ranks all-reduce through NCCL.
+      const cuda = await import("./cuda.ts");
+      const shortage = gpuShortage(count, tp, cuda.cudaDevices());
+      if (shortage) throw new BackendError("group", 4, shortage);
+      const devices: CudaBackend[] = [];
       try {
-        for (let d = 0; d < count; d++) devices.push(CudaBackend.create());
+        for (let d = 0; d < count; d++) devices.push(cuda.CudaBackend.create({ device: d }));
+        return new DeviceGroup(devices, tp, tp > 1 ? new NcclAllReduce(devices.slice(0, tp)) : undefined);
       } catch (e) {
         for (const d of devices) d.close();
         throw e;
       }
-      return new DeviceGroup(devices, tp);
     }
     // One device keeps the backend's own default (one thread per core).
     const threads = opts.threads ?? (count === 1 ? undefined : Math.max(1, Math.floor(navigator.hardwareConcurrency / count)));
@@ -187,6 +187,15 @@ export class DeviceGroup {
     this.owned.clear();
     for (const d of this.devices) d.close();
   }
+}
+
+/** Why a CUDA group of `devices` devices (the first `tensorParallel` holding the LLM)
+ *  cannot open one GPU each when `found` are there, or null when it can. */
+export function gpuShortage(devices: number, tensorParallel: number, found: CudaDevices): string | null {
+  if (found.count >= devices) return null;
+  const who = devices === tensorParallel ? `tensorParallel=${tensorParallel}` : `a group of ${devices} devices (tensorParallel=${tensorParallel}, the SSMs on a device of their own)`;
+  const why = found.problem ? ` (${found.problem})` : "";
+  return `${who} needs ${devices} CUDA GPUs, one per device, but this machine has ${found.count}${why}`;
 }
 
 function checkCount(name: string, v: number): void {

@@ -9,12 +9,14 @@ export interface BackendOptions {
   kind?: BackendKind;
   /** CPU worker threads; default one per core. */
   threads?: number;
+  /** CUDA: the GPU to open; default 0. */
+  device?: number;
 }
 
 export async function createBackend(opts: BackendOptions = {}): Promise<Backend> {
   if ((opts.kind ?? "cpu") === "cuda") {
     const { CudaBackend } = await import("./cuda");
-    return CudaBackend.create();
+    return CudaBackend.create({ device: opts.device });
   }
   return CpuBackend.create({ threads: opts.threads });
 }

@@ -87,11 +87,10 @@ describe("host all-reduce", () => {
     group.close();
   });
 
-  test("a group refuses more tensor-parallel ranks than devices, zero, and a split over CUDA contexts", async () => {
+  test("a group refuses more tensor-parallel ranks than devices, and zero", () => {
     const ranks = cpuRanks(2);
     expect(() => new DeviceGroup(ranks, 3)).toThrow("tensorParallel=3 needs that many devices; the group has 2");
     expect(() => new DeviceGroup(ranks, 0)).toThrow("tensorParallel must be a positive integer, got 0");
-    await expect(DeviceGroup.create({ kind: "cuda", tensorParallel: 2 })).rejects.toThrow("tensor parallelism over 2 CUDA devices: CUDA contexts open GPU 0 only");
     for (const b of ranks) b.close();
   });
 });
