@@ -6,7 +6,7 @@
 // reuse when they return).
 //
 // Index-array contents (token ids, slots, block tables, masks) are checked on the GPU and
-// reported by the next sync()/download() (see cuda/specinfer.cu); `checked: true` makes
+// reported by the next sync()/download() (see cuda/context.cuh); `checked: true` makes
 // every op wait and report at once, like the CPU backend.
 
 import { dlopen } from "bun:ffi";

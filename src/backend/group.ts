@@ -84,7 +84,8 @@ export class DeviceGroup {
     this.comm = comm ?? new HostAllReduce(devices.slice(0, tensorParallel));
   }
 
-  /** Opens `devices` contexts of one kind (CPU: each with `threads` threads). */
+  /** Opens `devices` contexts of one kind (CPU: each with `threads` threads; CUDA: device
+   *  d on GPU d, refused with both numbers when the machine has fewer GPUs). */
   static async create(opts: DeviceGroupOptions = {}): Promise<DeviceGroup> {
     const tp = opts.tensorParallel ?? 1;
     checkCount("tensorParallel", tp);
