@@ -111,6 +111,18 @@ export class CostModel {
     return ms * this.draftOverhead;
   }
 
+  /** Whether adding a chain of `depth` nodes, each accepted at `rate`, to a step of
+   *  `rows` rows yielding `tokens` tokens (the chain's root included in both) raises its
+   *  rate by the required gain, on the measured curves and drafting times, leaving out
+   *  the learned tree overhead and acceptance. Probes ask this: they exist to correct
+   *  those, so they must not depend on them (a few slow tree steps early on would
+   *  otherwise stop drafting for good). */
+  chainPaysOnCurves(depth: number, rate: number, rows: number, tokens: number): boolean {
+    const draft = this.draftMsOf(Array(depth).fill(1));
+    const chainTokens = tokens + new AcceptanceByDepth(Array(depth).fill(rate)).expectedTokens(depth) - 1;
+    return chainTokens / (this.llm.at(rows + depth) + draft) >= (tokens / this.llm.at(rows)) * (1 + REQUIRED_GAIN);
+  }
+
   /** A step's forward time: plain steps refine t(L), steps with tree rows the
    *  overhead of trees over it. */
   observeStep(tokens: number, ms: number, treeRows: boolean): void {

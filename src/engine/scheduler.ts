@@ -10,7 +10,7 @@ import type { KVCache } from "../kv/cache";
 import type { DraftPlan, Speculator } from "../speculation/speculator";
 import { AUTO_MAX_DEPTH, chainShape } from "../speculation/speculator";
 import type { CostModel } from "./cost";
-import { AcceptanceByDepth, type Request } from "./request";
+import type { Request } from "./request";
 
 export interface PrefillEntry {
   kind: "prefill";
@@ -54,7 +54,7 @@ const PROBE_INTERVAL = 64;
 const PROBE_DEPTH = 2;
 /** A probe is spent only where a chain would pay if this share of drafted tokens were
  *  accepted: when even that loses (a full batch, a costly drafter), probing is waste. */
-const PROBE_IF_PAYS_AT = new AcceptanceByDepth(Array(PROBE_DEPTH).fill(0.9));
+const PROBE_IF_PAYS_AT = 0.9;
 
 export class Scheduler {
   readonly waiting: Request[] = [];
@@ -238,11 +238,13 @@ export class Scheduler {
       fixedTrees,
     );
     const batchRows = fixedRows + depths.reduce((n, d) => n + 1 + d, 0);
-    const probePays = () =>
-      this.cost!.choose([{ acceptance: PROBE_IF_PAYS_AT, maxDepth: PROBE_DEPTH }], batchRows - 1, decoding.length - 1, Infinity, fixedTrees || depths.some((d) => d > 0))[0] > 0;
+    const probePays = () => this.cost!.chainPaysOnCurves(PROBE_DEPTH, PROBE_IF_PAYS_AT, batchRows, decoding.length);
     auto.forEach(({ req, i }, k) => {
       let depth = depths[k];
-      if (depth === 0 && req.stepsWithoutDraft >= PROBE_INTERVAL && probePays()) depth = Math.min(PROBE_DEPTH, Math.max(0, remaining(req)));
+      if (depth === 0 && req.stepsWithoutDraft >= PROBE_INTERVAL) {
+        if (probePays()) depth = Math.min(PROBE_DEPTH, Math.max(0, remaining(req)));
+        else req.stepsWithoutDraft = 0; // asked again an interval later, not every step
+      }
       out[i] = { draft: depth > 0 ? this.autoPlan(req, depth) : null, autoDepth: depth };
     });
     return out;

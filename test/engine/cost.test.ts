@@ -77,6 +77,18 @@ describe("CostModel.choose", () => {
     expect(flatThenLinear.at(7)).toBe(10); // the curve itself is left alone
   });
 
+  test("whether a probe pays is judged on the measured curves alone, so learned overheads cannot stop probes for good", () => {
+    const model = new CostModel(flatThenLinear, cheapDraft, 6);
+    expect(model.chainPaysOnCurves(2, 0.9, 1, 1)).toBe(true);
+    for (let i = 0; i < 50; i++) model.observeStep(3, 30, true); // tree steps seen at 3x the curve
+    expect(model.choose([{ acceptance: new AcceptanceByDepth([0.5, 0.5]), maxDepth: 2 }], 0, 0, 512)).toEqual([0]);
+    expect(model.chainPaysOnCurves(2, 0.9, 1, 1)).toBe(true);
+    // Where the curve itself says no (each row costs a decode), no probe either.
+    const linear = new CostModel(new CostCurve([1, 64].map((tokens) => ({ tokens, ms: tokens }))), cheapDraft, 6);
+    expect(linear.chainPaysOnCurves(2, 0.9, 1, 1)).toBe(false);
+    expect(linear.chainPaysOnCurves(2, 0.9, 16, 16)).toBe(false);
+  });
+
   test("deep chains when verifying is nearly free and acceptance is high", () => {
     const model = new CostModel(flatThenLinear, cheapDraft, 6);
     expect(model.choose([good()], 0, 0, 512)).toEqual([6]);
