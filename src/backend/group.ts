@@ -95,7 +95,8 @@ export class DeviceGroup {
     if ((opts.kind ?? "cpu") === "cuda") {
       // Device d is GPU d; the split LLM's ranks all-reduce through NCCL.
       const cuda = await import("./cuda.ts");
-      const shortage = gpuShortage(count, tp, cuda.cudaDevices());
+      // One device: the GPU's own create error says what is wrong (driver, no GPU).
+      const shortage = count > 1 ? gpuShortage(count, tp, cuda.cudaDevices()) : null;
       if (shortage) throw new BackendError("group", 4, shortage);
       const devices: CudaBackend[] = [];
       try {
