@@ -131,7 +131,7 @@ BUILD_OK=0
 
 # ---- GPU tests ---------------------------------------------------------------------------------
 
-mapfile -t GPU_TESTS < <(grep -rl 'process.env.SPECINFER_GPU' test --include='*.test.ts' | sort)
+mapfile -t GPU_TESTS < <(grep -rl 'from "../helpers/gpu.ts"' test --include='*.test.ts' | sort)
 if [ "$DRY_RUN" = 1 ]; then
   # Without SPECINFER_GPU every GPU test reports itself skipped: this checks they load.
   run gpu-tests 300 env -u SPECINFER_GPU "$BUN" test --timeout 300000 "${GPU_TESTS[@]}"

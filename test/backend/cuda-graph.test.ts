@@ -5,7 +5,7 @@
 //
 //   SPECINFER_GPU=1 node_modules/.bin/bun test test/backend/cuda-graph.test.ts --timeout 300000
 
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, expect } from "bun:test";
 import { join } from "node:path";
 import { BackendError, DType, type Ptr } from "../../src/backend/backend.ts";
 import type { CudaBackend } from "../../src/backend/cuda.ts";
@@ -14,12 +14,8 @@ import { createKVCache } from "../../src/kv/cache.ts";
 import { BatchBuilder } from "../../src/model/batch.ts";
 import { loadModel } from "../../src/model/registry.ts";
 import { SEED, randF32 } from "../helpers/random.ts";
+import { GPU, gpuTest } from "../helpers/gpu.ts";
 
-const GPU = process.env.SPECINFER_GPU === "1";
-const NEEDS = " (needs SPECINFER_GPU=1 and a GPU)";
-function gpuTest(name: string, fn: () => void): void {
-  test.skipIf(!GPU)(name + NEEDS, fn, 120_000);
-}
 
 let gpu: CudaBackend;
 beforeAll(async () => {

@@ -4,7 +4,7 @@
 //
 //   SPECINFER_GPU=1 node_modules/.bin/bun test test/backend/cuda-sampling.test.ts --timeout 300000
 
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect } from "bun:test";
 import { CpuBackend } from "../../src/backend/cpu.ts";
 import { CudaBackend } from "../../src/backend/cuda.ts";
 import { Rng, uniformAt } from "../../src/speculation/rng.ts";
@@ -12,12 +12,8 @@ import { NativeSampler, requestRows, type SampleRow } from "../../src/speculatio
 import type { SamplingParams } from "../../src/speculation/sampling.ts";
 import { mergeTrees } from "../../src/speculation/tree.ts";
 import { SEED } from "../helpers/random.ts";
+import { GPU, gpuTest } from "../helpers/gpu.ts";
 
-const GPU = process.env.SPECINFER_GPU === "1";
-const NEEDS = " (needs SPECINFER_GPU=1 and a GPU)";
-function gpuTest(name: string, fn: () => void, timeoutMs = 120_000): void {
-  test.skipIf(!GPU)(name + NEEDS, fn, timeoutMs);
-}
 
 let cpu: CpuBackend;
 let gpu: CudaBackend;

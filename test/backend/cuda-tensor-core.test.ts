@@ -6,17 +6,13 @@
 //
 //   SPECINFER_GPU=1 node_modules/.bin/bun test test/backend/cuda-tensor-core.test.ts --timeout 300000
 
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, expect } from "bun:test";
 import { type Backend, DType, DTYPE_NAMES, type Ptr } from "../../src/backend/backend.ts";
 import { CpuBackend } from "../../src/backend/cpu.ts";
 import type { CudaBackend } from "../../src/backend/cuda.ts";
 import { SEED, randF32, randInt } from "../helpers/random.ts";
+import { GPU, gpuTest } from "../helpers/gpu.ts";
 
-const GPU = process.env.SPECINFER_GPU === "1";
-const NEEDS = " (needs SPECINFER_GPU=1 and a GPU)";
-function gpuTest(name: string, fn: () => void): void {
-  test.skipIf(!GPU)(name + NEEDS, fn, 120_000);
-}
 
 let cpu: CpuBackend;
 let gpu: CudaBackend;

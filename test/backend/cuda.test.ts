@@ -5,7 +5,7 @@
 //
 //   SPECINFER_GPU=1 node_modules/.bin/bun test test/backend/cuda.test.ts --timeout 300000
 
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -13,12 +13,8 @@ import { Activation, type Backend, BackendError, DType, DTYPE_NAMES, type KVDTyp
 import { CpuBackend } from "../../src/backend/cpu.ts";
 import { CudaBackend } from "../../src/backend/cuda.ts";
 import { SEED, randInt, randF32, shuffle } from "../helpers/random.ts";
+import { GPU, gpuTest } from "../helpers/gpu.ts";
 
-const GPU = process.env.SPECINFER_GPU === "1";
-const NEEDS = " (needs SPECINFER_GPU=1 and a GPU)";
-function gpuTest(name: string, fn: () => void, timeoutMs = 120_000): void {
-  test.skipIf(!GPU)(name + NEEDS, fn, timeoutMs);
-}
 
 let cpu: CpuBackend;
 let gpu: CudaBackend;

@@ -16,9 +16,8 @@ import { CudaBackend, cudaLibraryPath } from "../../src/backend/cuda.ts";
 import { DeviceGroup, type Shard } from "../../src/backend/group.ts";
 import { dequantize, encodeTensor } from "../../src/model/encoding.ts";
 import { randF32 } from "../helpers/random.ts";
+import { GPU, NEEDS } from "../helpers/gpu.ts";
 
-const GPU = process.env.SPECINFER_GPU === "1";
-const NEEDS = " (needs SPECINFER_GPU=1 and a GPU)";
 
 const dir = mkdtempSync(join(tmpdir(), "specinfer-group-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

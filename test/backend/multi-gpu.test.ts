@@ -25,9 +25,8 @@ import { loadModel } from "../../src/model/registry.ts";
 import { chainLogits, maxRelError } from "../helpers/forward.ts";
 import { randF32 } from "../helpers/random.ts";
 import { writeTinyModel } from "../helpers/tiny-model.ts";
+import { GPU, NEEDS } from "../helpers/gpu.ts";
 
-const GPU = process.env.SPECINFER_GPU === "1";
-const NEEDS = " (needs SPECINFER_GPU=1 and a GPU)";
 const cudaLib = existsSync(cudaLibraryPath());
 const GPUS = GPU ? cudaDevices().count : 0;
 const ncclPresent = (() => {

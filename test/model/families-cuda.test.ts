@@ -15,8 +15,8 @@ import { loadModel } from "../../src/model/registry";
 import { createSpeculator } from "../../src/speculation/speculator";
 import { chainLogits, maxRelError } from "../helpers/forward";
 import { writeTinyModel, type TinyModelOptions } from "../helpers/tiny-model";
+import { GPU } from "../helpers/gpu.ts";
 
-const GPU = process.env.SPECINFER_GPU === "1";
 const PROMPT = [1, 17, 42, 5, 88, 63, 12, 9, 30, 71, 2, 55];
 let dir: string;
 beforeAll(() => {

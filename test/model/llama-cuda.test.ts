@@ -9,8 +9,8 @@ import { createEngine } from "../../src/engine/core";
 import { loadModel } from "../../src/model/registry";
 import type { Backend } from "../../src/backend/backend";
 import { createSpeculator } from "../../src/speculation/speculator";
+import { GPU } from "../helpers/gpu.ts";
 
-const GPU = process.env.SPECINFER_GPU === "1";
 const models = join(import.meta.dir, "..", "..", "models");
 const prompt = [1, 2869, 4058, 13, 4076, 4049, 2266, 1984, 4080, 13];
 
