@@ -263,7 +263,7 @@ export class Engine {
     this.lastStep = { decodes: decodeEntries.length, treeNodes: [] };
     const autoDepths = decodeEntries.filter((e) => e.autoDepth > 0).map((e) => e.autoDepth);
     if (autoDepths.length > 0) this.opts.cost?.observeDraft(autoDepths, run.draftMs);
-    this.opts.cost?.observeStep(run.batchTokens, run.forwardMs, run.rows.some((r) => r.tree !== null));
+    this.opts.cost?.observeStep(run.batchTokens, run.forwardMs);
 
     const picks = this.pickAll(plan, run);
     plan.entries.forEach((entry, i) => {
@@ -318,6 +318,7 @@ export class Engine {
       if (req.finishReason) this.finish(req, events);
     } else {
       req.stepsWithoutDraft++;
+      if (req.speculation.kind === "auto") this.opts.cost?.observeIdle(req.acceptance);
       this.kv.commit(req.row, [committed]);
       const token = pickedToken(pick!);
       this.speculator?.accept(req.id, [token]);

@@ -1,26 +1,38 @@
 // What a step costs and what a tree yields, measured rather than assumed: t(L), the
 // LLM's forward time for L batch tokens, and the drafters' time per forward, measured
-// at load over a grid of L and refined by every step's observed times; acceptance by
+// at load over a grid of L and scaled by every step's observed times; acceptance by
 // depth as decaying averages (per request, started from the engine-wide one). From
 // these the scheduler picks, per request, the chain length that maximises the whole
 // batch's expected tokens per second.
 
 import { AcceptanceByDepth } from "./request";
 
-/** Time (ms) as a function of batch tokens: linear between measured points, refined
- *  by observations near them. */
+/** Time (ms) as a function of batch tokens: the shape measured at load (linear between
+ *  measured points), times a speed factor that every observed step refines. One factor
+ *  for all sizes: the machine's speed drifts (other load, weights paged out and back)
+ *  for every size alike, and points refined one by one, the often-seen sizes in one
+ *  state of the machine and the rest in another, would disagree about what a tree of
+ *  a few rows costs over a plain step. */
 export class CostCurve {
   private readonly xs: number[];
   private readonly ms: number[];
+  private speed = 1;
 
   constructor(points: { tokens: number; ms: number }[]) {
     if (points.length === 0) throw new Error("cost curve: no measurements");
     const sorted = [...points].sort((a, b) => a.tokens - b.tokens);
     this.xs = sorted.map((p) => p.tokens);
+    // More tokens never take less time; a point measured above a larger size's time
+    // caught a stall (timing noise only ever adds), so it takes that time.
     this.ms = sorted.map((p) => p.ms);
+    for (let i = this.ms.length - 2; i >= 0; i--) this.ms[i] = Math.min(this.ms[i], this.ms[i + 1]);
   }
 
   at(tokens: number): number {
+    return this.speed * this.shapeAt(tokens);
+  }
+
+  private shapeAt(tokens: number): number {
     const { xs, ms } = this;
     if (tokens <= xs[0]) return ms[0];
     for (let i = 1; i < xs.length; i++) {
@@ -32,24 +44,15 @@ export class CostCurve {
     return ms[n - 1] + slope * (tokens - xs[n - 1]);
   }
 
-  /** Moves the measured points around `tokens` a little towards an observed time, each
-   *  by its share in the interpolation there (past the grid: the last point), so sizes
-   *  between grid points, the ones trees make, correct the curve too. */
+  /** Moves the speed factor a little towards an observed time (one stall counts at
+   *  most three times the current factor). */
   observe(tokens: number, ms: number, weight = 0.05): void {
-    const { xs } = this;
-    const step = weight * (ms - this.at(tokens));
-    const i = xs.findIndex((x) => tokens <= x);
-    if (i <= 0) {
-      this.ms[i === 0 ? 0 : xs.length - 1] += step;
-      return;
-    }
-    const f = (tokens - xs[i - 1]) / (xs[i] - xs[i - 1]);
-    this.ms[i - 1] += (1 - f) * step;
-    this.ms[i] += f * step;
+    const shape = this.shapeAt(tokens);
+    if (shape > 0) this.speed += weight * (Math.min(ms / shape, 3 * this.speed) - this.speed);
   }
 
   get points(): { tokens: number; ms: number }[] {
-    return this.xs.map((tokens, i) => ({ tokens, ms: Math.round(this.ms[i] * 1000) / 1000 }));
+    return this.xs.map((tokens) => ({ tokens, ms: Math.round(this.at(tokens) * 1000) / 1000 }));
   }
 }
 
@@ -74,14 +77,26 @@ export interface AutoCandidate {
 /** Least predicted gain in tokens per second for which a step drafts at all. */
 const REQUIRED_GAIN = 0.1;
 
+/** Probes: chains of PROBE_DEPTH drafted for an auto request kept at no tree, at most
+ *  every MIN_PROBE_INTERVAL steps, spending at most PROBE_BUDGET of the time of the
+ *  plain steps before them, and only where a chain would pay were PROBE_IF_PAYS_AT of
+ *  its nodes accepted (when even that loses, a full batch or a costly drafter, probing
+ *  is waste). */
+export const PROBE_DEPTH = 2;
+const MIN_PROBE_INTERVAL = 8;
+const PROBE_BUDGET = 0.02;
+const PROBE_IF_PAYS_AT = 0.9;
+/** Weight of one verified chain in the engine-wide acceptance (a request's own: 0.1):
+ *  the engine-wide one speaks for all requests, so a few rejections should not sway it. */
+const ENGINE_WEIGHT = 0.05;
+/** Share of the way an idle auto request's estimate moves to the engine-wide one per step. */
+const IDLE_RELAX = 1 / 16;
+
 export class CostModel {
   /** Engine-wide acceptance by depth: the starting point of every new request's. */
   readonly acceptance: AcceptanceByDepth;
   /** Observed draft time over predicted SSM forward time (JS overhead per depth). */
   private draftOverhead = 1;
-  /** Observed forward time of steps with tree rows over t(L) (measured on one chain,
-   *  refined by plain steps): what verifying trees of many requests costs beyond it. */
-  private treeOverhead = 1;
 
   constructor(
     readonly llm: CostCurve,
@@ -91,7 +106,7 @@ export class CostModel {
   ) {
     // A neutral prior: a chain of depth d pays while acceptance is high enough; the
     // first steps' observations replace it quickly.
-    this.acceptance = new AcceptanceByDepth(Array(maxDepth).fill(0.6));
+    this.acceptance = new AcceptanceByDepth(Array(maxDepth).fill(0.6), ENGINE_WEIGHT);
   }
 
   /** Predicted drafting time for chains of the given lengths (one SSM forward per depth
@@ -111,23 +126,34 @@ export class CostModel {
     return ms * this.draftOverhead;
   }
 
-  /** Whether adding a chain of `depth` nodes, each accepted at `rate`, to a step of
-   *  `rows` rows yielding `tokens` tokens (the chain's root included in both) raises its
-   *  rate by the required gain, on the measured curves and drafting times, leaving out
-   *  the learned tree overhead and acceptance. Probes ask this: they exist to correct
-   *  those, so they must not depend on them (a few slow tree steps early on would
-   *  otherwise stop drafting for good). */
-  chainPaysOnCurves(depth: number, rate: number, rows: number, tokens: number): boolean {
-    const draft = this.draftMsOf(Array(depth).fill(1));
-    const chainTokens = tokens + new AcceptanceByDepth(Array(depth).fill(rate)).expectedTokens(depth) - 1;
-    return chainTokens / (this.llm.at(rows + depth) + draft) >= (tokens / this.llm.at(rows)) * (1 + REQUIRED_GAIN);
+  /** Whether an auto request kept at no tree should draft a probe chain now, to
+   *  refresh its acceptance estimate. Only where a chain would pay on the measured
+   *  curves if PROBE_IF_PAYS_AT of its nodes were accepted (not on the acceptance
+   *  estimate the probe exists to correct), and only once the probe's cost
+   *  (catching the drafter up on `catchUp` tokens, drafting, the extra rows) is within
+   *  PROBE_BUDGET of the `steps` plain steps since the request last drafted: a probe
+   *  whose catch-up costs many steps waits until it is a small share of them. */
+  probePays(steps: number, catchUp: number, rows: number, tokens: number): boolean {
+    if (steps < MIN_PROBE_INTERVAL) return false;
+    const draft = this.draftMsOf(Array(PROBE_DEPTH).fill(1));
+    const chainTokens = tokens + new AcceptanceByDepth(Array(PROBE_DEPTH).fill(PROBE_IF_PAYS_AT)).expectedTokens(PROBE_DEPTH) - 1;
+    const verify = this.llm.at(rows + PROBE_DEPTH);
+    if (chainTokens / (verify + draft) < (tokens / this.llm.at(rows)) * (1 + REQUIRED_GAIN)) return false;
+    // The probe's drafting: the catch-up pass, then one pass per further depth.
+    const probeDraft = this.drafter ? (this.drafter.at(catchUp) + (PROBE_DEPTH - 1) * this.drafter.at(1)) * this.draftOverhead : 0;
+    return probeDraft + verify - this.llm.at(rows) <= PROBE_BUDGET * steps * this.llm.at(rows);
   }
 
-  /** A step's forward time: plain steps refine t(L), steps with tree rows the
-   *  overhead of trees over it. */
-  observeStep(tokens: number, ms: number, treeRows: boolean): void {
-    if (!treeRows) return this.llm.observe(tokens, ms);
-    this.treeOverhead += 0.1 * (Math.min(3, Math.max(0.5, ms / this.llm.at(tokens))) - this.treeOverhead);
+  /** A plain decode step of an auto request: its estimate gets no news, so it drifts
+   *  back to the engine-wide one (a request that stopped drafting after a few
+   *  rejections starts again when the others' acceptance says a chain pays). */
+  observeIdle(acceptance: AcceptanceByDepth): void {
+    acceptance.relaxToward(this.acceptance, IDLE_RELAX);
+  }
+
+  /** A step's forward time, trees or not: t(L) is the time of L rows whatever they hold. */
+  observeStep(tokens: number, ms: number): void {
+    this.llm.observe(tokens, ms);
   }
 
   observeDraft(depths: readonly number[], ms: number): void {
@@ -137,19 +163,19 @@ export class CostModel {
 
   /** Chain length per candidate maximising expected tokens per second of the whole
    *  step, given `fixedRows` batch rows already taken (prefill chunks, fixed trees,
-   *  plain decodes; `fixedTrees` when they hold trees) and `fixedTokens` tokens those
+   *  plain decodes) and `fixedTokens` tokens those
    *  yield. Greedy: apply the one
    *  lengthening (of any request, by any number of nodes, since a first node pays the
    *  whole drafting pass) that raises the step's rate most, while one does. Each trial
    *  is costed from running sums, so a step with many requests stays cheap to plan. */
-  choose(candidates: readonly AutoCandidate[], fixedRows: number, fixedTokens: number, rowBudget: number, fixedTrees = false): number[] {
+  choose(candidates: readonly AutoCandidate[], fixedRows: number, fixedTokens: number, rowBudget: number): number[] {
     const depths = candidates.map(() => 0);
     const maxDepth = Math.max(0, ...candidates.map((c) => c.maxDepth));
     const growing = new Array<number>(maxDepth).fill(0);
     let tokens = fixedTokens + candidates.reduce((n, c) => n + c.acceptance.expectedTokens(0), 0);
     let rows = fixedRows + candidates.length;
     const rate = (t: number, r: number) =>
-      t / (this.llm.at(r) * (growing[0] > 0 || fixedTrees ? this.treeOverhead : 1) + this.draftMsOf(growing));
+      t / (this.llm.at(r) + this.draftMsOf(growing));
     const none = rate(tokens, rows);
     let best = none;
     for (;;) {

@@ -34,6 +34,11 @@ export class AcceptanceByDepth {
     }
   }
 
+  /** Moves every rate a share `weight` of the way to `other`'s. */
+  relaxToward(other: AcceptanceByDepth, weight: number): void {
+    for (let d = 0; d < this.rates.length; d++) this.rates[d] += weight * ((other.rates[d] ?? this.rates[d]) - this.rates[d]);
+  }
+
   /** Expected tokens from one step with a chain of `depth` nodes (the LLM's own included). */
   expectedTokens(depth: number): number {
     let total = 1;

@@ -9,7 +9,7 @@
 import type { KVCache } from "../kv/cache";
 import type { DraftPlan, Speculator } from "../speculation/speculator";
 import { AUTO_MAX_DEPTH, chainShape } from "../speculation/speculator";
-import type { CostModel } from "./cost";
+import { PROBE_DEPTH, type CostModel } from "./cost";
 import type { Request } from "./request";
 
 export interface PrefillEntry {
@@ -47,14 +47,6 @@ export interface SchedulerLimits {
   /** Most logit rows one forward returns. */
   maxLogitRows: number;
 }
-
-/** Decode steps between probes of an auto request the cost model keeps at no tree:
- *  its acceptance estimate would otherwise never be refreshed. */
-const PROBE_INTERVAL = 64;
-const PROBE_DEPTH = 2;
-/** A probe is spent only where a chain would pay if this share of drafted tokens were
- *  accepted: when even that loses (a full batch, a costly drafter), probing is waste. */
-const PROBE_IF_PAYS_AT = 0.9;
 
 export class Scheduler {
   readonly waiting: Request[] = [];
@@ -228,22 +220,19 @@ export class Scheduler {
     const isAuto = new Set(auto.map((a) => a.i));
     const fixedRows = prefillRows + out.reduce((n, o, i) => n + (isAuto.has(i) ? 0 : 1 + (o.draft ? this.speculator!.maxNodes(o.draft) : 0)), 0);
     const fixedTokens = decoding.length - auto.length;
-    const fixedTrees = out.some((o, i) => !isAuto.has(i) && o.draft !== null);
     const remaining = (req: Request) => req.config.maxNewTokens - req.generated.length - 1;
     const depths = this.cost.choose(
       auto.map(({ req }) => ({ acceptance: req.acceptance, maxDepth: Math.max(0, Math.min(AUTO_MAX_DEPTH, remaining(req))) })),
       fixedRows,
       fixedTokens,
       Math.min(this.limits.maxTokensPerBatch, this.limits.maxLogitRows),
-      fixedTrees,
     );
     const batchRows = fixedRows + depths.reduce((n, d) => n + 1 + d, 0);
-    const probePays = () => this.cost!.chainPaysOnCurves(PROBE_DEPTH, PROBE_IF_PAYS_AT, batchRows, decoding.length);
     auto.forEach(({ req, i }, k) => {
       let depth = depths[k];
-      if (depth === 0 && req.stepsWithoutDraft >= PROBE_INTERVAL) {
-        if (probePays()) depth = Math.min(PROBE_DEPTH, Math.max(0, remaining(req)));
-        else req.stepsWithoutDraft = 0; // asked again an interval later, not every step
+      // A request kept at no tree probes now and then: its estimate gets no news otherwise.
+      if (depth === 0 && this.cost!.probePays(req.stepsWithoutDraft, this.speculator!.catchUpTokens(req.id, req.tokens.length), batchRows, decoding.length)) {
+        depth = Math.min(PROBE_DEPTH, Math.max(0, remaining(req)));
       }
       out[i] = { draft: depth > 0 ? this.autoPlan(req, depth) : null, autoDepth: depth };
     });

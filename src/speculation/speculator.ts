@@ -203,6 +203,12 @@ export class Speculator {
   accept(request: number, newTokens: readonly number[]): void {
     for (const s of this.ssms) s.accept(request, newTokens);
   }
+
+  /** Tokens the SSMs would feed to catch up before drafting for a request now holding
+   *  `tokens` tokens (the most of any SSM). */
+  catchUpTokens(request: number, tokens: number): number {
+    return Math.max(0, ...this.ssms.map((s) => s.catchUpTokens(request, tokens)));
+  }
 }
 
 /** A speculator shaped for `llm`: trees small enough for one of its forwards. */

@@ -128,6 +128,11 @@ export class SSMDrafter {
     s.fed.clear();
   }
 
+  /** Tokens a draft would feed to catch up a request now holding `tokens` tokens. */
+  catchUpTokens(request: number, tokens: number): number {
+    return tokens - this.kv.committed(this.state(request).row);
+  }
+
   /** Feeds every request's tokens that are not in the cache yet, in chunks that fit
    *  a forward, commits them, and returns each root's logits. */
   private catchUp(requests: DraftRequest[]): Float32Array[] {

@@ -14,14 +14,18 @@ describe("CostCurve", () => {
     expect(curve.at(12)).toBeCloseTo(29, 10);
     expect(curve.at(0)).toBe(10);
   });
-  test("an observation moves the measured points around it by their share; farther points stay", () => {
+  test("an observation scales the whole curve: the machine's speed drifts for every size alike", () => {
     const c = new CostCurve([{ tokens: 1, ms: 10 }, { tokens: 3, ms: 14 }, { tokens: 5, ms: 18 }]);
-    c.observe(3, 24, 0.5); // on a grid point: only that point, half way
-    expect([c.at(1), c.at(3), c.at(5)]).toEqual([10, 19, 18]);
-    c.observe(2, 24.5, 0.5); // half way between 1 and 3: predicted 14.5, each moves 0.5 * 0.5 * 10
-    expect([c.at(1), c.at(3), c.at(5)]).toEqual([12.5, 21.5, 18]);
-    c.observe(9, 30, 0.5); // past the grid: the last point; predicted 18 + 4 * -1.75 = 11, moves 0.5 * 19
-    expect([c.at(1), c.at(3), c.at(5)]).toEqual([12.5, 21.5, 27.5]);
+    c.observe(1, 20, 0.5); // seen at twice the curve: the speed factor moves half way, to 1.5
+    expect([c.at(1), c.at(2), c.at(3), c.at(5), c.at(9)]).toEqual([15, 18, 21, 27, 39]);
+    c.observe(3, 21, 0.5); // as predicted: nothing moves
+    expect(c.at(5)).toBe(27);
+    c.observe(1, 1000, 0.5); // one stall counts at most three times the current factor
+    expect(c.at(1)).toBe(10 * (1.5 + 0.5 * (4.5 - 1.5)));
+  });
+  test("more tokens never cost less: a point measured above a larger size's time takes that time", () => {
+    const c = new CostCurve([{ tokens: 1, ms: 10 }, { tokens: 2, ms: 25 }, { tokens: 3, ms: 12 }, { tokens: 4, ms: 13 }]);
+    expect([c.at(1), c.at(2), c.at(3), c.at(4)]).toEqual([10, 12, 12, 13]);
   });
   test("the measurement grid is every size up to 16, then powers of two up to the limit", () => {
     expect(measurementGrid(40)).toEqual([...Array.from({ length: 16 }, (_, i) => i + 1), 32, 40]);
@@ -36,6 +40,11 @@ describe("AcceptanceByDepth", () => {
     const a = new AcceptanceByDepth([0.5, 0.5, 0.5]);
     expect(a.expectedTokens(0)).toBe(1);
     expect(a.expectedTokens(3)).toBeCloseTo(1 + 0.5 + 0.25 + 0.125, 12);
+  });
+  test("an idle estimate relaxes towards another by the given share at every depth", () => {
+    const a = new AcceptanceByDepth([0.2, 0.4, 0.9]);
+    a.relaxToward(new AcceptanceByDepth([0.6, 0.8, 0.5]), 0.25);
+    expect(a.rates.map((r) => Math.round(r * 1e9) / 1e9)).toEqual([0.3, 0.5, 0.8]);
   });
   test("observations move only the depths the chain reached", () => {
     const a = new AcceptanceByDepth([0.5, 0.5, 0.5, 0.5], 0.5);
@@ -66,27 +75,39 @@ describe("CostModel.choose", () => {
     expect(chain(0.8)).toBe(1); // 1.8 / 1.62 = +11.1%
   });
 
-  test("steps with trees observed slower than t(L) make trees pay less; plain steps refine t(L) only", () => {
-    const model = new CostModel(flatThenLinear, cheapDraft, 6);
-    const half = () => [{ acceptance: new AcceptanceByDepth([0.5, 0.5, 0.5, 0.5, 0.5, 0.5]), maxDepth: 6 }];
-    expect(model.choose(half(), 0, 0, 512)[0]).toBeGreaterThan(0);
-    for (let i = 0; i < 50; i++) model.observeStep(1, 10, false); // as predicted
-    expect(model.choose(half(), 0, 0, 512)[0]).toBeGreaterThan(0);
-    for (let i = 0; i < 50; i++) model.observeStep(7, 30, true); // trees cost 3x the curve
-    expect(model.choose(half(), 0, 0, 512)[0]).toBe(0);
-    expect(flatThenLinear.at(7)).toBe(10); // the curve itself is left alone
+  test("every step, with trees or without, scales t(L): a slower machine makes the same chain pay less", () => {
+    const curve = new CostCurve([1, 2, 4, 8, 16].map((tokens) => ({ tokens, ms: 10 })));
+    // A costly drafter: a 1-node chain costs 10 ms to verify and 4 ms to draft.
+    const model = new CostModel(curve, new CostCurve([{ tokens: 1, ms: 2 }, { tokens: 2, ms: 4 }]), 1);
+    const chain = () => model.choose([{ acceptance: new AcceptanceByDepth([0.8]), maxDepth: 1 }], 0, 0, 512)[0];
+    expect(chain()).toBe(1); // 1.8 / 14 ms = +28.6% over 1 / 10 ms
+    for (let i = 0; i < 100; i++) model.observeStep(2, 4); // the machine became 2.5x faster, drafting did not
+    expect(curve.at(1)).toBeCloseTo(4, 1);
+    expect(chain()).toBe(0); // 1.8 / 8 ms = -10% against 1 / 4 ms
   });
 
-  test("whether a probe pays is judged on the measured curves alone, so learned overheads cannot stop probes for good", () => {
+  test("whether a probe pays is judged on the curves, not on the acceptance it exists to correct", () => {
     const model = new CostModel(flatThenLinear, cheapDraft, 6);
-    expect(model.chainPaysOnCurves(2, 0.9, 1, 1)).toBe(true);
-    for (let i = 0; i < 50; i++) model.observeStep(3, 30, true); // tree steps seen at 3x the curve
-    expect(model.choose([{ acceptance: new AcceptanceByDepth([0.5, 0.5]), maxDepth: 2 }], 0, 0, 512)).toEqual([0]);
-    expect(model.chainPaysOnCurves(2, 0.9, 1, 1)).toBe(true);
+    expect(model.choose([{ acceptance: new AcceptanceByDepth([0.05, 0.05]), maxDepth: 2 }], 0, 0, 512)).toEqual([0]);
+    expect(model.probePays(64, 2, 1, 1)).toBe(true);
     // Where the curve itself says no (each row costs a decode), no probe either.
     const linear = new CostModel(new CostCurve([1, 64].map((tokens) => ({ tokens, ms: tokens }))), cheapDraft, 6);
-    expect(linear.chainPaysOnCurves(2, 0.9, 1, 1)).toBe(false);
-    expect(linear.chainPaysOnCurves(2, 0.9, 16, 16)).toBe(false);
+    expect(linear.probePays(1000, 2, 1, 1)).toBe(false);
+    expect(linear.probePays(1000, 2, 16, 16)).toBe(false);
+  });
+
+  test("a probe spends at most 2% of the plain steps since the last draft: a long catch-up waits for more of them", () => {
+    // Drafting costs 0.1 ms per token fed; a plain step 10 ms. A probe of 2 nodes costs
+    // its catch-up pass, one more pass of one token and nothing extra to verify (flat curve).
+    const model = new CostModel(flatThenLinear, new CostCurve([{ tokens: 1, ms: 0.1 }, { tokens: 1000, ms: 100 }]), 6);
+    const firstProbe = (catchUp: number) => {
+      let steps = 0;
+      while (!model.probePays(steps, catchUp, 1, 1)) steps++;
+      return steps;
+    };
+    expect(firstProbe(2)).toBe(8); // cheap: after the least interval
+    expect(firstProbe(500)).toBe(Math.ceil((50 + 0.1) / (0.02 * 10))); // 251 plain steps of 10 ms
+    expect(firstProbe(1000)).toBeGreaterThan(firstProbe(500));
   });
 
   test("deep chains when verifying is nearly free and acceptance is high", () => {
