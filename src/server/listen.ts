@@ -47,22 +47,24 @@ export function listen(app: Hono, opts: ListenOptions) {
 
 const refusal = (e: ApiError) => Response.json(e.body(), { status: e.status });
 
-/** A body over the limit is still read (and dropped) up to this many times the limit
- *  before the 413: a client still sending when the answer comes and the connection
- *  closes sees a reset, not the answer. Past it, the 413 comes at once. */
+/** A body over the limit is still read (and dropped) up to 4x the limit or 16 MiB,
+ *  whichever is more, before the 413: a client still sending when the answer comes and
+ *  the connection closes sees a reset, not the answer. Past it, the 413 comes at once. */
 const DRAIN_FACTOR = 4;
+const MIN_DRAIN_BYTES = 16 * 1024 * 1024;
 
 /** The whole body, or the error answer when it is over `limit` bytes or the client
  *  stopped sending (then nobody reads the answer). */
 async function readBody(request: Request, limit: number): Promise<Uint8Array | Response> {
   const tooLarge = () => refusal(new ApiError(413, `the request body is over the limit of ${limit} bytes`, null, "body_too_large"));
-  if (Number(request.headers.get("Content-Length") ?? 0) > DRAIN_FACTOR * limit) return tooLarge();
+  const drain = Math.max(DRAIN_FACTOR * limit, MIN_DRAIN_BYTES);
+  if (Number(request.headers.get("Content-Length") ?? 0) > drain) return tooLarge();
   const chunks: Uint8Array[] = [];
   let size = 0;
   try {
     for await (const chunk of request.body ?? []) {
       size += chunk.byteLength;
-      if (size > DRAIN_FACTOR * limit) return tooLarge();
+      if (size > drain) return tooLarge();
       if (size <= limit) chunks.push(chunk);
     }
     if (size > limit) return tooLarge();

@@ -458,9 +458,11 @@ describe("regressions found by the fuzzer", () => {
 
 describe("regressions found by the fuzzer: bodies over the limit", () => {
   // The 413 was sent before the rest of the body was read; the client, still sending,
-  // then saw the connection reset (ECONNRESET) instead of the answer.
-  test("a body over the limit (up to 4x) gets the JSON 413, never a reset connection", async () => {
-    const oversize = (i: number) => JSON.stringify({ ...ROUTES.completions.body, extra: "x".repeat(MAX_BODY + (i % 4) * MAX_BODY * 0.7) });
+  // then saw the connection reset (ECONNRESET) instead of the answer. First fixed for
+  // bodies up to 4x the limit; the fuzzer then found resets past that (a 300 KB string
+  // against a 64 KB limit), so bodies are drained up to 16 MiB whatever the limit.
+  test("a body over the limit (up to 16 MiB) gets the JSON 413, never a reset connection", async () => {
+    const oversize = (i: number) => JSON.stringify({ ...ROUTES.completions.body, extra: "x".repeat(MAX_BODY * [1.1, 3.5, 6, 20][i % 4]) });
     for (let round = 0; round < 50; round++) {
       const answers = await Promise.all([0, 1, 2, 3].map((i) => send(ROUTES.completions.path, oversize(i))));
       for (const a of answers) {
