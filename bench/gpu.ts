@@ -156,10 +156,10 @@ function verifyCurve(gpu: CudaBackend, path: string): Record<string, unknown> {
       const b = new BatchBuilder(llm.maxWords);
       b.addChain(row, prefix, Array.from({ length: L }, (_, i) => 7 + i), prefix, "all");
       const batch = b.build();
-      for (let i = 0; i < 3; i++) graphs.forward(batch, kv); // eager, capture, replay
+      for (let i = 0; i < 3; i++) graphs.run(batch, kv).host(); // eager, capture, replay
       const reps = 20;
       const t0 = performance.now();
-      for (let i = 0; i < reps; i++) graphs.forward(batch, kv); // each ends with its logits download
+      for (let i = 0; i < reps; i++) graphs.run(batch, kv).host(); // each ends with its logits download
       ms[L] = (performance.now() - t0) / reps;
     }
     const ratio = Object.fromEntries(Object.entries(ms).map(([L, t]) => [L, round(t / ms[1]!, 3)]));

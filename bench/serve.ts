@@ -99,8 +99,9 @@ async function load(llm: LLM, clients: number, requests: number, opts: GenerateO
   };
 }
 
-/** Extra fixed trees run at one client only: the list bench:cpu compares on the widened
- *  pair, so "auto" can be held against the best of them. */
+/** Extra fixed trees run at one client only, inside the same interleaved repeats: the
+ *  list bench:cpu compares on the widened pair, so "auto" can be held against the best
+ *  of them run back to back with it. */
 async function benchPair(
   name: string, model: string | undefined, ssms: string[], newTokens: number,
   { requestsPerClient, repeats, extraTrees = [] }: { requestsPerClient: number; repeats: number; extraTrees?: string[] },
@@ -112,38 +113,36 @@ async function benchPair(
   const rows: Record<string, unknown>[] = [];
   for (const clients of CONCURRENCY) {
     const requests = Math.max(requestsPerClient * clients, 8);
+    const modes = clients === 1 ? [...MODES, ...extraTrees.map((tree) => ({ name: `fixed ${tree}`, speculation: { tree } }))] : MODES;
     // Modes interleaved per repeat, so drift in machine speed hits them alike; the
     // repeat with the median throughput is reported.
     const runs: Record<string, Awaited<ReturnType<typeof load>>[]> = {};
     for (let rep = 0; rep < repeats; rep++) {
-      for (const mode of MODES) (runs[mode.name] ??= []).push(await load(llm, clients, requests, { ...opts, speculation: mode.speculation }));
+      for (const mode of modes) (runs[mode.name] ??= []).push(await load(llm, clients, requests, { ...opts, speculation: mode.speculation }));
     }
-    for (const mode of MODES) {
+    for (const mode of modes) {
       const inOrder = runs[mode.name].map((x) => x.tokensPerSecond);
       const r = [...runs[mode.name]].sort((a, b) => a.tokensPerSecond - b.tokensPerSecond)[Math.floor(repeats / 2)];
       rows.push({ mode: mode.name, ...r, repeatsTokensPerSecond: inOrder });
       log(`  ${name} c=${clients} ${mode.name}: ${r.tokensPerSecond} tok/s (repeats ${inOrder.join(", ")}), ttft p50 ${r.ttftMs.p50} ms, itl p50 ${r.itlMs.p50} p99 ${r.itlMs.p99} ms, tree ${r.meanTreeNodesPerStep}, accepted ${r.meanAcceptedLength} (other load ${r.otherProcessesCores})`);
     }
   }
-  for (const tree of extraTrees) {
-    const r = await load(llm, 1, Math.max(requestsPerClient, 8), { ...opts, speculation: { tree } });
-    rows.push({ mode: `fixed ${tree}`, ...r });
-    log(`  ${name} c=1 fixed ${tree}: ${r.tokensPerSecond} tok/s, tree ${r.meanTreeNodesPerStep}, accepted ${r.meanAcceptedLength} (other load ${r.otherProcessesCores})`);
-  }
   const costCurve = (await llm.stats()).costCurve;
   await llm.close();
   const rate = (c: number, mode: string) => rows.find((r) => r.clients === c && r.mode === mode)?.tokensPerSecond as number;
   // Median over repeats of the ratio within each repeat (the two ran back to back), so
   // drift in machine speed between repeats cancels.
+  const runsOf = (c: number, mode: string) => rows.find((r) => r.clients === c && r.mode === mode)?.repeatsTokensPerSecond as number[];
   const ratio = (c: number, a: string, b: string) => {
-    const runsOf = (mode: string) => rows.find((r) => r.clients === c && r.mode === mode)?.repeatsTokensPerSecond as number[];
-    const [xs, ys] = [runsOf(a), runsOf(b)];
+    const [xs, ys] = [runsOf(c, a), runsOf(c, b)];
     return round(percentile(xs.map((x, i) => x / ys[i]), 50), 3);
   };
+  const fixedTrees = ["1,1,1", ...extraTrees].map((t) => runsOf(1, `fixed ${t}`));
   const ratios = {
     autoOverOff: Object.fromEntries(CONCURRENCY.map((c) => [c, ratio(c, "auto", "off")])),
     autoOverFixed: Object.fromEntries(CONCURRENCY.map((c) => [c, ratio(c, "auto", "fixed 1,1,1")])),
-    autoOverBestFixedAtOneClient: round(rate(1, "auto") / Math.max(...["1,1,1", ...extraTrees].map((t) => rate(1, `fixed ${t}`))), 3),
+    // Within each repeat: auto over the fastest fixed tree of that repeat.
+    autoOverBestFixedAtOneClient: round(percentile(runsOf(1, "auto").map((x, i) => x / Math.max(...fixedTrees.map((f) => f[i]))), 50), 3),
     // 8 concurrent clients against the same 8 requests one after another (1 client).
     concurrent8OverSequential: CONCURRENCY.includes(8) && CONCURRENCY.includes(1)
       ? Object.fromEntries(MODES.map((m) => [m.name, round(rate(8, m.name) / rate(1, m.name), 3)]))
@@ -157,7 +156,7 @@ const results: Record<string, unknown> = { date: new Date().toISOString(), threa
 if (PAIRS.includes("embedded")) (results.pairs as unknown[]).push(await benchPair("embedded", undefined, [DEFAULT_DRAFT], QUICK ? 32 : 128, { requestsPerClient: QUICK ? 2 : 8, repeats: QUICK ? 1 : 5 }));
 if (PAIRS.includes("widened")) {
   const { target, draft } = widenedPair(widenSpecs(QUICK, (process.env.WIDEN_DTYPE ?? "Q8_0") as WriteDType), join(import.meta.dir, ".models"), log);
-  (results.pairs as unknown[]).push(await benchPair("widened", target, [draft], QUICK ? 16 : 48, { requestsPerClient: 4, repeats: 1, extraTrees: WIDENED_TREES }));
+  (results.pairs as unknown[]).push(await benchPair("widened", target, [draft], QUICK ? 16 : 48, { requestsPerClient: 4, repeats: QUICK ? 1 : 3, extraTrees: WIDENED_TREES }));
 }
 results.loadavgAfter = loadavg();
 process.stderr.write(markdownTable(results.pairs as Awaited<ReturnType<typeof benchPair>>[]) + "\n");

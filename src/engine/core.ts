@@ -283,14 +283,15 @@ export class Engine {
   private updateEntry(entry: StepEntry, run: StepRun, i: number, pick: TreeOutcome | null, events: EngineEvent[]): void {
     const vocab = this.llm.config.vocabSize;
     const req = entry.req;
-    const { first, count, tree } = run.rows[i];
-    const rows = run.logits.subarray(first * vocab, (first + count) * vocab);
+    const { first, tree } = run.rows[i];
+    // Logits rows on the host only for what reads them there (logprobs).
+    const row = (r: number) => run.logits.host().subarray((first + r) * vocab, (first + r + 1) * vocab);
     const committed = this.kv.committed(req.row);
     if (entry.kind === "prefill") {
       this.kv.commit(req.row, range(committed, entry.count));
       req.stats.prefill(entry.count, run.forwardMs);
       if (req.generated.length === 0) this.counters.promptTokens += entry.count;
-      if (entry.emits) this.emit(req, [pickedToken(pick!)], [false], [rows], events);
+      if (entry.emits) this.emit(req, [pickedToken(pick!)], [false], () => row(0), events);
       if (req.finishReason) this.finish(req, events);
       return;
     }
@@ -308,9 +309,8 @@ export class Engine {
       this.kv.commit(req.row, [committed, ...acceptedNodes.map((n) => committed + 1 + n)]);
       // Emitted token k is predicted by the root's row (k = 0) or accepted node k-1's.
       const at = [0, ...acceptedNodes.map((n) => 1 + n)];
-      const tokenRows = result.tokens.map((_, k) => rows.subarray(at[k] * vocab, (at[k] + 1) * vocab));
       this.speculator?.accept(req.id, result.tokens);
-      const kept = this.emit(req, result.tokens, result.tokens.map((_, k) => k < acceptedNodes.length), tokenRows, events);
+      const kept = this.emit(req, result.tokens, result.tokens.map((_, k) => k < acceptedNodes.length), (k) => row(at[k]), events);
       // Accepted drafts cut by a stop condition were not emitted: they do not count.
       const accepted = acceptedNodes.slice(0, kept);
       req.stats.speculative(tree, accepted);
@@ -322,7 +322,7 @@ export class Engine {
       this.kv.commit(req.row, [committed]);
       const token = pickedToken(pick!);
       this.speculator?.accept(req.id, [token]);
-      this.emit(req, [token], [false], [rows], events);
+      this.emit(req, [token], [false], () => row(0), events);
       if (req.finishReason) this.finish(req, events);
     }
   }
@@ -370,10 +370,10 @@ export class Engine {
   }
 
   /** Appends tokens until a stop condition (EOS, stop ids, max tokens, context, stop
-   *  string), emits them with their text, and finishes the request if one hit. */
-  /** Returns how many of `tokens` were kept; sets finishReason when one hit (the
-   *  caller finishes the request once its statistics are in). */
-  private emit(req: Request, tokens: number[], fromDraft: boolean[], rows: Float32Array[], events: EngineEvent[]): number {
+   *  string) and emits them with their text. Returns how many of `tokens` were kept;
+   *  sets finishReason when one hit (the caller finishes the request once its
+   *  statistics are in). `logitsOf(k)` is token k's logits row, read for logprobs only. */
+  private emit(req: Request, tokens: number[], fromDraft: boolean[], logitsOf: (k: number) => Float32Array, events: EngineEvent[]): number {
     let keep = tokens.length;
     let reason: FinishReason | null = null;
     for (let k = 0; k < tokens.length; k++) {
@@ -400,7 +400,7 @@ export class Engine {
         reason = "stop";
       }
     }
-    const logprobs = req.logprobs ? kept.map((t, k) => tokenLogprob(rows[k], t, req.config.logprobs!)) : undefined;
+    const logprobs = req.logprobs ? kept.map((t, k) => tokenLogprob(logitsOf(k), t, req.config.logprobs!)) : undefined;
     for (let k = 0; k < kept.length; k++) {
       req.generated.push(kept[k]);
       req.fromDraft.push(fromDraft[k]);

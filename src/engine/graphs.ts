@@ -7,7 +7,7 @@
 // and the library checks each replayed op (name, shapes, pointers) against its capture.
 // A replay that differs runs again without the graph, and that bucket stays eager.
 
-import type { CausalLM } from "../model/causal-lm";
+import type { CausalLM, DeviceLogits } from "../model/causal-lm";
 import type { PagedKV, TokenBatch } from "../model/batch";
 
 /** Token counts a step is padded to. 15 | 16 and 32 | 33 are kept apart: the CUDA
@@ -77,26 +77,32 @@ export class StepGraphs {
     readonly enabled = onOneGpu(llm),
   ) {}
 
-  /** llm.forward(batch, kv), through a graph where possible; logits of the batch's own rows. */
-  forward(batch: TokenBatch, kv: PagedKV): Float32Array {
+  /** llm.run(batch, kv), through a graph where possible; logits of the batch's own rows. */
+  run(batch: TokenBatch, kv: PagedKV): DeviceLogits {
     const key = this.enabled ? this.keyOf(batch) : -1;
     if (key < 0 || this.eager.has(key)) {
       this.stats.eager++;
-      return this.llm.forward(batch, kv);
+      return this.llm.run(batch, kv);
     }
     const n = TOKEN_BUCKETS[Math.floor(key / ROW_BUCKETS.length)]!;
     const rows = ROW_BUCKETS[key % ROW_BUCKETS.length]!;
     const padded = padBatch(batch, n, rows, Math.ceil(n / 32));
-    const own = (logits: Float32Array) => logits.subarray(0, batch.logitRows.length * this.llm.config.vocabSize);
+    // The padded rows come after the batch's own.
+    const rowsOwn = batch.logitRows.length;
+    const own = (logits: DeviceLogits): DeviceLogits => ({
+      ptr: logits.ptr,
+      rows: rowsOwn,
+      host: () => logits.host().subarray(0, rowsOwn * this.llm.config.vocabSize),
+    });
     if (!this.warm.has(key)) {
       this.warm.add(key);
       this.stats.eager++;
-      return own(this.llm.forward(padded, kv));
+      return own(this.llm.run(padded, kv));
     }
     const b = this.llm.backend;
     try {
       b.graphBegin(key);
-      const logits = this.llm.forward(padded, kv);
+      const logits = this.llm.run(padded, kv);
       b.graphEnd(1);
       this.stats[this.captured.has(key) ? "replayed" : "captured"]++;
       this.captured.add(key);
@@ -107,7 +113,7 @@ export class StepGraphs {
       b.graphDrop(key);
       this.eager.add(key);
       this.stats.eager++;
-      return own(this.llm.forward(padded, kv));
+      return own(this.llm.run(padded, kv));
     }
   }
 

@@ -4,7 +4,7 @@
 
 import type { KVCache } from "../kv/cache";
 import { BatchBuilder } from "../model/batch";
-import type { CausalLM } from "../model/causal-lm";
+import type { CausalLM, DeviceLogits } from "../model/causal-lm";
 import type { Speculator, StepDraft } from "../speculation/speculator";
 import { StepGraphs } from "./graphs";
 import type { StepEntry } from "./scheduler";
@@ -31,7 +31,8 @@ export interface EntryRows {
 }
 
 export interface StepRun {
-  logits: Float32Array;
+  /** On the LLM's device: the sampler reads them there. */
+  logits: DeviceLogits;
   rows: EntryRows[];
   batchTokens: number;
   draftMs: number;
@@ -68,6 +69,6 @@ export function runStep(llm: CausalLM, kv: KVCache, speculator: Speculator | nul
   }
   const batch = builder.build();
   const t1 = performance.now();
-  const logits = graphsOf(llm).forward(batch, kv);
+  const logits = graphsOf(llm).run(batch, kv);
   return { logits, rows, batchTokens: batch.n, draftMs, forwardMs: performance.now() - t1 };
 }

@@ -6,7 +6,7 @@
 import { DType, type Backend, type DeviceBuffer, type KVDType, type Ptr } from "../backend/backend";
 import { shardProblem, shardShape, type Shard } from "../backend/group";
 import type { PagedKV, TokenBatch } from "./batch";
-import type { CausalLM, ForwardOptions } from "./causal-lm";
+import type { CausalLM, DeviceLogits, ForwardOptions } from "./causal-lm";
 import type { ModelConfig } from "./config";
 import type { LoadedModel, TensorRef } from "./load";
 import { rankConfig, type PartialSum, type Placement } from "./parallel";
@@ -76,7 +76,11 @@ export abstract class NativeModel implements CausalLM {
       : new Float32Array(this.leader ? this.maxLogitRows * c.vocabSize : 0);
   }
 
-  abstract forward(batch: TokenBatch, kv: PagedKV): Float32Array;
+  abstract run(batch: TokenBatch, kv: PagedKV): DeviceLogits;
+
+  forward(batch: TokenBatch, kv: PagedKV): Float32Array {
+    return this.run(batch, kv).host();
+  }
 
   close(): void {
     for (const buf of this.owned) this.backend.free(buf);
@@ -131,17 +135,26 @@ export abstract class NativeModel implements CausalLM {
   /** Logits of the batch's logit rows of x [n, hidden]: gathers them, applies `finish`
    *  (the final norm, in place on [rows, hidden]; it returns the head's input, which a
    *  final projection may put elsewhere), then the head. */
-  protected logits(batch: TokenBatch, x: Ptr, finish: (h: Ptr, rows: number) => Ptr | void, head: Linear): Float32Array {
-    const rows = batch.logitRows.length;
-    if (rows === 0 || !this.logitsBuf) return this.logitsHost.subarray(0, 0);
-    const c = this.config;
-    // An f32 "embedding" lookup gathers the rows.
-    this.backend.embedding(x, DType.F32, batch.n, c.hiddenSize, this.logitRowsDev, rows, this.lastHidden);
-    const input = finish(this.lastHidden, rows) ?? this.lastHidden;
-    this.linear(input, rows, head, this.logitsBuf.ptr);
-    const out = this.logitsHost.subarray(0, rows * c.vocabSize);
-    if (!this.logitsBuf.host) this.backend.download(out, this.logitsBuf.ptr);
-    return out;
+  protected logits(batch: TokenBatch, x: Ptr, finish: (h: Ptr, rows: number) => Ptr | void, head: Linear): DeviceLogits {
+    const rows = this.logitsBuf ? batch.logitRows.length : 0;
+    if (rows > 0) {
+      const c = this.config;
+      // An f32 "embedding" lookup gathers the rows.
+      this.backend.embedding(x, DType.F32, batch.n, c.hiddenSize, this.logitRowsDev, rows, this.lastHidden);
+      const input = finish(this.lastHidden, rows) ?? this.lastHidden;
+      this.linear(input, rows, head, this.logitsBuf!.ptr);
+    }
+    const view = this.logitsHost.subarray(0, rows * this.config.vocabSize);
+    let stale = rows > 0 && !this.logitsBuf!.host;
+    return {
+      ptr: this.logitsBuf?.ptr ?? 0,
+      rows,
+      host: () => {
+        if (stale) this.backend.download(view, this.logitsBuf!.ptr);
+        stale = false;
+        return view;
+      },
+    };
   }
 
   private checkBatch(batch: TokenBatch, kv: PagedKV): void {

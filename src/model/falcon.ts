@@ -17,7 +17,7 @@ import { Activation, type Backend, DType, type Ptr, RopeLayout } from "../backen
 import { nameMap, type ExpectedTensor } from "./arch";
 import type { PagedKV, TokenBatch } from "./batch";
 import { type Linear, type Matrix, type Norm, NativeModel } from "./blocks";
-import type { ForwardOptions } from "./causal-lm";
+import type { DeviceLogits, ForwardOptions } from "./causal-lm";
 import { checkConsistent, type Fail, ggufFields, hfFields, type ModelConfig, ropeInvFreq, tokenId, tokenIds } from "./config";
 import { shown } from "./errors";
 import type { LoadedModel } from "./load";
@@ -290,7 +290,7 @@ export class FalconModel extends NativeModel {
     this.rowsV = index(heads.v);
   }
 
-  forward(batch: TokenBatch, kv: PagedKV): Float32Array {
+  run(batch: TokenBatch, kv: PagedKV): DeviceLogits {
     const c = this.config;
     const b = this.backend;
     const n = batch.n;

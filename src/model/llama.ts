@@ -16,7 +16,7 @@
 import { type Backend, type Ptr, RopeLayout } from "../backend/backend";
 import type { PagedKV, TokenBatch } from "./batch";
 import { type Linear, type Matrix, NativeModel } from "./blocks";
-import type { ForwardOptions } from "./causal-lm";
+import type { DeviceLogits, ForwardOptions } from "./causal-lm";
 import { ropeInvFreq } from "./config";
 import type { LoadedModel } from "./load";
 import { runAlone, type ForwardPass, type Placement, type TensorSplits } from "./parallel";
@@ -98,7 +98,7 @@ export class LlamaModel extends NativeModel {
     this.up = this.f32(n * c.intermediateSize);
   }
 
-  forward(batch: TokenBatch, kv: PagedKV): Float32Array {
+  run(batch: TokenBatch, kv: PagedKV): DeviceLogits {
     return runAlone(this.pass(batch, kv));
   }
 

@@ -15,7 +15,7 @@ import { Activation, type Backend, type Ptr } from "../backend/backend";
 import { nameMap, type ExpectedTensor } from "./arch";
 import type { PagedKV, TokenBatch } from "./batch";
 import { type Linear, type Matrix, NativeModel } from "./blocks";
-import type { ForwardOptions } from "./causal-lm";
+import type { DeviceLogits, ForwardOptions } from "./causal-lm";
 import { checkConsistent, type Fail, ggufFields, hfFields, type ModelConfig, tokenId, tokenIds } from "./config";
 import { shown } from "./errors";
 import type { LoadedModel } from "./load";
@@ -241,7 +241,7 @@ export class MPTModel extends NativeModel {
     this.ff = this.f32(n * c.intermediateSize);
   }
 
-  forward(batch: TokenBatch, kv: PagedKV): Float32Array {
+  run(batch: TokenBatch, kv: PagedKV): DeviceLogits {
     const c = this.config;
     const b = this.backend;
     const n = batch.n;

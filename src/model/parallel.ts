@@ -14,7 +14,7 @@ import type { Backend, Ptr } from "../backend/backend";
 import type { Communicator } from "../backend/comm";
 import type { DeviceGroup, Split } from "../backend/group";
 import type { PagedKV, TokenBatch } from "./batch";
-import type { CausalLM } from "./causal-lm";
+import type { CausalLM, DeviceLogits } from "./causal-lm";
 import type { ModelConfig } from "./config";
 import type { LoadedModel } from "./load";
 
@@ -35,9 +35,9 @@ export interface PartialSum {
   count: number;
 }
 
-/** A forward pass that yields at each all-reduce point and returns the logits (empty on
- *  ranks other than the leader). */
-export type ForwardPass = Generator<PartialSum, Float32Array, void>;
+/** A forward pass that yields at each all-reduce point and returns the logits (no rows
+ *  on ranks other than the leader). */
+export type ForwardPass = Generator<PartialSum, DeviceLogits, void>;
 
 /** A model whose forward can run as one rank of a split. */
 export interface SplittableLM extends CausalLM {
@@ -45,7 +45,7 @@ export interface SplittableLM extends CausalLM {
 }
 
 /** Runs a pass on one device: nothing to sum with. */
-export function runAlone(pass: ForwardPass): Float32Array {
+export function runAlone(pass: ForwardPass): DeviceLogits {
   let step = pass.next();
   while (!step.done) step = pass.next();
   return step.value;
@@ -93,6 +93,10 @@ export class ParallelModel implements CausalLM {
   }
 
   forward(batch: TokenBatch, kv: PagedKV): Float32Array {
+    return this.run(batch, kv).host();
+  }
+
+  run(batch: TokenBatch, kv: PagedKV): DeviceLogits {
     if (kv.devices !== this.ranks.length) {
       throw new Error(`forward: the model is split over ${this.ranks.length} devices but its KV cache over ${kv.devices}; make the cache with createKVCache(model)`);
     }

@@ -5,6 +5,7 @@
 // verify.ts are the same rules in TypeScript: the tests' oracle.
 
 import type { Backend, DeviceBuffer, Ptr } from "../backend/backend.ts";
+import type { DeviceLogits } from "../model/causal-lm.ts";
 import { readsContext, type SamplingParams } from "./sampling.ts";
 import type { TokenTree } from "./tree.ts";
 
@@ -111,13 +112,15 @@ export class NativeSampler {
     };
   }
 
-  /** Picks one token per row of `logits` ([rows.length, vocab], row-major) and walks
-   *  `trees`, which cover the rows in order. Returns one outcome per tree; the
-   *  processed rows stay readable through probsRow until the next call. */
-  step(logits: Float32Array, rows: SampleRow[], trees: TreeRows[]): TreeOutcome[] {
+  /** Picks one token per row of `logits` ([rows.length, vocab], row-major: a forward's
+   *  rows on the backend, read there, or rows in host memory) and walks `trees`, which
+   *  cover the rows in order. Returns one outcome per tree; the processed rows stay
+   *  readable through probsRow until the next call. */
+  step(logits: DeviceLogits | Float32Array, rows: SampleRow[], trees: TreeRows[]): TreeOutcome[] {
     const n = rows.length;
     const vocab = this.vocab;
-    if (logits.length < n * vocab) throw new Error(`sampler: ${n} rows of ${vocab} logits needed, got ${logits.length} values`);
+    const have = logits instanceof Float32Array ? Math.floor(logits.length / vocab) : logits.rows;
+    if (have < n) throw new Error(`sampler: ${n} rows of ${vocab} logits needed, got ${have}`);
     const covered = trees.reduce((sum, t) => sum + t.parents.length, 0);
     if (covered !== n) throw new Error(`sampler: the trees cover ${covered} rows, the step has ${n}`);
     this.rows = n;
@@ -137,7 +140,7 @@ export class NativeSampler {
     });
     const probs = s.probs.at(n * vocab * 4);
     const picked = s.picked.at(n * 4);
-    const logitsPtr = this.deviceLogits(logits.subarray(0, n * vocab));
+    const logitsPtr = logits instanceof Float32Array ? this.hostLogits(logits.subarray(0, n * vocab)) : logits.ptr;
     const paramsPtr = this.put(s.params, params);
     const startsPtr = this.put(s.listStart, starts);
     const listed = tokens.length;
@@ -188,9 +191,9 @@ export class NativeSampler {
     for (const buf of Object.values(this.scratch)) buf.free();
   }
 
-  /** The logits' device address: the view itself where the backend can address host
+  /** Host logits' device address: the view itself where the backend can address host
    *  memory (CPU), else an uploaded copy. */
-  private deviceLogits(logits: Float32Array): Ptr {
+  private hostLogits(logits: Float32Array): Ptr {
     return this.backend.addressOf(logits) ?? this.put(this.scratch.logits, logits);
   }
 

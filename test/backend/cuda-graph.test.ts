@@ -103,7 +103,7 @@ gpuTest("trained pair on the GPU: StepGraphs logits equal the plain forward's ov
       const batch = b.build();
       const bucket = TOKEN_BUCKETS[bucketIndex(TOKEN_BUCKETS, len)]!;
       const want = llm.forward(padBatch(batch, bucket, bucket, Math.ceil(bucket / 32)), kv).slice(0, len * llm.config.vocabSize);
-      const got = graphs.forward(batch, kv);
+      const got = graphs.run(batch, kv).host();
       expectBits(`chain of ${len} at ${committed}`, got, want);
       kv.commitPrefix(row, len);
       committed += len;

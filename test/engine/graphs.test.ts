@@ -98,12 +98,12 @@ test("StepGraphs: warm-up, capture and replay of each bucket return the plain fo
   const graphs = new StepGraphs(llm, true);
   const plain = prefillThenTree((b, kv) => llm.forward(b, kv));
   for (let round = 0; round < 3; round++) {
-    const got = prefillThenTree((b, kv) => graphs.forward(b, kv));
+    const got = prefillThenTree((b, kv) => graphs.run(b, kv).host());
     expect(got.map((l) => Array.from(l))).toEqual(plain.map((l) => Array.from(l)));
   }
   // Two buckets (10-token prefill, 5-node tree), each: eager once, captured once, replayed once.
   expect(graphs.stats).toEqual({ eager: 2, captured: 2, replayed: 2 });
   const off = new StepGraphs(llm, false);
-  prefillThenTree((b, kv) => off.forward(b, kv));
+  prefillThenTree((b, kv) => off.run(b, kv).host());
   expect(off.stats).toEqual({ eager: 2, captured: 0, replayed: 0 });
 });

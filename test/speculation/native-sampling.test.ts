@@ -2,12 +2,17 @@
 // in src/speculation/sampling.ts and verify.ts, on random logits (fast-check): greedy
 // picks with ties, -inf, NaN, penalties and bias equal greedyToken; sampled rows give
 // processLogits' distribution and draw what sampleAt(.., uniformAt(seed, position))
-// draws; the native tree walk accepts what verify accepts; bad input is refused by name.
+// draws; the native tree walk accepts what verify accepts; bad input is refused by name;
+// a forward's logits are sampled on its device, as they would be from their host copy.
 
 import { afterAll, describe, expect, test } from "bun:test";
 import fc from "fast-check";
+import { join } from "node:path";
 import { BackendError } from "../../src/backend/backend.ts";
 import { CpuBackend } from "../../src/backend/cpu.ts";
+import { createKVCache } from "../../src/kv/cache.ts";
+import { BatchBuilder } from "../../src/model/batch.ts";
+import { loadModel } from "../../src/model/registry.ts";
 import { uniformAt } from "../../src/speculation/rng.ts";
 import { NativeSampler, requestRows, type SampleRow } from "../../src/speculation/sampler.ts";
 import { greedyToken, processLogits, type SamplingParams } from "../../src/speculation/sampling.ts";
@@ -271,5 +276,37 @@ describe("bad input is refused by name and the backend keeps working", () => {
     expect(() => s.step(new Float32Array(2 * vocab), rows, [{ parents: Int32Array.of(-1), tokens: Int32Array.of(0) }])).toThrow(
       /the trees cover 1 rows, the step has 2/,
     );
+  });
+});
+
+describe("a forward's logits are sampled where they lie", () => {
+  test("run() leaves the rows on the device: the sampler reads them there and picks what it picks from their host copy; host() is forward()'s logits", () => {
+    const model = loadModel(join(import.meta.dir, "..", "..", "models", "llama-shakespeare-8m"), simd, { maxBatchTokens: 32 });
+    const kv = createKVCache(model, { maxSeqs: 1, maxSeqLen: 64 });
+    try {
+      const row = kv.openSequence();
+      kv.reserve(row, 12);
+      const b = new BatchBuilder(model.maxWords);
+      b.addChain(row, 0, [1, 269, 458, 13, 450, 338, 263, 1243, 322, 445, 183, 892], 0, "all");
+      const batch = b.build();
+      const vocab = model.config.vocabSize;
+      const copy = Float32Array.from(model.forward(batch, kv));
+      const logits = model.run(batch, kv);
+      expect(logits.rows).toBe(12);
+      expect(Array.from(logits.host())).toEqual(Array.from(copy));
+      expect(simd.addressOf(logits.host())).toBe(logits.ptr); // the CPU's device memory is the host's
+      const params: SamplingParams = { temperature: 0.8, topK: 40, topP: 0.95, minP: 0, repetitionPenalty: 1.1 };
+      const step = requestRows(params, 5, [1, 2869], null);
+      const rows = Array.from({ length: 12 }, (_, r) => ({ ...step.rows[0], position: 2 + r }));
+      const trees = rows.map(() => ({ parents: Int32Array.of(-1), tokens: Int32Array.of(0) }));
+      const sampler = samplerFor(simd, vocab);
+      const onDevice = sampler.step(logits, rows, trees).map((o) => o.bonus);
+      const fromHost = sampler.step(copy, rows, trees).map((o) => o.bonus);
+      expect(onDevice).toEqual(fromHost);
+      expect(() => sampler.step({ ...logits, rows: 11 }, rows, trees)).toThrow(/12 rows of 4096 logits needed, got 11/);
+    } finally {
+      kv.close();
+      model.close();
+    }
   });
 });
