@@ -78,10 +78,11 @@ export interface AutoCandidate {
 const REQUIRED_GAIN = 0.1;
 
 /** Probes: chains of PROBE_DEPTH drafted for an auto request kept at no tree, at most
- *  every MIN_PROBE_INTERVAL steps, spending at most PROBE_BUDGET of the time of the
- *  plain steps before them, and only where a chain would pay were PROBE_IF_PAYS_AT of
- *  its nodes accepted (when even that loses, a full batch or a costly drafter, probing
- *  is waste). */
+ *  one per step and each request at most every MIN_PROBE_INTERVAL steps, paid from a
+ *  credit of PROBE_BUDGET of every step's time (so all probes together cost at most
+ *  that share, however many requests wait for one), and only where a chain would pay
+ *  were PROBE_IF_PAYS_AT of its nodes accepted (when even that loses, a full batch or a
+ *  costly drafter, probing is waste). */
 export const PROBE_DEPTH = 2;
 const MIN_PROBE_INTERVAL = 8;
 const PROBE_BUDGET = 0.02;
@@ -97,6 +98,8 @@ export class CostModel {
   readonly acceptance: AcceptanceByDepth;
   /** Observed draft time over predicted SSM forward time (JS overhead per depth). */
   private draftOverhead = 1;
+  /** Milliseconds of step time probes may still spend. */
+  private probeCredit = 0;
 
   constructor(
     readonly llm: CostCurve,
@@ -126,14 +129,12 @@ export class CostModel {
     return ms * this.draftOverhead;
   }
 
-  /** Whether an auto request kept at no tree should draft a probe chain now, to
-   *  refresh its acceptance estimate. Only where a chain would pay on the measured
-   *  curves if PROBE_IF_PAYS_AT of its nodes were accepted (not on the acceptance
-   *  estimate the probe exists to correct), and only once the probe's cost
-   *  (catching the drafter up on `catchUp` tokens, drafting, the extra rows) is within
-   *  PROBE_BUDGET of the `steps` plain steps since the request last drafted: a probe
-   *  whose catch-up costs many steps waits until it is a small share of them. */
-  probePays(steps: number, catchUp: number, rows: number, tokens: number): boolean {
+  /** Whether an auto request kept at no tree for `steps` steps should draft a probe
+   *  chain now, to refresh its acceptance estimate: a chain must pay on the measured
+   *  curves were PROBE_IF_PAYS_AT of its nodes accepted (not on the estimate the probe
+   *  exists to correct), and the credit must cover the probe's cost (catching the
+   *  drafter up on `catchUp` tokens, drafting, the extra rows), which it then pays. */
+  probe(steps: number, catchUp: number, rows: number, tokens: number): boolean {
     if (steps < MIN_PROBE_INTERVAL) return false;
     const draft = this.draftMsOf(Array(PROBE_DEPTH).fill(1));
     const chainTokens = tokens + new AcceptanceByDepth(Array(PROBE_DEPTH).fill(PROBE_IF_PAYS_AT)).expectedTokens(PROBE_DEPTH) - 1;
@@ -141,7 +142,10 @@ export class CostModel {
     if (chainTokens / (verify + draft) < (tokens / this.llm.at(rows)) * (1 + REQUIRED_GAIN)) return false;
     // The probe's drafting: the catch-up pass, then one pass per further depth.
     const probeDraft = this.drafter ? (this.drafter.at(catchUp) + (PROBE_DEPTH - 1) * this.drafter.at(1)) * this.draftOverhead : 0;
-    return probeDraft + verify - this.llm.at(rows) <= PROBE_BUDGET * steps * this.llm.at(rows);
+    const cost = probeDraft + verify - this.llm.at(rows);
+    if (cost > this.probeCredit) return false;
+    this.probeCredit -= cost;
+    return true;
   }
 
   /** A plain decode step of an auto request: its estimate gets no news, so it drifts
@@ -151,9 +155,11 @@ export class CostModel {
     acceptance.relaxToward(this.acceptance, IDLE_RELAX);
   }
 
-  /** A step's forward time, trees or not: t(L) is the time of L rows whatever they hold. */
+  /** A step's forward time, trees or not: t(L) is the time of L rows whatever they
+   *  hold. Each step adds its share to the probes' credit. */
   observeStep(tokens: number, ms: number): void {
     this.llm.observe(tokens, ms);
+    this.probeCredit += PROBE_BUDGET * ms;
   }
 
   observeDraft(depths: readonly number[], ms: number): void {

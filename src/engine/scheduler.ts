@@ -228,14 +228,19 @@ export class Scheduler {
       Math.min(this.limits.maxTokensPerBatch, this.limits.maxLogitRows),
     );
     const batchRows = fixedRows + depths.reduce((n, d) => n + 1 + d, 0);
-    auto.forEach(({ req, i }, k) => {
-      let depth = depths[k];
-      // A request kept at no tree probes now and then: its estimate gets no news otherwise.
-      if (depth === 0 && this.cost!.probePays(req.stepsWithoutDraft, this.speculator!.catchUpTokens(req.id, req.tokens.length), batchRows, decoding.length)) {
-        depth = Math.min(PROBE_DEPTH, Math.max(0, remaining(req)));
-      }
-      out[i] = { draft: depth > 0 ? this.autoPlan(req, depth) : null, autoDepth: depth };
+    // A request kept at no tree probes now and then (its estimate gets no news
+    // otherwise): at most one per step, the one that waited longest.
+    let probe = -1;
+    auto.forEach(({ req }, k) => {
+      if (depths[k] === 0 && remaining(req) > 0 && (probe < 0 || req.stepsWithoutDraft > auto[probe].req.stepsWithoutDraft)) probe = k;
     });
+    if (probe >= 0) {
+      const req = auto[probe].req;
+      if (this.cost.probe(req.stepsWithoutDraft, this.speculator!.catchUpTokens(req.id, req.tokens.length), batchRows, decoding.length)) {
+        depths[probe] = Math.min(PROBE_DEPTH, remaining(req));
+      }
+    }
+    auto.forEach(({ req, i }, k) => (out[i] = { draft: depths[k] > 0 ? this.autoPlan(req, depths[k]) : null, autoDepth: depths[k] }));
     return out;
   }
 

@@ -88,26 +88,36 @@ describe("CostModel.choose", () => {
 
   test("whether a probe pays is judged on the curves, not on the acceptance it exists to correct", () => {
     const model = new CostModel(flatThenLinear, cheapDraft, 6);
+    for (let i = 0; i < 100; i++) model.observeStep(1, 10); // as predicted: credit for probes
     expect(model.choose([{ acceptance: new AcceptanceByDepth([0.05, 0.05]), maxDepth: 2 }], 0, 0, 512)).toEqual([0]);
-    expect(model.probePays(64, 2, 1, 1)).toBe(true);
-    // Where the curve itself says no (each row costs a decode), no probe either.
+    expect(model.probe(64, 2, 1, 1)).toBe(true);
+    // Where the curve itself says no (each row costs a decode), no probe whatever the credit.
     const linear = new CostModel(new CostCurve([1, 64].map((tokens) => ({ tokens, ms: tokens }))), cheapDraft, 6);
-    expect(linear.probePays(1000, 2, 1, 1)).toBe(false);
-    expect(linear.probePays(1000, 2, 16, 16)).toBe(false);
+    for (let i = 0; i < 1000; i++) linear.observeStep(1, 1);
+    expect(linear.probe(1000, 2, 1, 1)).toBe(false);
+    expect(linear.probe(1000, 2, 16, 16)).toBe(false);
   });
 
-  test("a probe spends at most 2% of the plain steps since the last draft: a long catch-up waits for more of them", () => {
-    // Drafting costs 0.1 ms per token fed; a plain step 10 ms. A probe of 2 nodes costs
-    // its catch-up pass, one more pass of one token and nothing extra to verify (flat curve).
+  test("probes together spend at most 2% of the steps' time: each waits until the credit covers it, then pays", () => {
+    // Drafting costs 0.1 ms per token fed; a step 10 ms (2% of it: 0.2 ms of credit). A
+    // probe of 2 nodes costs its catch-up pass, one more pass of one token, and nothing
+    // extra to verify (flat curve): 50 + 0.1 ms after a catch-up of 500 tokens.
     const model = new CostModel(flatThenLinear, new CostCurve([{ tokens: 1, ms: 0.1 }, { tokens: 1000, ms: 100 }]), 6);
-    const firstProbe = (catchUp: number) => {
+    const stepsUntilProbe = (catchUp: number, waited = 64) => {
       let steps = 0;
-      while (!model.probePays(steps, catchUp, 1, 1)) steps++;
+      while (!model.probe(waited, catchUp, 1, 1)) {
+        model.observeStep(1, 10);
+        steps++;
+      }
       return steps;
     };
-    expect(firstProbe(2)).toBe(8); // cheap: after the least interval
-    expect(firstProbe(500)).toBe(Math.ceil((50 + 0.1) / (0.02 * 10))); // 251 plain steps of 10 ms
-    expect(firstProbe(1000)).toBeGreaterThan(firstProbe(500));
+    expect(stepsUntilProbe(500)).toBe(251);
+    expect(stepsUntilProbe(500)).toBe(250); // the first left 0.1 ms of credit
+    expect(stepsUntilProbe(2)).toBeLessThanOrEqual(2); // 0.3 ms
+    // However much credit: a request probes at most every 8 steps.
+    for (let i = 0; i < 1000; i++) model.observeStep(1, 10);
+    expect(model.probe(7, 2, 1, 1)).toBe(false);
+    expect(model.probe(8, 2, 1, 1)).toBe(true);
   });
 
   test("deep chains when verifying is nearly free and acceptance is high", () => {
