@@ -137,12 +137,14 @@ async function benchPair(
     const [xs, ys] = [runsOf(c, a), runsOf(c, b)];
     return round(percentile(xs.map((x, i) => x / ys[i]), 50), 3);
   };
-  const fixedTrees = ["1,1,1", ...extraTrees].map((t) => runsOf(1, `fixed ${t}`));
+  const fixedTrees = CONCURRENCY.includes(1) ? ["1,1,1", ...extraTrees].map((t) => runsOf(1, `fixed ${t}`)) : [];
   const ratios = {
     autoOverOff: Object.fromEntries(CONCURRENCY.map((c) => [c, ratio(c, "auto", "off")])),
     autoOverFixed: Object.fromEntries(CONCURRENCY.map((c) => [c, ratio(c, "auto", "fixed 1,1,1")])),
     // Within each repeat: auto over the fastest fixed tree of that repeat.
-    autoOverBestFixedAtOneClient: round(percentile(runsOf(1, "auto").map((x, i) => x / Math.max(...fixedTrees.map((f) => f[i]))), 50), 3),
+    autoOverBestFixedAtOneClient: CONCURRENCY.includes(1)
+      ? round(percentile(runsOf(1, "auto").map((x, i) => x / Math.max(...fixedTrees.map((f) => f[i]))), 50), 3)
+      : null,
     // 8 concurrent clients against the same 8 requests one after another (1 client).
     concurrent8OverSequential: CONCURRENCY.includes(8) && CONCURRENCY.includes(1)
       ? Object.fromEntries(MODES.map((m) => [m.name, round(rate(8, m.name) / rate(1, m.name), 3)]))
