@@ -86,6 +86,7 @@ const REQUIRED_GAIN = 0.1;
 export const PROBE_DEPTH = 2;
 const MIN_PROBE_INTERVAL = 8;
 const PROBE_BUDGET = 0.02;
+const PROBE_SAVING = 5000;
 const PROBE_IF_PAYS_AT = 0.9;
 /** Weight of one verified chain in the engine-wide acceptance (a request's own: 0.1):
  *  the engine-wide one speaks for all requests, so a few rejections should not sway it. */
@@ -159,7 +160,9 @@ export class CostModel {
    *  hold. Each step adds its share to the probes' credit. */
   observeStep(tokens: number, ms: number): void {
     this.llm.observe(tokens, ms);
-    this.probeCredit += PROBE_BUDGET * ms;
+    // Saved up over at most PROBE_SAVING steps: a long stretch without probes (a full
+    // batch) must not pay for a burst of them once it empties.
+    this.probeCredit = Math.min(this.probeCredit + PROBE_BUDGET * ms, PROBE_SAVING * PROBE_BUDGET * ms);
   }
 
   observeDraft(depths: readonly number[], ms: number): void {
@@ -169,8 +172,7 @@ export class CostModel {
 
   /** Chain length per candidate maximising expected tokens per second of the whole
    *  step, given `fixedRows` batch rows already taken (prefill chunks, fixed trees,
-   *  plain decodes) and `fixedTokens` tokens those
-   *  yield. Greedy: apply the one
+   *  plain decodes) and `fixedTokens` tokens those yield. Greedy: apply the one
    *  lengthening (of any request, by any number of nodes, since a first node pays the
    *  whole drafting pass) that raises the step's rate most, while one does. Each trial
    *  is costed from running sums, so a step with many requests stays cheap to plan. */

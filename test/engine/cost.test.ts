@@ -118,6 +118,11 @@ describe("CostModel.choose", () => {
     for (let i = 0; i < 1000; i++) model.observeStep(1, 10);
     expect(model.probe(7, 2, 1, 1)).toBe(false);
     expect(model.probe(8, 2, 1, 1)).toBe(true);
+    // Credit is saved over at most 5000 steps (1000 ms here): 19 probes of 50.1 ms.
+    for (let i = 0; i < 20000; i++) model.observeStep(1, 10);
+    let burst = 0;
+    while (model.probe(64, 500, 1, 1)) burst++;
+    expect(burst).toBe(19);
   });
 
   test("deep chains when verifying is nearly free and acceptance is high", () => {
