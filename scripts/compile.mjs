@@ -29,7 +29,7 @@ const MODELS = ["llama-shakespeare-8m", "llama-shakespeare-1.4m-draft"];
 const MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"];
 /** Worker entry points: each is bundled at the executable's root, where
  *  `new URL("./worker.ts", import.meta.url)` points inside the executable. */
-const WORKERS = ["src/runtime/worker.ts"];
+const WORKERS = ["src/runtime/worker.ts", "src/runtime/draft-worker.ts"];
 
 function die(msg) {
   console.error(`compile: ${msg}`);

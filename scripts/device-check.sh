@@ -157,6 +157,12 @@ else
   record bench "not run" 0 "no GPU or no build"
 fi
 
+# overlap: the SSM drafting in a Worker on its own stream of GPU 0 while the LLM verifies
+# the other micro-batch, against drafting between the LLM's forwards (bench/overlap.ts).
+if [ "$DRY_RUN" != 1 ] && [ "$BUILD_OK" = 1 ] && [ "$GPUS" -ge 1 ]; then
+  run overlap 75 sh -c "BACKEND=cuda CONCURRENCY=4,8 TREES=1,1,1 REPEATS=2 '$BUN' bench/overlap.ts > '$OUT/overlap.json'"
+fi
+
 # ---- summary -----------------------------------------------------------------------------------
 
 python3 - "$OUT" "$DRY_RUN" "$TESTS_SUMMARY" <<'EOF'

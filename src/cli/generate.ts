@@ -31,7 +31,9 @@ default pair (llama-shakespeare-8m verified, llama-shakespeare-1.4m-draft drafti
   --backend cpu|cuda      (default cpu)
   --tp N                  split the model over N devices, Megatron style (on the CPU:
                           N contexts with their own threads; default 1)
-  --ssm-device K          draft on device K (own threads / own CUDA stream; default 0)
+  --ssm-device K          draft on a device of their own, overlapped with verification
+                          (a Worker; CPU: own threads, the cores shared out; CUDA: GPU K,
+                          own stream); unset: between the LLM's forwards
   --json                  print one JSON object at the end instead of streaming text
 `;
 

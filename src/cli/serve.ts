@@ -30,7 +30,8 @@ Without --model it serves the embedded default pair.
   --served-model-name NAME   the model id clients use (default: the model's file name)
   --kv-dtype f16|f32  --kv-memory BYTES  --threads N  --backend cpu|cuda
   --tp N                     split the model over N devices (tensor parallelism)
-  --ssm-device K             draft on device K of the group (default 0)
+  --ssm-device K             draft on device K, overlapped with verification (a Worker
+                             with its own threads / GPU stream; unset: between forwards)
 
 Requests choose speculation per request with the extension field "speculation":
 false, "auto" (default) or {"tree": "1,1,3", "ngram": true}.

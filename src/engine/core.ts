@@ -7,7 +7,7 @@ import { createKVCache, type KVCache } from "../kv/cache";
 import type { CausalLM } from "../model/causal-lm";
 import { NativeSampler, requestRows, type SampleRow, type TreeOutcome, type TreeRows } from "../speculation/sampler";
 import { isGreedy, topIndices } from "../speculation/sampling";
-import type { Speculator } from "../speculation/speculator";
+import type { PendingDraft, Speculator, StepDraft } from "../speculation/speculator";
 import type { TokenTree } from "../speculation/tree";
 import { outcome, sampleTree, type VerifyResult } from "../speculation/verify";
 import type { Tokenizer } from "../tokenizer/tokenizer";
@@ -15,7 +15,7 @@ import { resolveGenerationConfig, type GenerationConfig } from "./config";
 import type { CostModel } from "./cost";
 import { AcceptanceByDepth, Request, type FinishReason, type SpeculationMode, type TokenLogprob } from "./request";
 import { runStep, type StepRun } from "./runner";
-import { Scheduler, type DecodeEntry, type StepEntry, type StepPlan } from "./scheduler";
+import { Scheduler, type DecodeEntry, type DraftEntry, type StepEntry, type StepPlan } from "./scheduler";
 import type { StatsSummary } from "./stats";
 
 export type EngineEvent =
@@ -99,6 +99,8 @@ export interface EngineStats {
   numDraftTokens: number;
   numAcceptedTokens: number;
   acceptedPerPosition: number[];
+  /** Steps whose forward ran while the SSMs (on their own device) drafted the next micro-batch. */
+  overlappedSteps: number;
   /** Measured forward cost curve (ms per batch size) the auto trees are sized by. */
   costCurve: { tokens: number; ms: number }[];
   /** Tree nodes per decode entry of the last step, and its decode entries. */
@@ -114,10 +116,12 @@ export class Engine {
   private nextId = 1;
   private faultNext: string | null = null;
   private closed = false;
-  private readonly counters = { promptTokens: 0, generatedTokens: 0, numDrafts: 0, numDraftTokens: 0, numAcceptedTokens: 0, acceptedPerPosition: [] as number[] };
+  private readonly counters = { promptTokens: 0, generatedTokens: 0, numDrafts: 0, numDraftTokens: 0, numAcceptedTokens: 0, acceptedPerPosition: [] as number[], overlappedSteps: 0 };
   private lastStep: EngineStats["lastStep"] = { decodes: 0, treeNodes: [] };
   /** Picks every step's tokens on the LLM's backend. */
   private readonly sampler: NativeSampler;
+  /** SSMs on their own thread: trees drafted during the last step, verified in a later one. */
+  private readonly drafted = new Map<Request, DraftEntry & { tree: StepDraft | null }>();
 
   constructor(readonly llm: CausalLM, private readonly opts: EngineOptions) {
     this.kv = opts.kv;
@@ -200,11 +204,7 @@ export class Engine {
   /** Ends every request with an error (a fault the engine cannot pin on one step). */
   failAll(message: string): EngineEvent[] {
     const events: EngineEvent[] = [];
-    for (const req of [...this.requests.values()]) {
-      req.finishReason = "error";
-      req.error = message;
-      this.finish(req, events);
-    }
+    this.fail([...this.requests.values()], message, events);
     return events;
   }
 
@@ -213,42 +213,74 @@ export class Engine {
     this.faultNext = message;
   }
 
-  /** One forward pass of the LLM over the scheduled requests. */
+  /** One forward pass of the LLM over the scheduled requests. With the SSMs on their
+   *  own thread, they draft the next micro-batch's trees during it. */
   step(): EngineEvent[] {
     const events = this.drainFinished();
-    const plan = this.scheduler.schedule();
-    for (const req of plan.preempted) this.speculator?.close(req.id);
+    const plan = this.scheduler.schedule(this.speculator?.concurrent ? this.drafted : undefined);
+    for (const req of plan.preempted) {
+      this.drafted.delete(req);
+      this.speculator?.close(req.id);
+    }
     for (const req of plan.admitted) this.speculator?.open(req.id, req.speculation.kind !== "off");
     for (const req of plan.full) {
       req.finishReason = "length";
       this.finish(req, events);
     }
-    if (plan.entries.length === 0) {
+    for (const entry of plan.entries) this.drafted.delete(entry.req);
+    if (plan.entries.length === 0 && plan.toDraft.length === 0) {
       if (!this.idle && plan.admitted.length === 0 && plan.full.length === 0 && this.scheduler.running.length === 0) {
         throw new Error("engine: no request fits in one batch (maxTokensPerBatch too small?)");
       }
       return events;
     }
+    let pending: PendingDraft | null = null;
     try {
       if (this.faultNext !== null) {
         const message = this.faultNext;
         this.faultNext = null;
         throw new Error(message);
       }
-      const run = runStep(this.llm, this.kv, this.speculator, plan.entries);
-      this.update(plan, run, events);
+      if (plan.toDraft.length > 0) {
+        pending = this.speculator!.startDraft(plan.toDraft.map(({ req, draft }) => ({ request: req.id, tokens: req.tokens, params: req.params, rng: req.rng, plan: draft })));
+      }
+      if (plan.entries.length > 0) {
+        if (pending) this.counters.overlappedSteps++;
+        const run = runStep(this.llm, this.kv, this.speculator, plan.entries);
+        this.update(plan, run, events);
+      }
     } catch (e) {
       // A failed step fails the requests in it, with its message; the rest go on.
-      const message = (e as Error)?.message ?? String(e);
-      for (const entry of plan.entries) {
-        const req = entry.req;
-        if (req.done && !this.requests.has(req.id)) continue;
-        req.finishReason = "error";
-        req.error = message;
-        this.finish(req, events);
-      }
+      this.fail(plan.entries.map((e) => e.req), (e as Error)?.message ?? String(e), events);
     }
+    if (pending) this.collectDrafts(plan.toDraft, pending, events);
     return events;
+  }
+
+  /** Keeps the trees drafted during the step for the step that verifies them; the
+   *  cost model learns what drafting took (on the SSMs' own device). */
+  private collectDrafts(toDraft: DraftEntry[], pending: PendingDraft, events: EngineEvent[]): void {
+    let trees: (StepDraft | null)[];
+    try {
+      trees = this.speculator!.finishDraft(pending);
+    } catch (e) {
+      this.fail(toDraft.map((d) => d.req), (e as Error)?.message ?? String(e), events);
+      return;
+    }
+    toDraft.forEach((d, i) => {
+      if (this.requests.has(d.req.id)) this.drafted.set(d.req, { ...d, tree: trees[i] });
+    });
+    const autoDepths = toDraft.filter((d) => d.autoDepth > 0).map((d) => d.autoDepth);
+    if (autoDepths.length > 0) this.opts.cost?.observeDraft(autoDepths, pending.draftMs ?? 0);
+  }
+
+  private fail(reqs: Request[], message: string, events: EngineEvent[]): void {
+    for (const req of reqs) {
+      if (req.done && !this.requests.has(req.id)) continue;
+      req.finishReason = "error";
+      req.error = message;
+      this.finish(req, events);
+    }
   }
 
   /** Steps until `req` (or every request) is done; returns the events. */
@@ -261,7 +293,8 @@ export class Engine {
   private update(plan: StepPlan, run: StepRun, events: EngineEvent[]): void {
     const decodeEntries = plan.entries.filter((e): e is DecodeEntry => e.kind === "decode");
     this.lastStep = { decodes: decodeEntries.length, treeNodes: [] };
-    const autoDepths = decodeEntries.filter((e) => e.autoDepth > 0).map((e) => e.autoDepth);
+    // Trees drafted in an earlier step were costed when they were collected.
+    const autoDepths = decodeEntries.filter((e) => e.autoDepth > 0 && e.drafted === undefined).map((e) => e.autoDepth);
     if (autoDepths.length > 0) this.opts.cost?.observeDraft(autoDepths, run.draftMs);
     this.opts.cost?.observeStep(run.batchTokens, run.forwardMs);
 
@@ -418,6 +451,7 @@ export class Engine {
   private finish(req: Request, events: EngineEvent[]): void {
     if (!this.requests.delete(req.id)) return;
     this.scheduler.remove(req);
+    this.drafted.delete(req);
     this.speculator?.close(req.id);
     const tail = req.text && req.finishReason !== "error" ? req.text.finish() : "";
     events.push({

@@ -130,6 +130,23 @@ export class CostModel {
     return ms * this.draftOverhead;
   }
 
+  /** With the SSMs on a device of their own: whether verifying one half of the
+   *  speculating requests while the SSMs draft the other half's trees beats drafting
+   *  and verifying them all in each step. Every request advances once in two
+   *  overlapped steps, max(draft(A), t(rows of B)) + max(draft(B), t(rows of A)), or
+   *  in one step of draft(all) + t(all rows). `otherRows` (prefill chunks, plain
+   *  decodes) are in every forward. Trees are costed by depth (one node per pass). */
+  overlapPays(requests: readonly { depth: number; rows: number }[], otherRows: number): boolean {
+    if (requests.length < 2) return false;
+    const half = Math.ceil(requests.length / 2);
+    const [a, b] = [requests.slice(0, half), requests.slice(half)];
+    const rows = (rs: readonly { rows: number }[]) => rs.reduce((n, r) => n + r.rows, 0);
+    const draft = (rs: readonly { depth: number }[]) => this.draftMs(rs.map((r) => r.depth));
+    const serial = draft(requests) + this.llm.at(otherRows + rows(requests));
+    const overlapped = Math.max(draft(a), this.llm.at(otherRows + rows(b))) + Math.max(draft(b), this.llm.at(otherRows + rows(a)));
+    return overlapped < serial;
+  }
+
   /** Whether an auto request kept at no tree for `steps` steps should draft a probe
    *  chain now, to refresh its acceptance estimate: a chain must pay on the measured
    *  curves were PROBE_IF_PAYS_AT of its nodes accepted (not on the estimate the probe

@@ -1,6 +1,6 @@
 // The runner turns a step plan into one TokenBatch and runs the LLM on it: drafters
-// grow the decode entries' trees, the trees and prefill chunks are laid into the
-// batch, one forward returns the logits every entry needs.
+// grow the decode entries' trees (unless drafted in an earlier step), the trees and
+// prefill chunks are laid into the batch, one forward returns the logits every entry needs.
 
 import type { KVCache } from "../kv/cache";
 import { BatchBuilder } from "../model/batch";
@@ -41,7 +41,7 @@ export interface StepRun {
 
 export function runStep(llm: CausalLM, kv: KVCache, speculator: Speculator | null, entries: StepEntry[]): StepRun {
   const t0 = performance.now();
-  const decoding = entries.flatMap((e) => (e.kind === "decode" && e.draft ? [e] : []));
+  const decoding = entries.flatMap((e) => (e.kind === "decode" && e.draft && e.drafted === undefined ? [e] : []));
   const trees = speculator && decoding.length > 0
     ? speculator.draft(decoding.map((e) => ({ request: e.req.id, tokens: e.req.tokens, params: e.req.params, rng: e.req.rng, plan: e.draft! })))
     : [];
@@ -54,7 +54,7 @@ export function runStep(llm: CausalLM, kv: KVCache, speculator: Speculator | nul
     const req = e.req;
     const committed = kv.committed(req.row);
     if (e.kind === "decode") {
-      const tree = e.draft ? trees[decoding.indexOf(e)] : null;
+      const tree = e.drafted !== undefined ? e.drafted : e.draft ? trees[decoding.indexOf(e)] : null;
       const root = req.tokens[req.tokens.length - 1];
       if (tree) tree.linearize(builder, req.row, committed, root, req.tokens.length - 1);
       else builder.add(req.row, committed, root, req.tokens.length - 1, -1, true);

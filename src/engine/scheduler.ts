@@ -7,8 +7,9 @@
 // it is admitted again (vLLM v1's policy).
 
 import type { KVCache } from "../kv/cache";
-import type { DraftPlan, Speculator } from "../speculation/speculator";
+import type { DraftPlan, Speculator, StepDraft } from "../speculation/speculator";
 import { AUTO_MAX_DEPTH, chainShape } from "../speculation/speculator";
+import { shapeDepth } from "../speculation/tree";
 import { PROBE_DEPTH, type CostModel } from "./cost";
 import type { Request } from "./request";
 
@@ -29,12 +30,23 @@ export interface DecodeEntry {
   draft: DraftPlan | null;
   /** Chain length the cost model chose (auto requests), for its acceptance estimate. */
   autoDepth: number;
+  /** The tree drafted in an earlier step (SSMs on their own thread); absent: drafted now. */
+  drafted?: StepDraft | null;
+}
+
+/** A request to draft this step (while the LLM verifies others) and verify the next. */
+export interface DraftEntry {
+  req: Request;
+  draft: DraftPlan;
+  autoDepth: number;
 }
 
 export type StepEntry = PrefillEntry | DecodeEntry;
 
 export interface StepPlan {
   entries: StepEntry[];
+  /** Pipelined steps: requests whose trees the SSMs grow during this step's forward. */
+  toDraft: DraftEntry[];
   admitted: Request[];
   preempted: Request[];
   /** Requests alone in the pool that cannot grow: the pool is their context. */
@@ -53,6 +65,8 @@ export class Scheduler {
   readonly running: Request[] = [];
   private admissions = 0;
   preemptions = 0;
+  /** Pipelined: steps each request has been held back from drafting (the longest waiting go first). */
+  private readonly held = new Map<Request, number>();
 
   constructor(
     private readonly kv: KVCache,
@@ -85,14 +99,18 @@ export class Scheduler {
     if (w >= 0) this.waiting.splice(w, 1);
     const r = this.running.indexOf(req);
     if (r >= 0) this.running.splice(r, 1);
+    this.held.delete(req);
     if (req.row >= 0) {
       this.kv.closeSequence(req.row);
       req.row = -1;
     }
   }
 
-  schedule(): StepPlan {
-    const plan: StepPlan = { entries: [], admitted: [], preempted: [], full: [] };
+  /** The next step. `drafted` (SSMs on their own thread): the trees drafted during the
+   *  last step, verified in this one, while the other speculating requests (at most
+   *  half of them, so the two micro-batches stay even) are drafted for the next. */
+  schedule(drafted?: ReadonlyMap<Request, DraftEntry & { tree: StepDraft | null }>): StepPlan {
+    const plan: StepPlan = { entries: [], toDraft: [], admitted: [], preempted: [], full: [] };
     let tokens = this.limits.maxTokensPerBatch;
     let logitRows = this.limits.maxLogitRows;
     const scheduled = new Set<Request>();
@@ -101,13 +119,21 @@ export class Scheduler {
     const decoding = this.running.filter((r) => this.kv.committed(r.row) >= r.prefillTarget);
     const prefilling = this.running.filter((r) => this.kv.committed(r.row) < r.prefillTarget);
     const pendingPrefill = prefilling.reduce((n, r) => n + r.prefillTarget - this.kv.committed(r.row), 0);
-    const drafts = this.chooseDrafts(decoding, Math.min(pendingPrefill, tokens));
+    const undrafted = decoding.filter((r) => !drafted?.has(r));
+    const draftedRows = decoding.reduce((n, r) => n + (drafted?.has(r) ? 1 + (drafted.get(r)!.tree?.size ?? 0) : 0), 0);
+    const drafts = this.chooseDrafts(undrafted, Math.min(pendingPrefill, tokens) + draftedRows);
+    const overlap = drafted !== undefined && this.overlapPays(decoding, drafted, undrafted, drafts, Math.min(pendingPrefill, tokens));
+    const toDraft = overlap ? this.pickToDraft(undrafted, drafts, decoding.length - undrafted.length) : new Set<Request>();
 
-    for (let i = 0; i < decoding.length; i++) {
-      const req = decoding[i];
+    for (const req of decoding) {
       if (req.row < 0) continue; // preempted for an older request's blocks
-      const { draft, autoDepth } = drafts[i];
-      const rows = 1 + (draft && this.speculator ? this.speculator.maxNodes(draft) : 0);
+      const ready = drafted?.get(req);
+      const { draft, autoDepth } = ready ?? drafts[undrafted.indexOf(req)];
+      if (!ready && overlap && draft?.shape) {
+        if (toDraft.has(req)) plan.toDraft.push({ req, draft, autoDepth });
+        continue;
+      }
+      const rows = 1 + (ready ? (ready.tree?.size ?? 0) : draft && this.speculator ? this.speculator.maxNodes(draft) : 0);
       if (rows > Math.min(tokens, logitRows)) continue; // waits for a step with room
       if (!this.makeRoom(req, rows, scheduled, plan)) {
         if (req.row >= 0) plan.full.push(req);
@@ -115,10 +141,12 @@ export class Scheduler {
       }
       this.kv.reserve(req.row, rows);
       scheduled.add(req);
-      plan.entries.push({ kind: "decode", req, draft, autoDepth });
+      plan.entries.push({ kind: "decode", req, draft, autoDepth, ...(ready ? { drafted: ready.tree } : {}) });
       tokens -= rows;
       logitRows -= rows;
     }
+    // A request preempted later in the loop is not drafted.
+    plan.toDraft = plan.toDraft.filter((d) => d.req.row >= 0);
     for (const req of prefilling) {
       if (req.row < 0) continue;
       const count = this.chunk(req, tokens, logitRows);
@@ -203,6 +231,42 @@ export class Scheduler {
   private prefill(req: Request, count: number): PrefillEntry {
     const start = this.kv.committed(req.row);
     return { kind: "prefill", req, start, count, emits: this.emits(req, count) };
+  }
+
+  /** Whether this step verifies one micro-batch while the SSMs draft the other (the
+   *  cost model's call; without one, whenever two requests speculate), or drafts and
+   *  verifies every speculating request itself (trees drafted earlier included). */
+  private overlapPays(
+    decoding: Request[],
+    drafted: ReadonlyMap<Request, DraftEntry & { tree: StepDraft | null }>,
+    undrafted: Request[],
+    drafts: { draft: DraftPlan | null }[],
+    prefillRows: number,
+  ): boolean {
+    const speculating: { depth: number; rows: number }[] = [];
+    let otherRows = prefillRows;
+    for (const req of decoding) {
+      const ready = drafted.get(req);
+      const plan = ready?.draft ?? drafts[undrafted.indexOf(req)].draft;
+      if (!plan || !plan.shape) {
+        otherRows += 1 + (plan && this.speculator ? this.speculator.maxNodes(plan) : 0);
+        continue;
+      }
+      speculating.push({ depth: shapeDepth(plan.shape), rows: 1 + (ready ? (ready.tree?.size ?? 0) : this.speculator!.maxNodes(plan)) });
+    }
+    if (!this.cost) return speculating.length >= 2;
+    return this.cost.overlapPays(speculating, otherRows);
+  }
+
+  /** Which of the undrafted speculating requests draft this step: with the `verifying`
+   *  ones, at most half of all, those held back longest first. */
+  private pickToDraft(undrafted: Request[], drafts: { draft: DraftPlan | null }[], verifying: number): Set<Request> {
+    const wanting = undrafted.filter((_, i) => drafts[i].draft?.shape);
+    const room = Math.max(1, Math.ceil((wanting.length + verifying) / 2));
+    const order = [...wanting].sort((a, b) => (this.held.get(b) ?? 0) - (this.held.get(a) ?? 0));
+    const picked = new Set(order.slice(0, room));
+    for (const req of wanting) this.held.set(req, picked.has(req) ? 0 : (this.held.get(req) ?? 0) + 1);
+    return picked;
   }
 
   /** Each decoding request's draft plan: none, its fixed plan, or (auto) the chain

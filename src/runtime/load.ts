@@ -8,16 +8,16 @@ import { join } from "node:path";
 import { DeviceGroup } from "../backend/group";
 import type { BackendKind } from "../backend/index";
 import { definedOnly, generationDefaults, type GenerationConfig } from "../engine/config";
-import { CostCurve, CostModel, measurementGrid } from "../engine/cost";
 import { createEngine, type Engine } from "../engine/core";
 import { DType } from "../backend/backend";
 import { kvBytesPerToken } from "../kv/cache";
-import { SequenceRunner } from "../kv/sequence";
 import type { CausalLM } from "../model/causal-lm";
 import { loadModel } from "../model/registry";
-import { AUTO_MAX_DEPTH, createSpeculator } from "../speculation/speculator";
+import { AUTO_MAX_DEPTH, createSpeculator, draftGrowth } from "../speculation/speculator";
 import { loadTokenizer, type Tokenizer } from "../tokenizer/index";
+import { measureCosts, summedCurve } from "./measure";
 import { DEFAULT_DRAFT, DEFAULT_MODEL } from "./paths";
+import { RemoteDrafters } from "./remote-drafters";
 
 export type KVDTypeName = "f32" | "f16";
 
@@ -65,8 +65,10 @@ export interface RuntimeOptions extends SpeculationSetup, BatchLimits {
   /** Devices the LLM is split over, Megatron style (default 1). On the CPU each device
    *  is a backend context with `threads` threads of its own. */
   tensorParallel?: number;
-  /** Device of the group the SSMs draft on (default 0, the LLM's first): on the CPU a
-   *  context with its own threads, on CUDA a context with its own stream. */
+  /** Draft on a device of their own: the SSMs run in a Worker with their own backend
+   *  context (CPU: its own threads, the cores shared with the LLM's contexts; CUDA: GPU
+   *  K with its own stream), and the engine verifies one micro-batch while they draft
+   *  the next. Unset: the SSMs draft on the LLM's first device, between its forwards. */
   ssmDevice?: number;
 }
 
@@ -97,7 +99,7 @@ export class Runtime {
   private constructor(
     private options: RuntimeOptions,
     readonly modelPath: string,
-    /** The devices: the LLM on the first tensorParallel, the SSMs on ssmDevice. */
+    /** The LLM's devices (the SSMs too, unless ssmDevice gives them their own). */
     readonly group: DeviceGroup,
     /** Replaced when compile changes maxTokensPerBatch (its buffers are sized by it). */
     private llm: CausalLM,
@@ -113,9 +115,9 @@ export class Runtime {
     if (!existsSync(modelPath)) throw new Error(`no such file or directory: ${modelPath}`);
     progress(0, "backend");
     const tensorParallel = options.tensorParallel ?? 1;
-    const ssmDevice = options.ssmDevice ?? 0;
-    if (!Number.isInteger(ssmDevice) || ssmDevice < 0) throw new Error(`ssmDevice must be a non-negative integer, got ${ssmDevice}`);
-    const group = await DeviceGroup.create({ kind: options.backend, threads: options.threads, tensorParallel, devices: Math.max(tensorParallel, ssmDevice + 1) });
+    const ssmDevice = options.ssmDevice;
+    if (ssmDevice !== undefined && !(Number.isInteger(ssmDevice) && ssmDevice >= 0)) throw new Error(`ssmDevice must be a non-negative integer, got ${ssmDevice}`);
+    const group = await DeviceGroup.create({ kind: options.backend, threads: options.threads ?? draftShare(options), tensorParallel });
     try {
       progress(0.05, "weights");
       checkLimits(options);
@@ -165,10 +167,9 @@ export class Runtime {
     if (!this.engine.idle) throw new Error("compile: only while no request runs");
     checkLimits(setup);
     for (const p of setup.ssms ?? []) {
-      if (!this.drafts.has(p)) {
-        if (!existsSync(p)) throw new Error(`no such file or directory: ${p}`);
-        this.drafts.set(p, loadModel(p, this.group.devices[this.options.ssmDevice ?? 0]!, { maxBatchTokens: 512 }));
-      }
+      if (!existsSync(p)) throw new Error(`no such file or directory: ${p}`);
+      // On a device of their own the draft worker loads them.
+      if (!this.drafts.has(p) && this.options.ssmDevice === undefined) this.drafts.set(p, loadModel(p, this.group.devices[0]!, { maxBatchTokens: 512 }));
     }
     const { maxRequestsPerBatch, maxTokensPerBatch, maxSeqLength } = setup;
     const options: RuntimeOptions = { ...this.options, ...definedOnly({ maxRequestsPerBatch, maxTokensPerBatch, maxSeqLength }) };
@@ -204,12 +205,32 @@ export class Runtime {
     // by what the KV budget holds, which also bounds the block tables.
     const poolTokens = Math.floor(this.kvBytes / kvBytesPerToken(this.llm.config, kvDType(o.kvDtype)));
     const maxSeqLength = Math.min(o.maxSeqLength ?? this.llm.config.maxPositionEmbeddings, this.llm.config.maxPositionEmbeddings, poolTokens);
-    const ssms = (this.setup.ssms ?? []).map((p) => this.drafts.get(p)!);
-    const speculating = ssms.length > 0 || this.setup.ngram === true;
-    const speculator = speculating
-      ? createSpeculator(this.llm, maxRequests, { ssms, tree: this.setup.tree, ngram: this.setup.ngram ?? false }, maxSeqLength)
+    const paths = this.setup.ssms ?? [];
+    const remote = paths.length > 0 && o.ssmDevice !== undefined
+      ? new RemoteDrafters({
+          ssms: paths,
+          kind: o.backend ?? "cpu",
+          device: o.ssmDevice,
+          threads: o.threads ?? draftShare(o),
+          maxSeqs: maxRequests,
+          maxSeqLen: maxSeqLength,
+          maxGrowth: draftGrowth(this.setup.tree),
+          vocab: this.llm.config.vocabSize,
+        })
       : null;
-    const cost = speculator && ssms.length > 0 && o.measure !== false ? measureCosts(this.llm, ssms, Math.min(this.llm.maxBatchTokens, this.llm.maxLogitRows), maxRequests, progress) : null;
+    const ssms = remote ? [] : paths.map((p) => this.drafts.get(p)!);
+    const speculating = paths.length > 0 || this.setup.ngram === true;
+    let speculator = null;
+    try {
+      speculator = speculating
+        ? createSpeculator(this.llm, maxRequests, { ssms, drafters: remote ?? undefined, tree: this.setup.tree, ngram: this.setup.ngram ?? false }, maxSeqLength)
+        : null;
+    } catch (e) {
+      remote?.closeAll();
+      throw e;
+    }
+    const draftCurve = (grid: number[]) => (remote ? remote.measure(grid) : summedCurve(ssms, grid));
+    const cost = speculator && paths.length > 0 && o.measure !== false ? measureCosts(this.llm, draftCurve, Math.min(this.llm.maxBatchTokens, this.llm.maxLogitRows), maxRequests, progress) : null;
     return createEngine(this.llm, {
       maxRequestsPerBatch: maxRequests,
       maxSeqLength,
@@ -234,6 +255,13 @@ export class Runtime {
   }
 }
 
+/** CPU threads per context when the SSMs have a device of their own: the cores shared
+ *  out over the LLM's contexts and theirs. */
+function draftShare(o: RuntimeOptions): number | undefined {
+  if (o.ssmDevice === undefined || (o.backend ?? "cpu") !== "cpu") return undefined;
+  return Math.max(1, Math.floor(navigator.hardwareConcurrency / ((o.tensorParallel ?? 1) + 1)));
+}
+
 /** Refuses a batch limit that is not a positive whole number, naming it. */
 function checkLimits(limits: BatchLimits): void {
   for (const name of ["maxRequestsPerBatch", "maxTokensPerBatch", "maxSeqLength"] as const) {
@@ -253,34 +281,6 @@ function kvBudget(llm: CausalLM, o: RuntimeOptions): number {
   const ctx = Math.min(o.maxSeqLength ?? llm.config.maxPositionEmbeddings, llm.config.maxPositionEmbeddings);
   const full = (o.maxRequestsPerBatch ?? 8) * (ctx + 1 + AUTO_MAX_DEPTH + 64) * perToken;
   return Math.min(full, Math.floor(freemem() / 4));
-}
-
-/** t(L) of the LLM over a grid of batch sizes, and the SSMs' summed forward time:
- *  the minimum of two runs each, after a warm-up. */
-export function measureCosts(llm: CausalLM, ssms: CausalLM[], maxRows: number, maxRequests: number, progress: (f: number) => void = () => {}): CostModel {
-  const time = (m: CausalLM, grid: number[]) => {
-    const seq = new SequenceRunner(m, grid[grid.length - 1] + 1);
-    const tokens = (n: number) => Array.from({ length: n }, (_, i) => 1 + (i % (m.config.vocabSize - 1)));
-    seq.feed(tokens(grid[grid.length - 1]), "all", false); // warm-up: page in the weights
-    const points = grid.map((l) => {
-      let best = Infinity;
-      for (let r = 0; r < 2; r++) {
-        const t0 = performance.now();
-        seq.feed(tokens(l), "all", false);
-        best = Math.min(best, performance.now() - t0);
-      }
-      return { tokens: l, ms: best };
-    });
-    seq.close();
-    return points;
-  };
-  const llmPoints = time(llm, measurementGrid(Math.min(maxRows, 64)));
-  progress(0.7);
-  const ssmGrid = measurementGrid(Math.min(2 * maxRequests, 32));
-  const summed = ssmGrid.map((l) => ({ tokens: l, ms: 0 }));
-  for (const s of ssms) time(s, ssmGrid).forEach((p, i) => (summed[i].ms += p.ms));
-  progress(1);
-  return new CostModel(new CostCurve(llmPoints), new CostCurve(summed), AUTO_MAX_DEPTH);
 }
 
 function readGenerationDefaults(modelPath: string): Partial<GenerationConfig> {

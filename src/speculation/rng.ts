@@ -59,4 +59,16 @@ export class Rng {
     const low = this.nextUint32() >>> 6; // 26 bits
     return (high * 67108864 + low) / 9007199254740992;
   }
+
+  /** The generator's state, to carry it to another thread and back (`state = ...`). */
+  get state(): [number, number, number, number] {
+    return [this.s0, this.s1, this.s2, this.s3];
+  }
+
+  set state([s0, s1, s2, s3]: readonly number[]) {
+    this.s0 = s0;
+    this.s1 = s1;
+    this.s2 = s2;
+    this.s3 = s3;
+  }
 }

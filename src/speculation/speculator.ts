@@ -4,9 +4,9 @@
 // prompt lookup (n-gram, no model). Each request says how it speculates (its own
 // tree shape, prompt lookup on or off); requests that differ share one forward.
 
-import type { KVCache } from "../kv/cache";
 import type { BatchBuilder } from "../model/batch";
 import type { CausalLM } from "../model/causal-lm";
+import { LocalDrafters, type DraftModels } from "./drafters";
 import { growthCapacity } from "./expand";
 import { NgramDrafter } from "./ngram";
 import type { Rng } from "./rng";
@@ -85,7 +85,11 @@ export class StepDraft {
 }
 
 export interface SpeculationOptions {
+  /** SSMs drafting on the engine's thread. */
   ssms: CausalLM[];
+  /** Or SSMs set up elsewhere (their own thread, see runtime/remote-drafters.ts),
+   *  grown to `draftGrowth(tree)`; `ssms` is then empty. */
+  drafters?: DraftModels;
   /** Static widths ("1,1,3,1,1" or [1,1,3,1,1]) or "dynamic:N": the shape of requests
    *  that ask for a fixed tree without naming one; default DEFAULT_TREE. */
   tree?: string | number[];
@@ -101,10 +105,23 @@ export interface SpeculatingRequest {
   plan: DraftPlan;
 }
 
+/** Draft trees that `Speculator.startDraft` began; `finishDraft` returns them. */
+export interface PendingDraft {
+  requests: SpeculatingRequest[];
+  withModels: SpeculatingRequest[];
+  /** Set by finishDraft: what the SSMs' drafting took, wherever it ran. */
+  draftMs?: number;
+}
+
+/** Most nodes a drafter grows per request and step for requests of compiled tree `tree`. */
+export function draftGrowth(tree?: string | number[]): number {
+  return Math.max(MAX_GROWTH, growthCapacity(parseTreeShape(Array.isArray(tree) ? tree.join(",") : (tree ?? DEFAULT_TREE))));
+}
+
 export class Speculator {
   /** The shape of fixed-tree requests that name none. */
   readonly shape: TreeShape;
-  private readonly ssms: SSMDrafter[];
+  private readonly drafters: DraftModels;
   private readonly ngrams = new Map<number, NgramDrafter>();
 
   constructor(
@@ -119,23 +136,24 @@ export class Speculator {
     for (const m of opts.ssms) {
       if (m.config.vocabSize !== vocab) throw new Error(`draft model vocabulary (${m.config.vocabSize}) differs from the LLM's (${vocab})`);
     }
-    const growth = Math.max(MAX_GROWTH, growthCapacity(this.shape));
-    this.ssms = opts.ssms.map((m) => new SSMDrafter(m, maxSeqs, maxSeqLen, growth));
+    const growth = draftGrowth(opts.tree);
+    this.drafters = opts.drafters ?? new LocalDrafters(opts.ssms.map((m) => new SSMDrafter(m, maxSeqs, maxSeqLen, growth)), growth);
     this.check({ shape: this.shape, ngram: opts.ngram });
   }
 
   get hasModels(): boolean {
-    return this.ssms.length > 0;
+    return this.drafters.count > 0;
   }
 
-  /** The SSM models (the engine measures their forward cost). */
-  get models(): CausalLM[] {
-    return this.ssms.map((s) => s.model);
+  /** The SSMs draft on a thread of their own: the engine verifies one micro-batch while
+   *  they draft the next. */
+  get concurrent(): boolean {
+    return this.drafters.concurrent && this.hasModels;
   }
 
-  /** The SSMs' KV caches (tests check they drain). */
-  get caches(): KVCache[] {
-    return this.ssms.map((s) => s.kv);
+  /** KV blocks the SSMs hold (tests check they drain). */
+  draftBlocksInUse(): number {
+    return this.drafters.blocksInUse();
   }
 
   /** The plan of a request asking for a fixed tree (`tree` unset: the compiled shape;
@@ -152,12 +170,12 @@ export class Speculator {
 
   /** Most tree nodes (root excluded) a step of this plan can put in the LLM batch. */
   maxNodes(plan: DraftPlan): number {
-    return (plan.shape ? this.ssms.length * shapeCapacity(plan.shape) : 0) + (plan.ngram ? NGRAM_NODES : 0);
+    return (plan.shape ? this.drafters.count * shapeCapacity(plan.shape) : 0) + (plan.ngram ? NGRAM_NODES : 0);
   }
 
   private check(plan: DraftPlan): void {
-    if (plan.shape && this.ssms.some((s) => growthCapacity(plan.shape!) > s.maxGrowth)) {
-      throw new Error(`speculation.tree: a tree may grow at most ${this.ssms[0].maxGrowth} nodes per drafter`);
+    if (plan.shape && this.hasModels && growthCapacity(plan.shape) > this.drafters.maxGrowth) {
+      throw new Error(`speculation.tree: a tree may grow at most ${this.drafters.maxGrowth} nodes per drafter`);
     }
     const nodes = this.maxNodes(plan);
     if (nodes + 1 > this.maxTreeRows) {
@@ -166,28 +184,42 @@ export class Speculator {
   }
 
   open(request: number, ngram: boolean): void {
-    for (const s of this.ssms) s.open(request);
+    this.drafters.open(request);
     if (ngram) this.ngrams.set(request, new NgramDrafter(NGRAM));
   }
 
   close(request: number): void {
-    for (const s of this.ssms) s.close(request);
+    this.drafters.close(request);
     this.ngrams.delete(request);
   }
 
   closeAll(): void {
-    for (const s of this.ssms) s.closeAll();
+    this.drafters.closeAll();
     this.ngrams.clear();
   }
 
   /** One merged tree per request (null when no drafter proposed anything). */
   draft(requests: SpeculatingRequest[]): (StepDraft | null)[] {
+    return this.finishDraft(this.startDraft(requests));
+  }
+
+  /** Starts the SSMs on the requests' trees (on their own thread they grow while the
+   *  caller goes on); every start is finished exactly once. */
+  startDraft(requests: SpeculatingRequest[]): PendingDraft {
     const withModels = requests.filter((r) => r.plan.shape !== null);
-    const perSSM = this.ssms.map((s) =>
-      s.draft(withModels.map((r) => ({ request: r.request, shape: r.plan.shape!, sample: !isGreedy(r.params) && !r.plan.perPosition, tokens: r.tokens, params: r.params, rng: r.rng }))),
-    );
-    return requests.map((r) => {
-      const at = withModels.indexOf(r);
+    if (withModels.length > 0) {
+      this.drafters.start(withModels.map((r) => ({ request: r.request, shape: r.plan.shape!, sample: !isGreedy(r.params) && !r.plan.perPosition, tokens: r.tokens, params: r.params, rng: r.rng })));
+    }
+    return { requests, withModels };
+  }
+
+  /** The merged trees of a started draft: the SSMs' (waited for) with prompt lookup's. */
+  finishDraft(pending: PendingDraft): (StepDraft | null)[] {
+    const drafted = pending.withModels.length > 0 ? this.drafters.collect() : { trees: [], ms: 0 };
+    pending.draftMs = drafted.ms;
+    const perSSM = drafted.trees;
+    return pending.requests.map((r) => {
+      const at = pending.withModels.indexOf(r);
       const trees: DraftTree[] = at >= 0 ? perSSM.map((trees) => trees[at]) : [];
       const ngram = r.plan.ngram ? this.ngrams.get(r.request) : undefined;
       if (ngram) {
@@ -201,13 +233,13 @@ export class Speculator {
 
   /** Tokens appended to a request after a decode step (accepted drafts + the LLM's own). */
   accept(request: number, newTokens: readonly number[]): void {
-    for (const s of this.ssms) s.accept(request, newTokens);
+    this.drafters.accept(request, newTokens);
   }
 
   /** Tokens the SSMs would feed to catch up before drafting for a request now holding
    *  `tokens` tokens (the most of any SSM). */
   catchUpTokens(request: number, tokens: number): number {
-    return Math.max(0, ...this.ssms.map((s) => s.catchUpTokens(request, tokens)));
+    return this.drafters.catchUpTokens(request, tokens);
   }
 }
 

@@ -201,6 +201,11 @@ export function parseTreeShape(text: string): TreeShape {
 }
 
 /** The most nodes (root excluded) a tree of this shape can have. */
+/** SSM passes that grow a tree of this shape (one per depth). */
+export function shapeDepth(shape: TreeShape): number {
+  return shape.kind === "static" ? shape.widths.length : shape.maxDepth;
+}
+
 export function shapeCapacity(shape: TreeShape): number {
   if (shape.kind === "dynamic") return shape.budget;
   let level = 1;

@@ -153,3 +153,19 @@ describe("CostModel.choose", () => {
     expect(depths.reduce((a, b) => a + b + 1, 0)).toBeLessThanOrEqual(8);
   });
 });
+
+describe("overlapping drafting with verification", () => {
+  const chains = (n: number, depth: number) => Array.from({ length: n }, () => ({ depth, rows: 1 + depth }));
+  test("a forward that costs the same for half the rows (memory-bound) and a cheap drafter: drafting and verifying all at once wins", () => {
+    const flat = new CostModel(new CostCurve([{ tokens: 1, ms: 20 }, { tokens: 64, ms: 22 }]), new CostCurve([{ tokens: 1, ms: 0.5 }, { tokens: 64, ms: 0.6 }]), 6);
+    expect(flat.overlapPays(chains(8, 3), 0)).toBe(false);
+  });
+  test("a forward linear in its rows and a drafter as costly as it: overlapping hides the drafting and wins", () => {
+    const linear = new CostModel(new CostCurve([{ tokens: 1, ms: 1 }, { tokens: 64, ms: 64 }]), new CostCurve([{ tokens: 1, ms: 4 }, { tokens: 64, ms: 256 }]), 6);
+    // All at once: drafting 8 chains (catch-up 16 rows, then 8 and 8) + t(32) = 64 + 32 + 32 + 32 = 160;
+    // overlapped: 2 x max(drafting 4 chains = 32 + 16 + 16, t(16) = 16) = 128.
+    expect(linear.overlapPays(chains(8, 3), 0)).toBe(true);
+    // One speculating request cannot be split in two.
+    expect(linear.overlapPays(chains(1, 3), 0)).toBe(false);
+  });
+});

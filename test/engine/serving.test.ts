@@ -13,7 +13,7 @@ import { createEngine, type CreateEngineOptions, type Engine } from "../../src/e
 import type { GenerationConfig } from "../../src/engine/config";
 import type { CausalLM } from "../../src/model/causal-lm";
 import { loadModel } from "../../src/model/registry";
-import { measureCosts } from "../../src/runtime/load";
+import { measureCosts, summedCurve } from "../../src/runtime/measure";
 import { createSpeculator } from "../../src/speculation/speculator";
 import { writeTinyModel, type TinyDims, type TinyDType } from "../helpers/tiny-model";
 
@@ -45,7 +45,7 @@ function jobs(n = 32): Job[] {
 }
 
 /** Measured once: what "auto" sizes trees by. */
-const cost = measureCosts(llm, [draft], 256, 32);
+const cost = measureCosts(llm, (grid) => summedCurve([draft], grid), 256, 32);
 
 function engine(o: CreateEngineOptions & { speculate?: boolean }): Engine {
   const maxRequests = o.maxRequestsPerBatch ?? 8;
@@ -61,7 +61,7 @@ function runAll(e: Engine, js: Job[], speculation: GenerationConfig["speculation
 
 function expectPoolsFull(e: Engine): void {
   expect(e.kv.freeBlocks).toBe(e.kv.totalBlocks);
-  for (const kv of e.speculator?.caches ?? []) expect(kv.freeBlocks).toBe(kv.totalBlocks);
+  expect(e.speculator?.draftBlocksInUse() ?? 0).toBe(0);
 }
 
 /** Blocks all of `js` would hold at once at their max tokens (prompt + output + a tree). */
