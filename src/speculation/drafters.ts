@@ -2,7 +2,6 @@
 // on a thread of their own (the runtime's RemoteDrafters), where they draft one batch
 // of requests while the LLM verifies another.
 
-import type { KVCache } from "../kv/cache";
 import type { ExpandedTree } from "./expand";
 import { SSMDrafter, type DraftRequest } from "./ssm";
 
@@ -38,11 +37,6 @@ export class LocalDrafters implements DraftModels {
 
   get count(): number {
     return this.ssms.length;
-  }
-
-  /** The SSMs' caches (tests look inside). */
-  get caches(): KVCache[] {
-    return this.ssms.map((s) => s.kv);
   }
 
   open(request: number): void {
