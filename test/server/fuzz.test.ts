@@ -51,7 +51,9 @@ interface Answer {
 }
 
 async function send(path: string, body: string | Uint8Array, contentType = "application/json"): Promise<Answer> {
-  const res = await fetch(base + path, { method: "POST", headers: { "Content-Type": contentType }, body });
+  // A fresh connection per request: a pooled one the server closed after an earlier
+  // answer (idle timeout, a 413) races the next send and reads as a reset (seen once in CI).
+  const res = await fetch(base + path, { method: "POST", headers: { "Content-Type": contentType }, body, keepalive: false });
   return { status: res.status, contentType: res.headers.get("Content-Type") ?? "", text: await res.text() };
 }
 
