@@ -15,7 +15,7 @@ import { resolveGenerationConfig, type GenerationConfig } from "./config";
 import type { CostModel } from "./cost";
 import { AcceptanceByDepth, Request, type FinishReason, type SpeculationMode, type TokenLogprob } from "./request";
 import { runStep, type StepRun } from "./runner";
-import { Scheduler, type DecodeEntry, type DraftEntry, type StepEntry, type StepPlan } from "./scheduler";
+import { Scheduler, type DecodeEntry, type DraftEntry, type DraftedEntry, type StepEntry, type StepPlan } from "./scheduler";
 import type { StatsSummary } from "./stats";
 
 export type EngineEvent =
@@ -121,7 +121,7 @@ export class Engine {
   /** Picks every step's tokens on the LLM's backend. */
   private readonly sampler: NativeSampler;
   /** SSMs on their own thread: trees drafted during the last step, verified in a later one. */
-  private readonly drafted = new Map<Request, DraftEntry & { tree: StepDraft | null }>();
+  private readonly drafted = new Map<Request, DraftedEntry>();
 
   constructor(readonly llm: CausalLM, private readonly opts: EngineOptions) {
     this.kv = opts.kv;

@@ -41,6 +41,9 @@ export interface DraftEntry {
   autoDepth: number;
 }
 
+/** A draft collected after its step, waiting for the step that verifies it. */
+export type DraftedEntry = DraftEntry & { tree: StepDraft | null };
+
 export type StepEntry = PrefillEntry | DecodeEntry;
 
 export interface StepPlan {
@@ -109,7 +112,7 @@ export class Scheduler {
   /** The next step. `drafted` (SSMs on their own thread): the trees drafted during the
    *  last step, verified in this one, while the other speculating requests (at most
    *  half of them, so the two micro-batches stay even) are drafted for the next. */
-  schedule(drafted?: ReadonlyMap<Request, DraftEntry & { tree: StepDraft | null }>): StepPlan {
+  schedule(drafted?: ReadonlyMap<Request, DraftedEntry>): StepPlan {
     const plan: StepPlan = { entries: [], toDraft: [], admitted: [], preempted: [], full: [] };
     let tokens = this.limits.maxTokensPerBatch;
     let logitRows = this.limits.maxLogitRows;
@@ -238,7 +241,7 @@ export class Scheduler {
    *  verifies every speculating request itself (trees drafted earlier included). */
   private overlapPays(
     decoding: Request[],
-    drafted: ReadonlyMap<Request, DraftEntry & { tree: StepDraft | null }>,
+    drafted: ReadonlyMap<Request, DraftedEntry>,
     undrafted: Request[],
     drafts: { draft: DraftPlan | null }[],
     prefillRows: number,
